@@ -1,0 +1,18 @@
+"""The built-in handlers: Ollama's API, OpenAI's compatible API, cluster endpoints."""
+
+from __future__ import annotations
+
+from omx.functions.builtin import embed, generate, models, openai
+from omx.functions.openapi import register as register_openapi
+from omx.functions.registry import FunctionRegistry
+
+__all__ = ["builtin_registry"]
+
+
+def builtin_registry() -> FunctionRegistry:
+    """A registry holding every built-in handler."""
+    registry = FunctionRegistry()
+    for module in (models, generate, embed, openai):
+        module.register(registry)
+    register_openapi(registry)
+    return registry

@@ -1,0 +1,161 @@
+"""Model management: ``/api/tags``, ``show``, ``create``, ``copy``, ``delete``,
+``blobs``, ``ps``, ``version`` and ``/``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import omx
+from omx.errors import InvalidRequest
+from omx.functions.call import Call
+from omx.functions.registry import FunctionRegistry, Reply
+from omx.functions.schemas import CopyRequest, CreateRequest, DeleteRequest, ShowRequest
+from omx.storage import parse_digest
+
+__all__ = ["register"]
+
+
+def _iso(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return str(value)
+
+
+def _details(details: Any) -> dict[str, Any]:
+    if details is None:
+        return {}
+    if isinstance(details, dict):
+        return details
+    return details.to_dict()
+
+
+def model_entry(entry: Any) -> dict[str, Any]:
+    """One row of ``/api/tags`` in Ollama's shape, plus the docs' ``status``."""
+    return {
+        "name": entry.name,
+        "model": entry.name,
+        "modified_at": _iso(entry.modified_at),
+        "size": entry.size,
+        "digest": entry.digest.removeprefix("sha256:"),
+        "details": _details(entry.details),
+        "status": "ready",
+    }
+
+
+async def tags(_body: None, call: Call) -> dict[str, Any]:
+    """List the models held in this node's store."""
+    entries = await call.services.store.list_models()
+    return {"models": [model_entry(e) for e in entries]}
+
+
+async def show(body: ShowRequest, call: Call) -> dict[str, Any]:
+    """Show a model's modelfile, parameters, template, details and GGUF metadata."""
+    if not body.model:
+        raise InvalidRequest("model is required")
+    info = await call.services.store.show(body.model, verbose=body.verbose)
+    if "modified_at" in info:
+        info["modified_at"] = _iso(info["modified_at"])
+    return info
+
+
+async def create(body: CreateRequest, call: Call) -> Any:
+    """Create a model from uploaded blobs, an existing model, or a Modelfile."""
+    if not body.model:
+        raise InvalidRequest("model is required")
+    if body.path and not body.modelfile:
+        raise InvalidRequest("'path' is not supported: send the Modelfile text in 'modelfile', or use 'files'")
+    statuses = call.services.store.create(body.model, body)
+
+    async def stream() -> AsyncIterator[dict[str, Any]]:
+        async for status in statuses:
+            yield {"status": status}
+
+    if body.stream:
+        return stream()
+    last: dict[str, Any] = {}
+    async for item in stream():
+        last = item
+    return last
+
+
+async def copy(body: CopyRequest, call: Call) -> Reply:
+    """Copy a model under a new name."""
+    await call.services.store.copy(body.source, body.destination)
+    return Reply(None)
+
+
+async def delete(body: DeleteRequest, call: Call) -> Reply:
+    """Delete a model; blobs nothing else references are collected."""
+    if not body.model:
+        raise InvalidRequest("model is required")
+    name = body.model
+    await call.services.scheduler.unload(name)
+    await call.services.store.delete(name)
+    return Reply(None)
+
+
+async def blob_head(_body: None, call: Call) -> Reply:
+    """Whether this node holds a blob."""
+    digest = parse_digest(call.path_params["digest"])
+    if await call.services.store.has_blob(digest):
+        return Reply(None)
+    return Reply(None, status=404)
+
+
+async def blob_upload(_body: None, call: Call) -> Reply:
+    """Upload a blob; it is kept only if its content matches the digest in the path."""
+    digest = parse_digest(call.path_params["digest"])
+    if await call.services.store.has_blob(digest):
+        return Reply(None, status=200)
+    await call.services.store.put_blob(call.stream_body(), expected=digest)
+    return Reply(None, status=201)
+
+
+async def ps(_body: None, call: Call) -> dict[str, Any]:
+    """List the models loaded in memory."""
+    store = call.services.store
+    rows = []
+    for loaded in call.services.scheduler.loaded():
+        try:
+            details = _details((await store.resolve(loaded.name)).details)
+        except Exception:  # noqa: BLE001 - a model deleted while loaded still shows
+            details = {}
+        expires = (datetime.fromtimestamp(loaded.expires_at, UTC) if loaded.expires_at is not None
+                   else datetime(2318, 1, 1, tzinfo=UTC))
+        rows.append({
+            "name": loaded.name,
+            "model": loaded.name,
+            "size": loaded.size,
+            "digest": loaded.digest.removeprefix("sha256:"),
+            "details": details,
+            "expires_at": _iso(expires),
+            "size_vram": 0,
+            "context_length": loaded.context_length,
+        })
+    return {"models": rows}
+
+
+async def version(_body: None, _call: Call) -> dict[str, str]:
+    """The node's version."""
+    return {"version": omx.__version__}
+
+
+async def root(_body: None, _call: Call) -> Reply:
+    """Liveness banner, as Ollama's server answers it."""
+    return Reply("Ollama is running", media_type="text/plain; charset=utf-8")
+
+
+def register(registry: FunctionRegistry) -> None:
+    h = registry.handler
+    h("/", methods=("GET",), response="text", auth="public", name="root", tags=("ollama",))(root)
+    h("/api/version", methods=("GET",), auth="public", name="version", tags=("ollama",))(version)
+    h("/api/tags", methods=("GET",), name="tags", tags=("ollama",))(tags)
+    h("/api/ps", methods=("GET",), name="ps", tags=("ollama",))(ps)
+    h("/api/show", request=ShowRequest, name="show", tags=("ollama",))(show)
+    h("/api/create", request=CreateRequest, response="ndjson", name="create", tags=("ollama",))(create)
+    h("/api/copy", request=CopyRequest, name="copy", tags=("ollama",))(copy)
+    h("/api/delete", methods=("DELETE",), request=DeleteRequest, name="delete", tags=("ollama",))(delete)
+    h("/api/blobs/{digest}", methods=("HEAD",), name="blob_head", tags=("ollama",))(blob_head)
+    h("/api/blobs/{digest}", methods=("POST",), body="raw", name="blob_upload", tags=("ollama",))(blob_upload)

@@ -1,0 +1,88 @@
+"""Turning requests into prompt text with the model's template.
+
+A model's TEMPLATE (Go template syntax, as Ollama's) wins; without one, the
+GGUF's own chat template (Jinja) is used; without either, the prompt is used
+as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from omx.errors import InvalidRequest
+from omx.functions.prompt import (
+    Message,
+    TemplateError,
+    ToolCall,
+    render_chat,
+    render_generate,
+    render_jinja_chat,
+)
+from omx.functions.schemas import ChatMessage
+
+__all__ = ["chat_prompt", "generate_prompt"]
+
+
+def _gguf(model: Any) -> Any:
+    return getattr(model, "gguf", None)
+
+
+def _to_message(m: ChatMessage | dict[str, Any]) -> Message:
+    if isinstance(m, dict):
+        m = ChatMessage.model_validate(m)
+    calls = tuple(
+        ToolCall(name=c.function.name, arguments=c.function.arguments) for c in (m.tool_calls or ())
+    )
+    return Message(role=m.role, content=m.content, images=len(m.images or ()), tool_calls=calls,
+                   tool_name=m.tool_name, thinking=m.thinking)
+
+
+def _model_messages(model: Any) -> list[Message]:
+    return [_to_message(m) for m in (getattr(model, "messages", None) or ())]
+
+
+def generate_prompt(model: Any, *, prompt: str, system: str | None, suffix: str | None,
+                    template: str | None) -> str:
+    """The prompt ``/api/generate`` sends to the model."""
+    tmpl = template if template is not None else getattr(model, "template", None)
+    sys_text = system if system is not None else getattr(model, "system", None)
+    try:
+        if tmpl:
+            return render_generate(tmpl, prompt=prompt, system=sys_text, suffix=suffix,
+                                   messages=_model_messages(model))
+        chat_template = getattr(_gguf(model), "chat_template", None)
+        if chat_template:
+            msgs = _model_messages(model)
+            if sys_text:
+                msgs.insert(0, Message(role="system", content=sys_text))
+            msgs.append(Message(role="user", content=prompt))
+            return _jinja(model, chat_template, msgs, None)
+    except TemplateError as exc:
+        raise InvalidRequest(f"template error: {exc}") from exc
+    return prompt
+
+
+def _jinja(model: Any, chat_template: str, msgs: Sequence[Message], tools: Any) -> str:
+    info = _gguf(model)
+    return render_jinja_chat(chat_template, msgs, tools=tools,
+                             bos_token=getattr(info, "bos_token", "") or "",
+                             eos_token=getattr(info, "eos_token", "") or "")
+
+
+def chat_prompt(model: Any, messages: Sequence[ChatMessage], *, tools: Sequence[dict[str, Any]] | None) -> str:
+    """The prompt ``/api/chat`` sends to the model for ``messages``."""
+    msgs = _model_messages(model) + [_to_message(m) for m in messages]
+    tmpl = getattr(model, "template", None)
+    try:
+        if tmpl:
+            return render_chat(tmpl, msgs, tools=tools, system_default=getattr(model, "system", None))
+        chat_template = getattr(_gguf(model), "chat_template", None)
+        if chat_template:
+            system = getattr(model, "system", None)
+            if system and not any(m.role == "system" for m in msgs):
+                msgs.insert(0, Message(role="system", content=system))
+            return _jinja(model, chat_template, msgs, tools)
+    except TemplateError as exc:
+        raise InvalidRequest(f"template error: {exc}") from exc
+    return render_chat("{{ .Prompt }}", msgs, tools=tools, system_default=getattr(model, "system", None))

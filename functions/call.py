@@ -1,0 +1,79 @@
+"""What a handler receives besides its validated body: the node's services
+and the facts of the HTTP call it serves."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from omx.protocols import Scheduler
+from omx.types import NodeId
+
+if TYPE_CHECKING:
+    from omx.functions.registry import HandlerSpec
+    from omx.storage import ModelStore
+
+__all__ = ["Call", "EngineDefaults", "NodeInfo", "Services"]
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    node_id: NodeId
+    version: str
+    name: str | None = None
+    started_at: float = field(default_factory=time.time)
+    api_url: str = ""
+
+
+@dataclass(frozen=True)
+class EngineDefaults:
+    """Engine settings handlers need when they build a load spec."""
+
+    keep_alive: float = 300.0
+    num_ctx: int = 4096
+    num_batch: int = 512
+    num_thread: int | None = None
+    num_parallel: int = 1
+
+
+@dataclass
+class Services:
+    """The node's parts that handlers reach, injected by the runtime.
+
+    ``extras`` lets later layers (membership, registry client, replicator)
+    hand their services to the handlers that use them without widening
+    this class for every addition.
+    """
+
+    store: ModelStore
+    scheduler: Scheduler
+    node: NodeInfo
+    defaults: EngineDefaults = field(default_factory=EngineDefaults)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+async def _no_body() -> AsyncIterator[bytes]:
+    return
+    yield b""  # pragma: no cover - makes this an async generator
+
+
+async def _never_disconnected() -> bool:
+    return False
+
+
+@dataclass
+class Call:
+    """One invocation of a handler."""
+
+    services: Services
+    spec: HandlerSpec
+    method: str = "POST"
+    path_params: Mapping[str, str] = field(default_factory=dict)
+    query: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict)
+    client: str | None = None
+    stream_body: Callable[[], AsyncIterator[bytes]] = _no_body
+    is_disconnected: Callable[[], Awaitable[bool]] = _never_disconnected
+    started: float = field(default_factory=time.perf_counter_ns)

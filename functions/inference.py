@@ -1,0 +1,128 @@
+"""Shared steps of every inference handler: resolve the model, build its load
+spec and sampling options, render the prompt, and run a completion under a
+scheduler lease."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from omx.errors import InvalidRequest, UnsupportedCapability
+from omx.functions.call import Services
+from omx.functions.options import (
+    LOAD_OPTIONS,
+    json_grammar,
+    merge_options,
+    parse_keep_alive,
+    sampling_options,
+)
+from omx.protocols import Completion, CompletionChunk, CompletionDone, ModelSpec, SamplingOptions
+
+__all__ = ["Target", "created_at", "resolve_target", "run_completion", "Timings"]
+
+
+def created_at() -> str:
+    """Ollama's ``created_at``: RFC 3339 UTC with sub-second precision."""
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A model resolved for one request."""
+
+    name: str
+    model: Any
+    """The store's resolved model (manifest, paths, template, params…)."""
+    spec: ModelSpec
+    options: Mapping[str, Any]
+    keep_alive: float | None
+
+    def sampling(self, fmt: object = None) -> SamplingOptions:
+        return sampling_options(self.options, grammar=json_grammar(fmt))
+
+    @property
+    def capabilities(self) -> Sequence[str]:
+        return tuple(getattr(self.model, "capabilities", ()) or ())
+
+
+async def resolve_target(
+    services: Services,
+    name: str,
+    options: Mapping[str, Any] | None,
+    keep_alive: object,
+    *,
+    images: bool = False,
+    need: str | None = "completion",
+) -> Target:
+    """Resolve ``name`` in the store and merge options (model < request)."""
+    if not name:
+        raise InvalidRequest("model is required")
+    model = await services.store.resolve(name)
+    merged = merge_options(getattr(model, "params", None), options)
+    caps = tuple(getattr(model, "capabilities", ()) or ())
+    if need is not None and caps and need not in caps:
+        raise UnsupportedCapability(f'"{name}" does not support {need if need != "completion" else "generate"}')
+    if images and "vision" not in caps:
+        raise UnsupportedCapability(f"model '{name}' does not support image input")
+    defaults = services.defaults
+    spec = ModelSpec(
+        name=model.name.display if hasattr(model.name, "display") else str(model.name),
+        model_path=model.model_path,
+        digest=model.model_digest,
+        adapter_paths=tuple(getattr(model, "adapter_paths", ()) or ()),
+        projector_paths=tuple(getattr(model, "projector_paths", ()) or ()),
+        num_ctx=int(merged.get("num_ctx", defaults.num_ctx)),
+        num_batch=int(merged.get("num_batch", defaults.num_batch)),
+        num_thread=merged.get("num_thread", defaults.num_thread),
+        num_gpu=int(merged.get("num_gpu", 0)),
+        num_parallel=defaults.num_parallel,
+        use_mmap=bool(merged.get("use_mmap", True)),
+        size=int(getattr(model, "size", 0) or 0),
+    )
+    sampling = {k: v for k, v in merged.items() if k not in LOAD_OPTIONS}
+    if spec.num_ctx < 1:
+        raise InvalidRequest("num_ctx must be positive")
+    return Target(name=name, model=model, spec=spec, options=sampling, keep_alive=parse_keep_alive(keep_alive))
+
+
+@dataclass
+class Timings:
+    """Measurements for the final ``done`` object, in nanoseconds."""
+
+    started: int
+    load_duration: int = 0
+    done: CompletionDone | None = None
+
+    def fields(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"total_duration": time.perf_counter_ns() - self.started,
+                               "load_duration": self.load_duration}
+        if self.done is not None:
+            out.update(
+                prompt_eval_count=self.done.prompt_eval_count,
+                prompt_eval_duration=self.done.prompt_eval_duration,
+                eval_count=self.done.eval_count,
+                eval_duration=self.done.eval_duration,
+            )
+        return out
+
+
+async def run_completion(
+    services: Services, target: Target, completion: Completion, timings: Timings
+) -> AsyncIterator[str]:
+    """Lease a runner, stream generated text, and fill ``timings`` at the end."""
+    before = time.perf_counter_ns()
+    async with services.scheduler.lease(target.spec, keep_alive=target.keep_alive) as runner:
+        timings.load_duration = time.perf_counter_ns() - before
+        stream = runner.complete(completion)
+        try:
+            async for item in stream:
+                if isinstance(item, CompletionChunk):
+                    if item.text:
+                        yield item.text
+                else:
+                    timings.done = item
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]

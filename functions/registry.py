@@ -1,0 +1,168 @@
+"""The function registry: every API endpoint is a registered handler.
+
+A handler has one shape::
+
+    async def handler(body: RequestModel | None, call: Call) -> Result
+
+where ``Result`` is a JSON-able value, a :class:`Reply`, or an async iterator
+of JSON-able values (streamed as NDJSON or SSE, per the spec's ``response``).
+The runtime builds its HTTP app from the registry in one adapter; nothing here
+knows about Starlette.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from omx.functions.call import Call
+
+__all__ = [
+    "Auth",
+    "BodyKind",
+    "FunctionRegistry",
+    "HandlerFunc",
+    "HandlerSpec",
+    "Reply",
+    "ResponseKind",
+]
+
+Auth = Literal["public", "apikey", "peer"]
+BodyKind = Literal["json", "raw", "none"]
+ResponseKind = Literal["json", "ndjson", "sse", "text", "raw", "websocket"]
+HandlerFunc = Callable[[Any, "Call"], Awaitable[Any]]
+
+_PATH_PARAM = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*)(?::[a-z]+)?}")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A response whose status, headers or raw body the handler chooses."""
+
+    body: Any = None
+    status: int = 200
+    headers: Mapping[str, str] = field(default_factory=dict)
+    media_type: str | None = None
+    """None: JSON for dicts and models; set for raw bytes or text."""
+
+
+@dataclass(frozen=True)
+class HandlerSpec:
+    """How one endpoint is served.
+
+    ``model_field`` names the request field that holds a model name; a
+    ``model_routed`` handler runs on a node holding that model.
+    """
+
+    name: str
+    path: str
+    methods: tuple[str, ...]
+    func: HandlerFunc
+    request: type[BaseModel] | None = None
+    body: BodyKind = "json"
+    response: ResponseKind = "json"
+    auth: Auth = "apikey"
+    model_field: str | None = None
+    model_routed: bool = False
+    headers: Mapping[str, str] = field(default_factory=dict)
+    summary: str = ""
+    tags: tuple[str, ...] = ()
+
+    @property
+    def path_params(self) -> tuple[str, ...]:
+        return tuple(_PATH_PARAM.findall(self.path))
+
+
+class FunctionRegistry:
+    """An ordered set of handler specs, unique by name and by (path, method)."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, HandlerSpec] = {}
+        self._routes: dict[tuple[str, str], str] = {}
+
+    def add(self, spec: HandlerSpec) -> HandlerSpec:
+        if spec.name in self._specs:
+            raise ValueError(f"handler {spec.name!r} is already registered")
+        for method in spec.methods:
+            key = (spec.path, method.upper())
+            if key in self._routes:
+                raise ValueError(f"{method} {spec.path} is already served by {self._routes[key]!r}")
+        for method in spec.methods:
+            self._routes[(spec.path, method.upper())] = spec.name
+        self._specs[spec.name] = spec
+        return spec
+
+    def remove(self, name: str) -> HandlerSpec:
+        spec = self._specs.pop(name)
+        for method in spec.methods:
+            self._routes.pop((spec.path, method.upper()), None)
+        return spec
+
+    def handler(
+        self,
+        path: str,
+        *,
+        methods: tuple[str, ...] = ("POST",),
+        name: str | None = None,
+        request: type[BaseModel] | None = None,
+        body: BodyKind | None = None,
+        response: ResponseKind = "json",
+        auth: Auth = "apikey",
+        model_field: str | None = None,
+        model_routed: bool = False,
+        headers: Mapping[str, str] | None = None,
+        tags: tuple[str, ...] = (),
+    ) -> Callable[[HandlerFunc], HandlerFunc]:
+        """Decorator registering ``func`` as the handler of ``methods path``."""
+
+        def register(func: HandlerFunc) -> HandlerFunc:
+            self.add(
+                HandlerSpec(
+                    name=name or func.__name__,
+                    path=path,
+                    methods=tuple(m.upper() for m in methods),
+                    func=func,
+                    request=request,
+                    body=body or ("json" if request is not None else "none"),
+                    response=response,
+                    auth=auth,
+                    model_field=model_field,
+                    model_routed=model_routed,
+                    headers=dict(headers or {}),
+                    summary=(func.__doc__ or "").strip().splitlines()[0] if func.__doc__ else "",
+                    tags=tags,
+                )
+            )
+            return func
+
+        return register
+
+    def get(self, name: str) -> HandlerSpec:
+        return self._specs[name]
+
+    def __iter__(self) -> Iterator[HandlerSpec]:
+        return iter(list(self._specs.values()))
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+    def merged(self, *others: FunctionRegistry) -> FunctionRegistry:
+        """A new registry holding this one's handlers and then the others'."""
+        out = FunctionRegistry()
+        for registry in (self, *others):
+            for spec in registry:
+                out.add(spec)
+        return out
+
+
+def is_stream(value: object) -> bool:
+    """True for the async iterators a streaming handler returns."""
+    return isinstance(value, AsyncIterator)

@@ -1,0 +1,151 @@
+"""Request bodies of the Ollama API, validated at the edge.
+
+Field names and types follow Ollama's ``api/types.go``; unknown fields are
+ignored as Ollama's JSON decoding ignores them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = [
+    "ChatMessage",
+    "ChatRequest",
+    "CopyRequest",
+    "CreateRequest",
+    "DeleteRequest",
+    "EmbedRequest",
+    "EmbeddingsRequest",
+    "GenerateRequest",
+    "ModelRequest",
+    "PullRequest",
+    "PushRequest",
+    "ShowRequest",
+]
+
+KeepAlive = float | int | str | None
+Format = Literal["json", ""] | dict[str, Any] | None
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class _NamedModel(_Body):
+    """Bodies that name one model as ``model`` or, in older clients, ``name``."""
+
+    model: str = ""
+    name: str = ""
+
+    @model_validator(mode="after")
+    def _model_or_name(self) -> _NamedModel:
+        if not self.model and self.name:
+            self.model = self.name
+        return self
+
+
+class ToolCallFunction(_Body):
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    index: int | None = None
+
+
+class ToolCall(_Body):
+    function: ToolCallFunction
+
+
+class ChatMessage(_Body):
+    role: str
+    content: str = ""
+    images: list[str] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_name: str | None = None
+    thinking: str | None = None
+
+
+class GenerateRequest(_NamedModel):
+    prompt: str = ""
+    suffix: str = ""
+    system: str | None = None
+    template: str | None = None
+    context: list[int] | None = None
+    stream: bool = True
+    raw: bool = False
+    format: Format = None
+    images: list[str] | None = None
+    options: dict[str, Any] | None = None
+    keep_alive: KeepAlive = None
+    think: bool | str | None = None
+
+
+class ChatRequest(_NamedModel):
+    messages: list[ChatMessage] = Field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
+    stream: bool = True
+    format: Format = None
+    options: dict[str, Any] | None = None
+    keep_alive: KeepAlive = None
+    think: bool | str | None = None
+
+
+class EmbedRequest(_NamedModel):
+    input: str | list[str] = ""
+    truncate: bool = True
+    options: dict[str, Any] | None = None
+    keep_alive: KeepAlive = None
+    dimensions: int | None = Field(None, ge=1)
+
+
+class EmbeddingsRequest(_NamedModel):
+    prompt: str = ""
+    options: dict[str, Any] | None = None
+    keep_alive: KeepAlive = None
+
+
+class ModelRequest(_NamedModel):
+    pass
+
+
+class ShowRequest(_NamedModel):
+    verbose: bool = False
+    system: str | None = None
+    template: str | None = None
+    options: dict[str, Any] | None = None
+
+
+class DeleteRequest(_NamedModel):
+    pass
+
+
+class CopyRequest(_Body):
+    source: str
+    destination: str
+
+
+class CreateRequest(_NamedModel):
+    modelfile: str | None = None
+    path: str | None = None
+    quantize: str | None = None
+    quantization: str | None = None
+    stream: bool = True
+    from_: str | None = Field(None, alias="from")
+    files: dict[str, str] | None = None
+    adapters: dict[str, str] | None = None
+    template: str | None = None
+    license: str | list[str] | None = None
+    system: str | None = None
+    parameters: dict[str, Any] | None = None
+    messages: list[ChatMessage] | None = None
+
+
+class PullRequest(_NamedModel):
+    insecure: bool = False
+    stream: bool = True
+    username: str | None = None
+    password: str | None = None
+
+
+class PushRequest(PullRequest):
+    pass

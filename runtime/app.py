@@ -1,0 +1,226 @@
+"""The one adapter between the function registry and Starlette.
+
+Every route of the HTTP app comes from a :class:`HandlerSpec`: the adapter
+reads and validates the body, builds the :class:`Call`, asks the dispatcher
+to run the handler, and writes the result as JSON, NDJSON or SSE. Errors are
+mapped to ``{"error": "..."}`` here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from omx.errors import InvalidRequest, OmxError, ServiceBusy
+from omx.functions.call import Call, Services
+from omx.functions.dispatch import Dispatcher
+from omx.functions.registry import FunctionRegistry, HandlerSpec, Reply, is_stream
+
+__all__ = ["build_app", "error_response", "json_response"]
+
+log = logging.getLogger("omx.runtime")
+
+MAX_JSON_BODY = 256 * 2**20
+_NDJSON = "application/x-ndjson"
+_SSE = "text/event-stream"
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", exclude_none=True)
+    if isinstance(value, tuple | set | frozenset):
+        return list(value)
+    raise TypeError(f"cannot encode {type(value).__name__} as JSON")
+
+
+def dumps(value: Any) -> bytes:
+    return orjson.dumps(value, default=_default, option=orjson.OPT_NON_STR_KEYS)
+
+
+def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(dumps(value), status_code=status, headers=headers, media_type="application/json")
+
+
+_OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                       404: "not_found_error", 429: "rate_limit_error", 503: "server_busy"}
+
+
+def error_response(exc: OmxError, spec: HandlerSpec | None = None) -> Response:
+    """``{"error": "..."}`` (Ollama's shape), or OpenAI's error object on /v1 handlers."""
+    headers = {}
+    if isinstance(exc, ServiceBusy):
+        headers["Retry-After"] = str(exc.retry_after)
+    if spec is not None and "openai" in spec.tags:
+        kind = _OPENAI_ERROR_TYPES.get(exc.status, "api_error")
+        body: Any = {"error": {"message": exc.message, "type": kind, "param": None, "code": None}}
+    else:
+        body = {"error": exc.message}
+    return json_response(body, exc.status, headers)
+
+
+def _describe_validation(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = ".".join(str(p) for p in err["loc"] if p != "__root__")
+        parts.append(f"{loc}: {err['msg']}" if loc else err["msg"])
+    return "invalid request: " + "; ".join(parts)
+
+
+async def _read_json(request: Request, spec: HandlerSpec) -> tuple[Any, bytes]:
+    raw = b""
+    async for piece in request.stream():
+        raw += piece
+        if len(raw) > MAX_JSON_BODY:
+            raise InvalidRequest("request body too large", status=413)
+    if spec.request is None:
+        return None, raw
+    if not raw.strip():
+        data: Any = {}
+    else:
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidRequest(f"invalid JSON in request body: {exc.msg}") from exc
+    if not isinstance(data, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    try:
+        return spec.request.model_validate(data), raw
+    except ValidationError as exc:
+        raise InvalidRequest(_describe_validation(exc)) from exc
+
+
+def _encode_ndjson(item: Any) -> bytes:
+    return dumps(item) + b"\n"
+
+
+def _encode_sse(item: Any) -> bytes:
+    if isinstance(item, str):  # a literal event line such as "[DONE]"
+        return b"data: " + item.encode() + b"\n\n"
+    return b"data: " + dumps(item) + b"\n\n"
+
+
+def _stream_error(spec: HandlerSpec, exc: BaseException) -> Any:
+    message = exc.message if isinstance(exc, OmxError) else "internal error"
+    if spec.response == "sse":
+        return {"error": {"message": message, "type": "server_error"}}
+    return {"error": message}
+
+
+async def _first_item(stream: AsyncIterator[Any]) -> tuple[bool, Any]:
+    try:
+        return True, await stream.__anext__()
+    except StopAsyncIteration:
+        return False, None
+
+
+def _streaming(spec: HandlerSpec, stream: AsyncIterator[Any], first: tuple[bool, Any]) -> Response:
+    encode: Callable[[Any], bytes] = _encode_sse if spec.response == "sse" else _encode_ndjson
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            has_first, item = first
+            if has_first:
+                yield encode(item)
+            async for item in stream:
+                yield encode(item)
+        except OmxError as exc:
+            yield encode(_stream_error(spec, exc))
+        except Exception as exc:  # noqa: BLE001 - the client must get a clean line, never a traceback
+            log.exception("handler %s failed mid-stream", spec.name)
+            yield encode(_stream_error(spec, exc))
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    media = _SSE if spec.response == "sse" else _NDJSON
+    headers = {"Cache-Control": "no-cache", **spec.headers}
+    return StreamingResponse(body(), media_type=media, headers=headers)
+
+
+def _render(spec: HandlerSpec, result: Any) -> Response:
+    if isinstance(result, Response):
+        return result
+    if isinstance(result, Reply):
+        headers = {**spec.headers, **result.headers}
+        if result.media_type is not None or isinstance(result.body, bytes | str):
+            body = result.body if isinstance(result.body, bytes | str) else dumps(result.body)
+            return Response(body, status_code=result.status, headers=headers,
+                            media_type=result.media_type or "application/octet-stream")
+        if result.body is None:
+            return Response(b"", status_code=result.status, headers=headers)
+        return json_response(result.body, result.status, headers)
+    return json_response(result, 200, dict(spec.headers) or None)
+
+
+def _endpoint(spec: HandlerSpec, services: Services, dispatcher: Dispatcher) -> Callable[[Request], Any]:
+    async def endpoint(request: Request) -> Response:
+        try:
+            raw = b""
+            body: Any = None
+            if spec.body == "json" and request.method not in ("GET", "HEAD"):
+                body, raw = await _read_json(request, spec)
+            elif spec.body == "json" and spec.request is not None:
+                body = spec.request.model_validate({})
+            call = Call(
+                services=services,
+                spec=spec,
+                method=request.method,
+                path_params={k: str(v) for k, v in request.path_params.items()},
+                query=dict(request.query_params),
+                headers={k.lower(): v for k, v in request.headers.items()},
+                client=request.client.host if request.client else None,
+                stream_body=request.stream,
+                is_disconnected=request.is_disconnected,
+            )
+            dispatcher.authorize(spec, call, raw)
+            result = await dispatcher.invoke(spec, body, call)
+            if is_stream(result):
+                return _streaming(spec, result, await _first_item(result))
+            return _render(spec, result)
+        except OmxError as exc:
+            return error_response(exc, spec)
+        except ClientDisconnect:
+            return Response(b"", status_code=499)
+        except ValidationError as exc:
+            return error_response(InvalidRequest(_describe_validation(exc)), spec)
+        except Exception:  # noqa: BLE001 - never leak a traceback to a client
+            log.exception("handler %s failed", spec.name)
+            return json_response({"error": "internal error"}, 500)
+
+    endpoint.__name__ = spec.name
+    return endpoint
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return json_response({"error": f"404 page not found: {request.url.path}"}, 404)
+    if exc.status_code == 405:
+        return json_response({"error": f"method {request.method} not allowed on {request.url.path}"}, 405)
+    return json_response({"error": exc.detail}, exc.status_code)
+
+
+def build_app(
+    registry: FunctionRegistry,
+    services: Services,
+    dispatcher: Dispatcher,
+    *,
+    lifespan: Any = None,
+) -> Starlette:
+    """The HTTP app serving every handler of ``registry``."""
+    routes = [
+        Route(spec.path, _endpoint(spec, services, dispatcher), methods=list(spec.methods), name=spec.name)
+        for spec in registry
+        if spec.response != "websocket"
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error}, lifespan=lifespan)

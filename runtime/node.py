@@ -1,0 +1,148 @@
+"""A node: the wiring of store, engine, scheduler, handlers and server.
+
+This file only assembles parts; each part lives in its own module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import omx
+from omx.functions.builtin import builtin_registry
+from omx.functions.call import EngineDefaults, NodeInfo, Services
+from omx.functions.dispatch import Dispatcher
+from omx.runtime.app import build_app
+from omx.runtime.config import Settings
+from omx.runtime.engine import make_engine
+from omx.runtime.identity import load_or_create_node_id
+from omx.runtime.scheduler import ModelScheduler
+from omx.runtime.server import Listener, bind_tcp, serve_app
+from omx.storage import ModelStore
+
+__all__ = ["Node", "NodeReady", "run_node"]
+
+log = logging.getLogger("omx.node")
+
+
+@dataclass(frozen=True)
+class NodeReady:
+    """Facts about a node that has started serving."""
+
+    node_id: str
+    url: str
+    api_port: int
+    web_port: int | None
+    p2p_port: int | None
+    config_path: Path | None
+
+
+class Node:
+    """One omx node. ``start()`` binds and wires; ``serve()`` runs until stopped."""
+
+    def __init__(self, settings: Settings, *, config_path: Path | None = None) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.node_id = load_or_create_node_id(settings.home)
+        self.store = ModelStore(settings.store_path, chunk_size=settings.models.chunk_size,
+                                extra_roots=tuple(settings.models.extra_stores))
+        engine_cfg = settings.engine
+        self.engine = make_engine(engine_cfg.backend, num_thread=engine_cfg.num_thread)
+        self.scheduler = ModelScheduler(
+            self.engine,
+            max_loaded_models=engine_cfg.max_loaded_models,
+            num_parallel=engine_cfg.num_parallel,
+            max_queue=engine_cfg.max_queue,
+            default_keep_alive=engine_cfg.keep_alive,
+        )
+        self.registry = builtin_registry()
+        self.dispatcher = Dispatcher(api_keys=settings.security.api_keys)
+        self.listener: Listener | None = None
+        self.services: Services | None = None
+        self.app: Any = None
+
+    def bind(self) -> Listener:
+        self.listener = bind_tcp(self.settings.api.host, self.settings.api.port)
+        self.services = Services(
+            store=self.store,
+            scheduler=self.scheduler,
+            node=NodeInfo(node_id=self.node_id, version=omx.__version__, name=self.settings.node.name,
+                          api_url=self.listener.url),
+            defaults=EngineDefaults(
+                keep_alive=self.settings.engine.keep_alive,
+                num_ctx=self.settings.engine.num_ctx,
+                num_thread=self.settings.engine.num_thread,
+                num_parallel=self.settings.engine.num_parallel,
+            ),
+        )
+        self.app = build_app(self.registry, self.services, self.dispatcher, lifespan=self._lifespan)
+        return self.listener
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, _app: Any) -> AsyncIterator[None]:
+        yield
+        await self.scheduler.aclose()
+
+    @property
+    def ready(self) -> NodeReady:
+        assert self.listener is not None
+        return NodeReady(node_id=self.node_id, url=self.listener.url, api_port=self.listener.port,
+                         web_port=None, p2p_port=None, config_path=self.config_path)
+
+    def _write_node_json(self) -> Path:
+        run_dir = self.settings.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ready = self.ready
+        info = {"pid": os.getpid(), "url": ready.url, "host": self.settings.api.host,
+                "api_port": ready.api_port, "web_port": ready.web_port, "p2p_port": ready.p2p_port,
+                "node_id": ready.node_id}
+        path = run_dir / "node.json"
+        tmp = run_dir / f".node.json.{os.getpid()}"
+        tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        listener = self.listener or self.bind()
+        await asyncio.to_thread(self.store.recover)
+        path = self._write_node_json()
+        try:
+            await serve_app(self.app, listener, stop.wait)
+        finally:
+            with contextlib.suppress(OSError):
+                if json.loads(path.read_text()).get("pid") == os.getpid():
+                    path.unlink()
+            listener.sock.close()
+
+
+async def run_node(
+    settings: Settings,
+    *,
+    on_ready: Callable[[NodeReady], None] | None = None,
+    stop: asyncio.Event | None = None,
+    config_path: Path | None = None,
+) -> None:
+    """Run a node until ``stop`` is set or the process gets SIGINT/SIGTERM."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    node = Node(settings, config_path=config_path)
+    node.bind()
+    if on_ready is not None:
+        on_ready(node.ready)
+    try:
+        await node.serve(stop)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)

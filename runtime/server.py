@@ -1,0 +1,84 @@
+"""Hypercorn configuration and listeners, built in one place.
+
+Sockets are bound here, before Hypercorn starts, so the node knows its real
+ports (``port: 0`` picks a free one) and a port already taken fails fast with
+a clear message. Later listeners (HTTP/3 over QUIC, a zero-copy chunk
+listener) are added beside the TCP one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from hypercorn.asyncio import serve
+from hypercorn.config import Config
+
+from omx.errors import ConfigError
+
+__all__ = ["Listener", "bind_tcp", "serve_app"]
+
+log = logging.getLogger("omx.runtime.server")
+
+
+@dataclass(frozen=True)
+class Listener:
+    sock: socket.socket
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        host = self.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+
+def bind_tcp(host: str, port: int, *, what: str = "API") -> Listener:
+    """Bind and listen on ``host:port``; raise ConfigError if it is taken."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, host = infos[0][0], str(infos[0][4][0])
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"{what} port {port} on {host} is already in use", key="api.port") from exc
+        raise ConfigError(f"cannot bind {what} to {host}:{port}: {exc.strerror}", key="api.host") from exc
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return Listener(sock=sock, host=host, port=sock.getsockname()[1])
+
+
+def hypercorn_config(listener: Listener) -> Config:
+    config = Config()
+    config.bind = [f"fd://{listener.sock.fileno()}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.keep_alive_timeout = 65
+    config.graceful_timeout = 3
+    config.h11_max_incomplete_size = 64 * 1024
+    return config
+
+
+async def serve_app(app: Any, listener: Listener, shutdown: Callable[[], Awaitable[Any]]) -> None:
+    """Serve ``app`` on ``listener`` until ``shutdown`` returns."""
+    await serve(app, hypercorn_config(listener), shutdown_trigger=shutdown, mode="asgi")
+
+
+async def wait_forever() -> None:
+    await asyncio.Event().wait()
