@@ -165,6 +165,7 @@ class SecurityConfig(_Section):
 
 class ClusterConfig(_Section):
     secret_file: Path | None = None
+    token: str | None = Field(None, description="A join token (from `omx cluster token`); never written to disk.")
 
 
 class Settings(BaseSettings):

@@ -110,10 +110,12 @@ class Node:
         os.replace(tmp, path)
         return path
 
-    async def serve(self, stop: asyncio.Event) -> None:
+    async def serve(self, stop: asyncio.Event, *, on_ready: Callable[[NodeReady], None] | None = None) -> None:
         listener = self.listener or self.bind()
         await asyncio.to_thread(self.store.recover)
         path = self._write_node_json()
+        if on_ready is not None:
+            on_ready(self.ready)
         try:
             await serve_app(self.app, listener, stop.wait)
         finally:
@@ -138,10 +140,8 @@ async def run_node(
             loop.add_signal_handler(sig, stop.set)
     node = Node(settings, config_path=config_path)
     node.bind()
-    if on_ready is not None:
-        on_ready(node.ready)
     try:
-        await node.serve(stop)
+        await node.serve(stop, on_ready=on_ready)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):

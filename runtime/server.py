@@ -12,6 +12,7 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -66,7 +67,9 @@ def bind_tcp(host: str, port: int, *, what: str = "API") -> Listener:
 
 def hypercorn_config(listener: Listener) -> Config:
     config = Config()
-    config.bind = [f"fd://{listener.sock.fileno()}"]
+    # Hypercorn takes ownership of (and closes) the descriptor it is given:
+    # hand it a duplicate so the listener's own socket stays ours to close.
+    config.bind = [f"fd://{os.dup(listener.sock.fileno())}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.keep_alive_timeout = 65

@@ -13,6 +13,7 @@ from omx.functions.call import Call
 from omx.functions.registry import FunctionRegistry, Reply
 from omx.functions.schemas import CopyRequest, CreateRequest, DeleteRequest, ShowRequest
 from omx.storage import parse_digest
+from omx.storage.create import CreateRequest as StoreCreateRequest
 
 __all__ = ["register"]
 
@@ -66,7 +67,8 @@ async def create(body: CreateRequest, call: Call) -> Any:
         raise InvalidRequest("model is required")
     if body.path and not body.modelfile:
         raise InvalidRequest("'path' is not supported: send the Modelfile text in 'modelfile', or use 'files'")
-    statuses = call.services.store.create(body.model, body)
+    request = StoreCreateRequest.model_validate(body.model_dump(by_alias=True, exclude_none=True))
+    statuses = call.services.store.create(body.model, request)
 
     async def stream() -> AsyncIterator[dict[str, Any]]:
         async for status in statuses:
@@ -99,17 +101,16 @@ async def delete(body: DeleteRequest, call: Call) -> Reply:
 async def blob_head(_body: None, call: Call) -> Reply:
     """Whether this node holds a blob."""
     digest = parse_digest(call.path_params["digest"])
-    if await call.services.store.has_blob(digest):
-        return Reply(None)
-    return Reply(None, status=404)
+    return Reply(None, status=200 if call.services.store.blobs.has(digest) else 404)
 
 
 async def blob_upload(_body: None, call: Call) -> Reply:
     """Upload a blob; it is kept only if its content matches the digest in the path."""
     digest = parse_digest(call.path_params["digest"])
-    if await call.services.store.has_blob(digest):
+    blobs = call.services.store.blobs
+    if blobs.has(digest):
         return Reply(None, status=200)
-    await call.services.store.put_blob(call.stream_body(), expected=digest)
+    await blobs.write(call.stream_body(), expected=digest)
     return Reply(None, status=201)
 
 

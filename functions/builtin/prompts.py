@@ -35,7 +35,7 @@ def _to_message(m: ChatMessage | dict[str, Any]) -> Message:
         ToolCall(name=c.function.name, arguments=c.function.arguments) for c in (m.tool_calls or ())
     )
     return Message(role=m.role, content=m.content, images=len(m.images or ()), tool_calls=calls,
-                   tool_name=m.tool_name, thinking=m.thinking)
+                   tool_name=m.tool_name or "", thinking=m.thinking or "")
 
 
 def _model_messages(model: Any) -> list[Message]:
@@ -46,11 +46,12 @@ def generate_prompt(model: Any, *, prompt: str, system: str | None, suffix: str 
                     template: str | None) -> str:
     """The prompt ``/api/generate`` sends to the model."""
     tmpl = template if template is not None else getattr(model, "template", None)
-    sys_text = system if system is not None else getattr(model, "system", None)
+    model_system = getattr(model, "system", None)
+    sys_text = system if system is not None else model_system
     try:
         if tmpl:
-            return render_generate(tmpl, prompt=prompt, system=sys_text, suffix=suffix,
-                                   messages=_model_messages(model))
+            return render_generate(tmpl, prompt=prompt, system=system, suffix=suffix,
+                                   model_system=model_system, model_messages=_model_messages(model))
         chat_template = getattr(_gguf(model), "chat_template", None)
         if chat_template:
             msgs = _model_messages(model)

@@ -1,0 +1,242 @@
+"""Finding a node and talking to it over the Ollama HTTP API.
+
+Discovery order: ``--host`` / ``OMX_HOST`` -> ``$OMX_HOME/run/node.json`` (written by
+``omx start``; ignored when its pid is gone) -> the config's ``api.host``/``api.port``.
+Every failure leaves the CLI as one clear line on stderr: a node that does not
+answer, an API error (``{"error": ...}`` -> ``Error: <message>``), or bad config
+(exit 2). Nothing here prints a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, NoReturn
+
+import click
+import httpx
+
+from omx.errors import ConfigError
+from omx.runtime.config import load_settings, omx_home
+
+__all__ = [
+    "CliFailure",
+    "NodeClient",
+    "api_error",
+    "config_failure",
+    "discover_url",
+    "node_file",
+    "normalize_url",
+    "read_node_file",
+]
+
+DEFAULT_PORT = 8080
+
+
+class CliFailure(click.ClickException):
+    """An error shown as exactly one line on stderr, with a chosen exit code."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(self.format_message(), err=True)
+
+
+def config_failure(exc: ConfigError) -> CliFailure:
+    """Bad configuration exits 2; the message names the key when it is known."""
+    return CliFailure(f"Error: {exc.message}", exit_code=2)
+
+
+def api_error(message: str) -> CliFailure:
+    return CliFailure(f"Error: {message}", exit_code=1)
+
+
+def normalize_url(value: str, default_port: int = DEFAULT_PORT) -> str:
+    """``host``, ``host:port`` or a URL -> ``http://host:port``; a wildcard bind becomes loopback."""
+    text = value.strip().rstrip("/")
+    scheme = "http"
+    if "://" in text:
+        scheme, _, text = text.partition("://")
+    host, port = split_host_port(text, default_port)
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port}"
+
+
+def split_host_port(text: str, default_port: int) -> tuple[str, int]:
+    """``host[:port]`` (IPv6 in brackets) -> (host, port)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest.removeprefix(":")
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host, port_text = text, ""
+    if not port_text:
+        return host, default_port
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise CliFailure(f"Error: invalid port in address {text!r}", exit_code=2)
+    return host, int(port_text)
+
+
+def node_file() -> Path:
+    """Where a running node describes itself."""
+    return omx_home() / "run" / "node.json"
+
+
+def read_node_file() -> dict[str, Any] | None:
+    """The running node's ``node.json``, or None when absent or unreadable."""
+    try:
+        data = json.loads(node_file().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def pid_alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    import psutil
+
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return False
+
+
+def discover_url(host: str | None, config_file: Path | None = None) -> str:
+    """The base URL of the node this CLI call should talk to."""
+    if host:
+        return normalize_url(host)
+    info = read_node_file()
+    if info and isinstance(info.get("url"), str):
+        pid = info.get("pid")
+        if not isinstance(pid, int) or pid_alive(pid):
+            return normalize_url(info["url"])
+    try:
+        settings = load_settings(config_file)
+    except ConfigError as exc:
+        raise config_failure(exc) from exc
+    return normalize_url(f"{_bracket(settings.api.host)}:{settings.api.port}")
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+@dataclass
+class NodeClient:
+    """A thin synchronous Ollama API client that turns every failure into a :class:`CliFailure`."""
+
+    url: str
+    timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        # Streams may idle for a long time while a model loads: no read timeout on them.
+        self._http = httpx.Client(
+            base_url=self.url, timeout=httpx.Timeout(self.timeout, connect=5.0), follow_redirects=False
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> NodeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def unreachable(self) -> NoReturn:
+        raise CliFailure(f"omx: no node is running at {self.url} (start one with 'omx start')")
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except httpx.ConnectError:
+            self.unreachable()
+        except httpx.ConnectTimeout:
+            self.unreachable()
+        except httpx.TimeoutException as exc:
+            raise api_error(f"the node at {self.url} did not answer in time ({type(exc).__name__})") from exc
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+            raise api_error(f"connection to {self.url} lost: {exc or type(exc).__name__}") from exc
+
+    def request(self, method: str, path: str, *, json_body: Any = None, **kwargs: Any) -> httpx.Response:
+        """One request; a non-2xx answer raises ``Error: <message>``."""
+        with self._errors():
+            response = self._http.request(method, path, json=json_body, **kwargs)
+        if response.is_error:
+            raise api_error(error_message(response))
+        return response
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path).json()
+
+    def post(self, path: str, body: Any) -> Any:
+        response = self.request("POST", path, json_body=body)
+        return response.json() if response.content else {}
+
+    def head_status(self, path: str) -> int:
+        """The status code of a HEAD request (404 is an answer, not an error)."""
+        with self._errors():
+            return self._http.head(path).status_code
+
+    def upload(self, path: str, body: Iterator[bytes], length: int) -> None:
+        """POST a raw body streamed from an iterator."""
+        with self._errors():
+            response = self._http.post(path, content=body, headers={"Content-Length": str(length)})
+        if response.is_error:
+            raise api_error(error_message(response))
+
+    def stream(self, method: str, path: str, body: Any) -> Iterator[dict[str, Any]]:
+        """Yield the NDJSON objects of a streaming answer; an ``error`` object raises."""
+        timeout = httpx.Timeout(None, connect=5.0)
+        with self._errors(), self._http.stream(method, path, json=body, timeout=timeout) as response:
+            if response.is_error:
+                response.read()
+                raise api_error(error_message(response))
+            for line in response.iter_lines():
+                if not line.strip():
+                    continue
+                try:
+                    item = json.loads(line)
+                except ValueError as exc:
+                    raise api_error(f"unexpected answer from the node: {line[:200]!r}") from exc
+                if isinstance(item, dict) and item.get("error"):
+                    raise api_error(str(item["error"]))
+                yield item
+
+
+def error_message(response: httpx.Response) -> str:
+    """The ``error`` of an Ollama error body, else the status line."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and body.get("error"):
+        return str(body["error"])
+    text = response.text.strip()
+    return text[:300] if text else f"{response.status_code} {response.reason_phrase}"
+
+
+def client_for(ctx: click.Context) -> NodeClient:
+    """The client for the node chosen by the group's options."""
+    obj = ctx.find_root().obj or {}
+    return NodeClient(discover_url(obj.get("host"), obj.get("config")))
+
+
+def ensure_home_env(home: str | None) -> None:
+    """``--home`` moves every omx file, exactly as ``OMX_HOME`` does."""
+    if home:
+        os.environ["OMX_HOME"] = str(Path(home).expanduser())

@@ -1,0 +1,116 @@
+"""The commented ``config.yaml`` that ``omx config init`` writes, per profile (pure).
+
+Every key of :class:`omx.runtime.config.Settings` is listed with a comment; a test
+checks that none is missing, so a new setting cannot go undocumented here.
+"""
+
+from __future__ import annotations
+
+__all__ = ["PROFILES", "SECTIONS", "render_config"]
+
+# (section, comment, [(key, default YAML literal, comment)])
+SECTIONS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
+    ("node", "This node.", [
+        ("name", "null", "Optional human name shown beside the generated node id (omx-xxxxxxxx)."),
+    ]),
+    ("api", "The Ollama-compatible HTTP API (and OpenAI-compatible /v1).", [
+        ("host", "127.0.0.1", "Address to bind. 127.0.0.1 keeps a lone node private; 0.0.0.0 listens everywhere."),
+        ("port", "8080", "TCP port of the API (HTTP/1.1); HTTP/3 uses the same UDP port."),
+        ("advertise", "null", "Address peers use to reach this API (default: the bind address, or the "
+                              "first non-loopback one when bound to 0.0.0.0)."),
+    ]),
+    ("web", "The web dashboard.", [
+        ("port", "8081", "TCP port of the dashboard."),
+    ]),
+    ("p2p", "Gossip membership (a supervised Serf agent).", [
+        ("port", "4001", "Gossip port (TCP and UDP)."),
+        ("bind", "null", "Address the gossip listener binds (default: the API bind address)."),
+        ("advertise", "null", "Address peers gossip to (never 0.0.0.0; default: the bind address or the "
+                              "first non-loopback one)."),
+        ("profile", "lan", "Serf timing profile: lan, wan or local (local shortens every timer)."),
+        ("join", "[]", "Peers to join at start, as host:port (the cluster secret is needed to join)."),
+    ]),
+    ("models", "The content-addressed model store.", [
+        ("store_path", "null", "Where models live (default: $OMX_HOME/data/models)."),
+        ("max_cache_size", "10GB", "Size above which least-recently-used models may be evicted "
+                                   "(only where another replica exists). Units: MB, GB, GiB..."),
+        ("auto_cleanup", "true", "Evict beyond max_cache_size automatically."),
+        ("download_timeout", "30m", "Give up a registry or peer download after this long (30s, 5m, 1h)."),
+        ("concurrency", "3", "Parallel downloads (chunks or blobs) per transfer."),
+        ("chunk_size", "8MiB", "Size of the chunks blobs are split into for peer-to-peer transfer."),
+        ("extra_stores", "[]", "Read-only stores to serve from as well, e.g. [~/.ollama/models] (coexist)."),
+        ("registry", "registry.ollama.ai", "Registry that 'omx pull' falls back to after the cluster."),
+        ("insecure", "false", "Allow plain-HTTP registries."),
+    ]),
+    ("replication", "How many nodes should hold each model.", [
+        ("factor", "2", "Desired replicas per model (1-16); the last replica is never removed."),
+    ]),
+    ("engine", "Inference.", [
+        ("backend", "llama_cpp", "llama_cpp (llama-cpp-python) or ctransformers."),
+        ("num_parallel", "1", "Requests served at once per loaded model."),
+        ("max_loaded_models", "3", "Models kept in memory at once; the least recently used is unloaded."),
+        ("keep_alive", "5m", "How long an idle model stays loaded (-1: forever, 0: unload at once)."),
+        ("max_queue", "512", "Requests waiting for a slot before the node answers 503."),
+        ("num_thread", "null", "CPU threads per runner (default: chosen by the backend)."),
+        ("num_ctx", "4096", "Default context length in tokens (a request's options.num_ctx wins)."),
+    ]),
+    ("security", "Client access.", [
+        ("api_keys", "[]", "When set, client endpoints need 'Authorization: Bearer KEY'."),
+    ]),
+    ("cluster", "Cluster membership secret.", [
+        ("secret_file", "null", "The cluster secret (default: $OMX_HOME/cluster/secret, mode 0600)."),
+    ]),
+]
+
+# profile -> {"section.key": (YAML literal, extra comment or "")}
+PROFILES: dict[str, dict[str, tuple[str, str]]] = {
+    "default": {},
+    "gpu": {
+        "models.max_cache_size": ("100GB", ""),
+        "engine.num_parallel": ("4", "GPU memory allows several slots per model."),
+        "engine.max_loaded_models": ("4", ""),
+        "engine.num_ctx": ("8192", "Larger default context: the KV cache lives in GPU memory."),
+        "engine.keep_alive": ("30m", "Loading to the GPU is costly: keep models resident longer."),
+    },
+    "edge": {
+        "models.max_cache_size": ("2GB", "Small disk: keep only a little."),
+        "models.concurrency": ("1", ""),
+        "engine.num_parallel": ("1", ""),
+        "engine.max_loaded_models": ("1", "One model in memory at a time."),
+        "engine.num_ctx": ("2048", ""),
+        "engine.max_queue": ("16", ""),
+        "engine.keep_alive": ("1m", "Free memory quickly."),
+    },
+    "production": {
+        "api.host": ("0.0.0.0", "Listens on every interface: set security.api_keys and a firewall."),
+        "p2p.bind": ("0.0.0.0", "Gossip on every interface; set p2p.advertise if the first "
+                                "non-loopback address is not the one peers reach."),
+        "models.max_cache_size": ("200GB", ""),
+        "models.auto_cleanup": ("true", "Evict least-recently-used models where other replicas exist."),
+        "replication.factor": ("3", "Survive the loss of two nodes."),
+        "engine.num_parallel": ("2", ""),
+        "engine.keep_alive": ("30m", ""),
+        "engine.max_queue": ("1024", ""),
+    },
+}
+
+
+def render_config(profile: str) -> str:
+    """The commented YAML text of a profile."""
+    changes = PROFILES[profile]
+    out = [
+        f"# omx node configuration (profile: {profile})",
+        "#",
+        "# Read from $OMX_HOME/config.yaml (default ~/.ollamamax) or 'omx start --config PATH'.",
+        "# Environment variables override it (OMX_API__PORT=9000, OMX_MODELS__STORE_PATH=...),",
+        "# and 'omx start' flags override both. Check a file with 'omx config validate'.",
+    ]
+    for section, section_comment, keys in SECTIONS:
+        out += ["", f"# {section_comment}", f"{section}:"]
+        for key, default, comment in keys:
+            value, extra = changes.get(f"{section}.{key}", (default, ""))
+            out.append(f"  # {comment}")
+            if extra:
+                out.append(f"  # {profile}: {extra}")
+            out.append(f"  {key}: {value}")
+    return "\n".join(out) + "\n"

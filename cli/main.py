@@ -1,0 +1,96 @@
+"""The ``omx`` command group (also installed as ``ollama-distributed``).
+
+Only wiring lives here: each command family is its own module. Heavy imports
+(the node itself) happen inside the commands so ``omx --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import metadata
+
+import click
+
+from omx.cli.client import NodeClient, discover_url
+from omx.cli.config_cmd import config_group
+from omx.cli.import_ollama import register as register_import_ollama
+from omx.cli.models import copy_cmd, create_cmd, list_cmd, ps_cmd, rm_cmd, show_cmd
+from omx.cli.node import start_cmd, stop_cmd
+from omx.cli.run import run_cmd
+
+__all__ = ["cli", "client_version", "main"]
+
+
+def client_version() -> str:
+    """The installed omx version."""
+    try:
+        return metadata.version("omx")
+    except metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(f"omx version is {client_version()}")
+        ctx.exit(0)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--host",
+    envvar="OMX_HOST",
+    metavar="URL",
+    help="Node to talk to (default: the running node's run/node.json, else the config's api address).",
+)
+@click.option(
+    "--version", "-v", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+    help="Show the version and exit.",
+)
+@click.pass_context
+def cli(ctx: click.Context, host: str | None) -> None:
+    """omx: a distributed, Ollama-compatible model runtime."""
+    ctx.ensure_object(dict)
+    ctx.obj["host"] = host
+
+
+@cli.command("version")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def version_cmd(ctx: click.Context, as_json: bool) -> None:
+    """Show the client version and, when one answers, the node's."""
+    url = discover_url(ctx.obj.get("host"))
+    node_version: str | None = None
+    client = NodeClient(url, timeout=3.0)
+    try:
+        node_version = str(client.get("/api/version").get("version"))
+    except click.ClickException:
+        node_version = None
+    finally:
+        client.close()
+    if as_json:
+        click.echo(json.dumps({"version": client_version(), "node": {"url": url, "version": node_version}}))
+        return
+    click.echo(f"omx version is {client_version()}")
+    if node_version is None:
+        click.echo(f"Warning: could not connect to a running node at {url}", err=True)
+    elif node_version != client_version():
+        click.echo(f"node version is {node_version}")
+
+
+cli.add_command(start_cmd)
+cli.add_command(stop_cmd)
+cli.add_command(list_cmd)
+cli.add_command(list_cmd, name="ls")
+cli.add_command(show_cmd)
+cli.add_command(create_cmd)
+cli.add_command(run_cmd)
+cli.add_command(ps_cmd)
+cli.add_command(rm_cmd)
+cli.add_command(copy_cmd)
+cli.add_command(config_group)
+register_import_ollama(cli)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli()

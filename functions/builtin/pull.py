@@ -1,0 +1,114 @@
+"""Registry transfers: ``POST /api/pull``, ``POST /api/push`` and ``GET /api/pulls``.
+
+The runtime puts a :class:`~omx.storage.registry.RegistryClient` under
+``services.extras["registry"]`` (build it with :func:`make_registry_client`).
+Pull and push stream Ollama's progress lines; with ``"stream": false`` only
+the final status is returned. ``GET /api/pulls`` (an omx addition) lists the
+models being downloaded here, for ``omx proxy list``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from omx.errors import InvalidRequest, OmxError
+from omx.functions.call import Call
+from omx.functions.registry import FunctionRegistry
+from omx.functions.schemas import PullRequest, PushRequest
+from omx.protocols import RegistryTransport
+from omx.storage import ModelStore
+from omx.storage.registry import Credentials, ProgressEvent, RegistryClient, RegistryOptions
+from omx.storage.registry.pending import FileManifests
+
+__all__ = ["REGISTRY_KEY", "make_registry_client", "register"]
+
+REGISTRY_KEY = "registry"
+
+
+def make_registry_client(
+    store: ModelStore,
+    transport: RegistryTransport,
+    *,
+    default_registry: str = "registry.ollama.ai",
+    insecure: bool = False,
+    concurrency: int = 3,
+    download_timeout: float = 1800.0,
+    **tuning: Any,
+) -> RegistryClient:
+    """The registry client of a node: pulls into ``store``'s writable root, pushes from any root.
+
+    ``tuning`` sets the other :class:`RegistryOptions` fields (``stall_timeout``,
+    ``max_retries``, ``backoff``…).
+    """
+    options = RegistryOptions(default_registry=default_registry, insecure=insecure,
+                              concurrency=concurrency, download_timeout=download_timeout, **tuning)
+    manifests = FileManifests(store.root, store.extra_roots)
+    return RegistryClient(store.blobs, transport, options, manifests=manifests)
+
+
+def _client(call: Call) -> RegistryClient:
+    client = call.services.extras.get(REGISTRY_KEY)
+    if not isinstance(client, RegistryClient):
+        raise OmxError("this node has no registry client configured")
+    return client
+
+
+def _credentials(body: PullRequest) -> Credentials | None:
+    if body.username:
+        return Credentials(body.username, body.password or "")
+    return None
+
+
+async def _respond(events: AsyncIterator[ProgressEvent], stream: bool) -> Any:
+    async def lines() -> AsyncIterator[dict[str, Any]]:
+        async for event in events:
+            yield event.to_ollama()
+
+    if stream:
+        return lines()
+    last: dict[str, Any] = {}
+    async for item in lines():
+        last = item
+    return last
+
+
+async def pull(body: PullRequest, call: Call) -> Any:
+    """Download a model from a registry."""
+    if not body.model:
+        raise InvalidRequest("model is required")
+    client = _client(call)
+    client.parse(body.model)  # a bad name is a 400 before any line is streamed
+    events = client.pull(body.model, insecure=body.insecure, credentials=_credentials(body))
+    return await _respond(events, body.stream)
+
+
+async def push(body: PushRequest, call: Call) -> Any:
+    """Upload a model to a registry."""
+    if not body.model:
+        raise InvalidRequest("model is required")
+    client = _client(call)
+    client.parse(body.model)
+    events = client.push(body.model, insecure=body.insecure, credentials=_credentials(body))
+    return await _respond(events, body.stream)
+
+
+async def pulls(_body: None, call: Call) -> dict[str, Any]:
+    """Models being downloaded to this node (running or interrupted pulls)."""
+    client = _client(call)
+    pending = await asyncio.to_thread(client.pending.list, client.blobs)
+    return {"pulls": [{
+        "name": p.name.display,
+        "model": p.name.display,
+        "size": p.total,
+        "completed": p.completed,
+        "status": "downloading",
+    } for p in pending]}
+
+
+def register(registry: FunctionRegistry) -> None:
+    h = registry.handler
+    h("/api/pull", request=PullRequest, response="ndjson", name="pull", tags=("ollama",))(pull)
+    h("/api/push", request=PushRequest, response="ndjson", name="push", tags=("ollama",))(push)
+    h("/api/pulls", methods=("GET",), name="pulls", tags=("omx",))(pulls)

@@ -1,0 +1,354 @@
+"""The node side of a runner subprocess: :class:`ProcessRunner`.
+
+One reader task decodes frames from the runner's stdout and routes them by
+request id to a per-request :class:`_Stream` (generations) or future (one-shot
+requests); another keeps the tail of the runner's stderr for error messages.
+When stdout ends, every pending request fails with
+:class:`omx.errors.RunnerCrashed`. Nothing here blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import asdict
+from typing import Any
+
+from omx.errors import EngineError, OmxError, InvalidRequest, RunnerCrashed, UnsupportedCapability
+from omx.protocols import Completion, CompletionChunk, CompletionDone, EmbedResult, ModelSpec
+from omx.runtime.engine import _wire
+
+__all__ = ["ProcessRunner"]
+
+_CLOSE_GRACE = 5.0
+
+
+def _request_error(kind: str, message: str) -> Exception:
+    if kind == _wire.ERR_INVALID:
+        return InvalidRequest(message)
+    if kind == _wire.ERR_UNSUPPORTED:
+        return UnsupportedCapability(message)
+    return EngineError(message)
+
+
+class _Stream:
+    """Items of one generation: text pieces, then a done dict or an exception."""
+
+    __slots__ = ("event", "items")
+
+    def __init__(self) -> None:
+        self.items: collections.deque[Any] = collections.deque()
+        self.event = asyncio.Event()
+
+    def push(self, item: Any) -> None:
+        self.items.append(item)
+        self.event.set()
+
+
+class ProcessRunner:
+    """A loaded model in its own process, implementing :class:`omx.protocols.Runner`.
+
+    Start one with :meth:`spawn` (engines do). ``info`` holds what the runner
+    reported once loaded (context size, vocabulary size, chat template…).
+    """
+
+    def __init__(self, spec: ModelSpec, proc: asyncio.subprocess.Process, info: dict[str, Any],
+                 reader: Any, stderr_tail: collections.deque[str], stderr_task: asyncio.Task[None],
+                 *, token_timeout: float) -> None:
+        self.spec = spec
+        self.info = info
+        self._proc = proc
+        self._decoder = reader
+        self._stderr_tail = stderr_tail
+        self._stderr_task = stderr_task
+        self._token_timeout = token_timeout
+        self._ids = itertools.count(1)
+        self._streams: dict[int, _Stream] = {}
+        self._calls: dict[int, asyncio.Future[Any]] = {}
+        self._closing = False
+        self._failure: Exception | None = None
+        self.cancelled_generations = 0
+        """How many generations the runner reported as stopped by a cancel."""
+        self._reader_task = asyncio.get_running_loop().create_task(self._read_loop())
+
+    # ------------------------------------------------------------------ start
+
+    @classmethod
+    async def spawn(cls, spec: ModelSpec, config: dict[str, Any], *, python: str | None = None,
+                    load_timeout: float = 300.0, token_timeout: float = 600.0,
+                    env: dict[str, str] | None = None) -> ProcessRunner:
+        """Start ``python -m omx.runtime.engine.runner`` and wait until the model is loaded."""
+        proc = await asyncio.create_subprocess_exec(
+            python or sys.executable, "-m", "omx.runtime.engine.runner",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, **(env or {})},
+            # Its own session: a Ctrl-C meant for the node must not kill runners behind the node's back.
+            start_new_session=True,
+        )
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        tail: collections.deque[str] = collections.deque(maxlen=40)
+        stderr_task = asyncio.get_running_loop().create_task(_drain(proc.stderr, tail))
+        decoder = _wire.decoder()
+        try:
+            proc.stdin.write(_wire.encode(["load", 0, config]))
+            await asyncio.wait_for(proc.stdin.drain(), load_timeout)
+            first = await asyncio.wait_for(_first_frame(proc.stdout, decoder), load_timeout)
+        except (TimeoutError, ConnectionError, BrokenPipeError) as exc:
+            await _kill(proc)
+            await _settle(stderr_task)
+            reason = "timed out" if isinstance(exc, TimeoutError) else "lost its pipe"
+            raise EngineError(f"loading model '{spec.name}' {reason}{_last_line(tail)}") from None
+        if first is None or first[0] != "ready":
+            await _kill(proc)
+            await _settle(stderr_task)
+            detail = first[2] if first is not None and first[0] == "fatal" else _exit_text(proc.returncode)
+            raise EngineError(f"failed to load model '{spec.name}': {detail}{_last_line(tail)}")
+        return cls(spec, proc, first[2], decoder, tail, stderr_task, token_timeout=token_timeout)
+
+    # ------------------------------------------------------------------ Runner
+
+    @property
+    def alive(self) -> bool:
+        return self._failure is None and not self._closing and self._proc.returncode is None
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    async def complete(self, request: Completion) -> AsyncIterator[CompletionChunk | CompletionDone]:
+        """Stream a generation; closing the iterator early cancels it in the runner."""
+        rid = next(self._ids)
+        stream = _Stream()
+        self._streams[rid] = stream
+        finished = False
+        try:
+            await self._send(["complete", rid, {
+                "prompt": request.prompt,
+                "options": asdict(request.options),
+                "context": list(request.context),
+                "add_bos": request.add_bos,
+                "return_context": request.return_context,
+            }])
+            items = stream.items
+            while True:
+                if not items:
+                    stream.event.clear()
+                    await asyncio.wait_for(stream.event.wait(), self._token_timeout)
+                    continue
+                item = items.popleft()
+                if type(item) is str:
+                    # Pieces that arrived together go out as one chunk.
+                    if items and type(items[0]) is str:
+                        parts = [item]
+                        while items and type(items[0]) is str:
+                            parts.append(items.popleft())
+                        item = "".join(parts)
+                    yield CompletionChunk(item)
+                elif type(item) is dict:
+                    finished = True
+                    yield CompletionDone(
+                        done_reason=item["done_reason"],
+                        prompt_eval_count=item["prompt_eval_count"],
+                        prompt_eval_duration=item["prompt_eval_duration"],
+                        eval_count=item["eval_count"],
+                        eval_duration=item["eval_duration"],
+                        context=tuple(item.get("context", ())),
+                    )
+                    return
+                else:
+                    finished = True
+                    raise item
+        except TimeoutError:
+            raise EngineError(f"model '{self.spec.name}' produced nothing for {self._token_timeout:.0f} s") from None
+        finally:
+            self._streams.pop(rid, None)
+            if not finished and self.alive:
+                try:
+                    self._write(["cancel", rid])
+                except (OmxError, ConnectionError, BrokenPipeError):
+                    pass  # the runner is gone; nothing left to cancel
+
+    async def embed(self, inputs: Sequence[str], *, normalize: bool, truncate: bool = True) -> EmbedResult:
+        vectors, count = await self._call("embed", list(inputs), normalize, truncate)
+        return EmbedResult(tuple(tuple(v) for v in vectors), int(count))
+
+    async def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        return list(await self._call("tokenize", text, add_special))
+
+    async def detokenize(self, tokens: Sequence[int]) -> str:
+        return str(await self._call("detokenize", list(tokens)))
+
+    async def close(self) -> None:
+        """Stop the runner: end of stdin first, SIGKILL if it lingers."""
+        if self._closing:
+            await _settle(self._reader_task)
+            return
+        self._closing = True
+        stdin = self._proc.stdin
+        if stdin is not None and not stdin.is_closing():
+            stdin.close()
+        try:
+            await asyncio.wait_for(self._proc.wait(), _CLOSE_GRACE)
+        except TimeoutError:
+            await _kill(self._proc)
+        await _settle(self._reader_task)
+        await _settle(self._stderr_task)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _check(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+        if self._closing:
+            raise EngineError(f"runner for model '{self.spec.name}' is closed")
+
+    def _write(self, frame: list[Any]) -> None:
+        stdin = self._proc.stdin
+        assert stdin is not None
+        if stdin.is_closing():
+            raise self._failure or RunnerCrashed(f"runner for model '{self.spec.name}' is gone")
+        stdin.write(_wire.encode(frame))
+
+    async def _send(self, frame: list[Any]) -> None:
+        self._check()
+        self._write(frame)
+        try:
+            await asyncio.wait_for(self._proc.stdin.drain(), self._token_timeout)  # type: ignore[union-attr]
+        except (ConnectionError, BrokenPipeError):
+            await _settle(self._reader_task)
+            raise self._failure or RunnerCrashed(f"runner for model '{self.spec.name}' is gone") from None
+
+    async def _call(self, op: str, *args: Any) -> Any:
+        rid = next(self._ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._calls[rid] = future
+        try:
+            await self._send([op, rid, *args])
+            return await asyncio.wait_for(future, self._token_timeout)
+        except TimeoutError:
+            raise EngineError(f"model '{self.spec.name}' did not answer {op} in time") from None
+        finally:
+            self._calls.pop(rid, None)
+
+    async def _read_loop(self) -> None:
+        stdout = self._proc.stdout
+        assert stdout is not None
+        decoder = self._decoder
+        streams, calls = self._streams, self._calls
+        try:
+            while True:
+                for frame in decoder:
+                    op, rid = frame[0], frame[1]
+                    if op == "t":
+                        stream = streams.get(rid)
+                        if stream is not None:
+                            stream.push(frame[2])
+                    elif op == "done":
+                        stream = streams.get(rid)
+                        if stream is not None:
+                            stream.push(frame[2])
+                    elif op == "ok":
+                        future = calls.get(rid)
+                        if future is not None and not future.done():
+                            future.set_result(frame[2])
+                    elif op == "err":
+                        if frame[2] == _wire.ERR_CANCELLED:
+                            self.cancelled_generations += 1
+                        error = _request_error(frame[2], frame[3])
+                        stream = streams.get(rid)
+                        if stream is not None:
+                            stream.push(error)
+                        future = calls.get(rid)
+                        if future is not None and not future.done():
+                            future.set_exception(error)
+                data = await stdout.read(262144)
+                if not data:
+                    break
+                decoder.feed(data)
+        finally:
+            await self._on_exit()
+
+    async def _on_exit(self) -> None:
+        try:
+            code = await asyncio.wait_for(self._proc.wait(), _CLOSE_GRACE)
+        except TimeoutError:
+            await _kill(self._proc)
+            code = self._proc.returncode
+        await _settle(self._stderr_task, timeout=1.0)
+        if self._closing:
+            failure: Exception = EngineError(f"runner for model '{self.spec.name}' was closed")
+        else:
+            failure = RunnerCrashed(
+                f"runner for model '{self.spec.name}' exited unexpectedly ({_exit_text(code)})"
+                f"{_last_line(self._stderr_tail)}"
+            )
+        self._failure = failure
+        for stream in list(self._streams.values()):
+            stream.push(failure)
+        for future in list(self._calls.values()):
+            if not future.done():
+                future.set_exception(failure)
+
+
+async def _first_frame(stdout: asyncio.StreamReader, decoder: Any) -> list[Any] | None:
+    while True:
+        for frame in decoder:
+            return list(frame)
+        data = await stdout.read(65536)
+        if not data:
+            return None
+        decoder.feed(data)
+
+
+async def _drain(stream: asyncio.StreamReader, tail: collections.deque[str]) -> None:
+    while True:
+        line = await stream.readline()
+        if not line:
+            return
+        text = line.decode("utf-8", errors="replace").rstrip()
+        if text:
+            tail.append(text)
+
+
+async def _kill(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        try:
+            proc.kill()
+        except ProcessLookupError:
+            pass
+    try:
+        await asyncio.wait_for(proc.wait(), _CLOSE_GRACE)
+    except TimeoutError:
+        pass
+
+
+async def _settle(task: asyncio.Task[Any], timeout: float = _CLOSE_GRACE) -> None:
+    """Wait for a background task to end, cancelling it if it does not."""
+    if task.done():
+        return
+    try:
+        await asyncio.wait_for(asyncio.shield(task), timeout)
+    except TimeoutError:
+        task.cancel()
+    except Exception:
+        pass
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+def _last_line(tail: collections.deque[str]) -> str:
+    return f": {tail[-1]}" if tail else ""

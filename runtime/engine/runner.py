@@ -1,0 +1,170 @@
+"""The runner subprocess: ``python -m omx.runtime.engine.runner``.
+
+It reads frames (see :mod:`omx.runtime.engine._wire`) on stdin and writes
+frames to the original stdout; file descriptor 1 is pointed at stderr first,
+so anything native code prints can never corrupt the frame stream. The first
+frame says what to load; then each generation runs in its own thread on a free
+slot, and one-shot requests run on a small thread pool, so the reading loop
+always sees ``cancel`` frames promptly. End of stdin (the node closed the
+runner or died) ends the process.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from omx.runtime.engine import _wire
+from omx.runtime.engine._wire import ERR_ENGINE, RequestError
+
+__all__ = ["main"]
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this process when the node dies, even mid native call."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+class _Channel:
+    """Thread-safe frame writer over a raw file descriptor."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._lock = threading.Lock()
+
+    def send(self, frame: list[Any]) -> None:
+        data = memoryview(_wire.encode(frame))
+        with self._lock:
+            while data:
+                written = os.write(self._fd, data)
+                data = data[written:]
+
+
+def _load_backend(config: dict[str, Any]) -> Any:
+    backend = config.get("backend", "llama-cpp")
+    if backend == "llama-cpp":
+        from omx.runtime.engine._llama_backend import LlamaBackend
+
+        return LlamaBackend(config)
+    if backend == "ctransformers":
+        from omx.runtime.engine._ctransformers_backend import CTransformersBackend
+
+        return CTransformersBackend(config)
+    raise RequestError(ERR_ENGINE, f"unknown backend {backend!r}")
+
+
+class _Server:
+    def __init__(self, channel: _Channel, backend: Any) -> None:
+        self._channel = channel
+        self._backend = backend
+        self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for slot in range(len(backend.slots)):
+            self._free.put(slot)
+        self._cancels: dict[int, threading.Event] = {}
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="omx-runner-io")
+
+    def dispatch(self, frame: list[Any]) -> None:
+        op, rid = frame[0], frame[1]
+        if op == "complete":
+            cancel = threading.Event()
+            self._cancels[rid] = cancel
+            threading.Thread(target=self._complete, args=(rid, frame[2], cancel), daemon=True,
+                             name=f"omx-gen-{rid}").start()
+        elif op == "cancel":
+            event = self._cancels.get(rid)
+            if event is not None:
+                event.set()
+        elif op == "tokenize":
+            self._pool.submit(self._one_shot, rid, self._backend.tokenize, frame[2], bool(frame[3]))
+        elif op == "detokenize":
+            self._pool.submit(self._one_shot, rid, self._backend.detokenize, frame[2])
+        elif op == "embed":
+            self._pool.submit(self._one_shot, rid, self._embed, frame[2], bool(frame[3]), bool(frame[4]))
+        else:
+            self._channel.send(["err", rid, ERR_ENGINE, f"unknown operation {op!r}"])
+
+    def _embed(self, inputs: list[str], normalize: bool, truncate: bool) -> list[Any]:
+        vectors, count = self._backend.embed(inputs, normalize, truncate)
+        return [vectors, count]
+
+    def _one_shot(self, rid: int, func: Any, *args: Any) -> None:
+        try:
+            value = func(*args)
+        except RequestError as exc:
+            self._channel.send(["err", rid, exc.kind, exc.message])
+        except Exception as exc:
+            traceback.print_exc()
+            self._channel.send(["err", rid, ERR_ENGINE, f"{type(exc).__name__}: {exc}"])
+        else:
+            self._channel.send(["ok", rid, value])
+
+    def _complete(self, rid: int, request: dict[str, Any], cancel: threading.Event) -> None:
+        send = self._channel.send
+        slot = self._free.get()
+        try:
+            if cancel.is_set():
+                raise RequestError(_wire.ERR_CANCELLED, "generation cancelled")
+            done = self._backend.complete(slot, request, lambda text: send(["t", rid, text]), cancel)
+        except RequestError as exc:
+            send(["err", rid, exc.kind, exc.message])
+        except Exception as exc:
+            traceback.print_exc()
+            send(["err", rid, ERR_ENGINE, f"{type(exc).__name__}: {exc}"])
+        else:
+            send(["done", rid, done])
+        finally:
+            self._free.put(slot)
+            self._cancels.pop(rid, None)
+
+
+def _frames(fd: int) -> Any:
+    unpacker = _wire.decoder()
+    while True:
+        data = os.read(fd, 65536)
+        if not data:
+            return
+        unpacker.feed(data)
+        yield from unpacker
+
+
+def main() -> int:
+    """Serve frames until stdin closes."""
+    _die_with_parent()
+    out_fd = os.dup(1)
+    os.dup2(2, 1)
+    channel = _Channel(out_fd)
+    frames = _frames(0)
+    first = next(frames, None)
+    if first is None or first[0] != "load":
+        return 2
+    try:
+        backend = _load_backend(first[2])
+    except RequestError as exc:
+        channel.send(["fatal", 0, exc.message])
+        return 1
+    except Exception as exc:
+        traceback.print_exc()
+        channel.send(["fatal", 0, f"{type(exc).__name__}: {exc}"])
+        return 1
+    channel.send(["ready", 0, backend.info()])
+    server = _Server(channel, backend)
+    for frame in frames:
+        server.dispatch(frame)
+    # The node is gone or closed us: generation threads must not keep the process alive.
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

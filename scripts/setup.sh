@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Installs what omx needs on a Debian/Ubuntu machine: system packages (serf, a
+# compiler for llama-cpp-python, the test registry), a virtualenv in .venv and
+# the Python dependencies. Safe to run again; it only adds what is missing.
+#   scripts/setup.sh            # runtime + demo model
+#   scripts/setup.sh --test     # also the test dependencies
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras="demo"
+[ "${1:-}" = "--test" ] && extras="demo,test"
+
+apt_packages=(serf docker-registry cmake build-essential python3-venv python3-dev curl)
+missing=()
+for pkg in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ]; then sudo=""; elif command -v sudo >/dev/null; then sudo="sudo"; else sudo="none"; fi
+  if [ "$sudo" = "none" ]; then
+    echo "setup: cannot install ${missing[*]} (not root and no sudo); continuing without them" >&2
+  else
+    echo "setup: installing system packages: ${missing[*]}"
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    # serf's and docker-registry's service units must not start system-wide daemons.
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    for unit in serf docker-registry; do
+      $sudo systemctl disable --now "$unit" >/dev/null 2>&1 || true
+    done
+  fi
+fi
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  "$python" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip "setuptools>=68" wheel
+echo "setup: installing omx and its Python dependencies (llama-cpp-python compiles once, ~7 min)"
+.venv/bin/python -m pip install -q -e ".[$extras]"
+echo "setup: done"

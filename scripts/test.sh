@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# One command from a fresh clone to the full test suite: installs everything
+# (scripts/setup.sh --test), then runs ruff and pytest (which includes the import-layer contract).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh --test
+export PATH="$PWD/.venv/bin:$PATH"
+ruff check omx runtime functions mesh storage cli tests bench
+pytest "$@"

@@ -1,0 +1,468 @@
+"""The model store: manifests over the blob store, the API the handlers call.
+
+``ModelStore`` owns one writable root and reads any number of extra roots (an
+Ollama store read in place). Public coroutine methods run their blocking work
+in threads; the ``*_sync`` variants are for the CLI and tests.
+
+Write order, which keeps every invariant through a crash at any point:
+blob index -> blob -> config blob -> manifest (each temp + fsync + rename +
+directory fsync). Deletion goes the other way: manifest first, then the blobs
+no other manifest references. Manifest changes and collection hold the store
+lock (``<root>/.lock``), so a blob is never collected between the moment a
+create checks it and the moment its manifest is published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from omx.errors import Forbidden, IntegrityError, InvalidModelName, InvalidRequest, ModelNotFound, NotFound
+from omx.types import BlobDigest
+
+from ._fsutil import TMP_DIR, atomic_write_bytes, fsync_dir
+from ._lock import store_lock
+from .blobs import BlobStore
+from .chunks import DEFAULT_CHUNK_SIZE, ChunkIndex
+from .gguf_meta import GGUFInfo, read_gguf_info
+from .manifests import (
+    MEDIA_ADAPTER,
+    MEDIA_LICENSE,
+    MEDIA_MESSAGES,
+    MEDIA_MODEL,
+    MEDIA_PARAMS,
+    MEDIA_PROJECTOR,
+    MEDIA_SYSTEM,
+    MEDIA_TEMPLATE,
+    Manifest,
+    ModelConfig,
+    manifest_digest,
+)
+from .modelfile import format_modelfile, format_parameters
+from .models import ModelDetails, ModelEntry, ResolvedModel
+from .names import ModelName, blob_filename
+
+__all__ = ["ModelStore"]
+
+_STALE_TMP_SECONDS = 24 * 3600
+_GC_GRACE_SECONDS = 3600.0
+_ORPHAN_GRACE_SECONDS = 600.0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ModelStore:
+    """Models under ``root`` (writable) and ``extra_roots`` (read-only). Opening runs :meth:`recover`."""
+
+    def __init__(
+        self, root: Path, *, chunk_size: int = DEFAULT_CHUNK_SIZE, extra_roots: Sequence[Path] = ()
+    ) -> None:
+        self.root = Path(root)
+        self.extra_roots = tuple(Path(r) for r in extra_roots)
+        (self.root / "manifests").mkdir(parents=True, exist_ok=True)
+        self.blobs = BlobStore(self.root, self.extra_roots, chunk_size=chunk_size)
+        self._gguf_cache: dict[BlobDigest, GGUFInfo | None] = {}
+        self._cache_lock = threading.Lock()
+        self.recover()
+
+    # ================================================================ manifests
+
+    def _roots(self) -> tuple[Path, ...]:
+        return (self.root, *self.extra_roots)
+
+    def _manifests(self) -> Iterator[tuple[ModelName, Path, bool]]:
+        """``(name, manifest path, writable)`` for every model; the writable root shadows the others."""
+        seen: set[tuple[str, str, str, str]] = set()
+        for root in self._roots():
+            base = root / "manifests"
+            for path in sorted(base.glob("*/*/*/*")):
+                if not path.is_file() or any(p.startswith(".") for p in path.relative_to(base).parts):
+                    continue
+                host, ns, model, tag = path.relative_to(base).parts
+                try:
+                    name = ModelName.parse(f"{host}/{ns}/{model}:{tag}")
+                except InvalidModelName:
+                    continue
+                if name.parts != (host, ns, model, tag) or name.key in seen:
+                    continue
+                seen.add(name.key)
+                yield name, path, root == self.root
+
+    def _find(self, name: ModelName | str) -> tuple[ModelName, Path, bool]:
+        """The stored name, manifest path and writability of ``name`` (case-insensitive)."""
+        n = ModelName.parse(name) if isinstance(name, str) else name
+        for root in self._roots():
+            p = n.manifest_path(root)
+            if p.is_file():
+                return n, p, root == self.root
+        for found in self._manifests():
+            if found[0].key == n.key:
+                return found
+        raise ModelNotFound(name if isinstance(name, str) else n.display)
+
+    def _read_manifest(self, path: Path) -> tuple[Manifest, BlobDigest, bytes]:
+        data = path.read_bytes()
+        return Manifest.from_bytes(data), manifest_digest(data), data
+
+    def _read_text(self, digest: BlobDigest) -> str:
+        return self.blobs.path(digest).read_text(encoding="utf-8")
+
+    def _read_json(self, digest: BlobDigest) -> Any:
+        try:
+            return json.loads(self.blobs.path(digest).read_bytes())
+        except ValueError as e:
+            raise IntegrityError(f"blob {digest} is not valid JSON: {e}") from e
+
+    def _config(self, manifest: Manifest) -> ModelConfig:
+        try:
+            return ModelConfig.from_bytes(self.blobs.path(manifest.config.digest).read_bytes())
+        except NotFound:
+            return ModelConfig()
+
+    # ================================================================ reads
+
+    def list_models_sync(self) -> list[ModelEntry]:
+        entries = []
+        for name, path, writable in self._manifests():
+            try:
+                manifest, digest, _ = self._read_manifest(path)
+                config = self._config(manifest)
+                mtime = path.stat().st_mtime
+            except (IntegrityError, OSError):
+                continue
+            model_layer = manifest.first(MEDIA_MODEL)
+            parent = (model_layer.from_ or "") if model_layer else ""
+            entries.append(ModelEntry(
+                name=name.display, model=name.full, digest=digest, size=manifest.total_size,
+                modified_at=datetime.fromtimestamp(mtime, UTC).astimezone(),
+                details=ModelDetails.from_config(config, parent), read_only=not writable,
+            ))
+        entries.sort(key=lambda e: e.modified_at, reverse=True)
+        return entries
+
+    async def list_models(self) -> list[ModelEntry]:
+        """Every model, newest first (``/api/tags``)."""
+        return await asyncio.to_thread(self.list_models_sync)
+
+    def gguf_info(self, digest: BlobDigest) -> GGUFInfo | None:
+        """GGUF metadata of a model blob, cached per digest (None when the blob is not GGUF)."""
+        with self._cache_lock:
+            if digest in self._gguf_cache:
+                return self._gguf_cache[digest]
+        try:
+            info: GGUFInfo | None = read_gguf_info(self.blobs.path(digest))
+        except InvalidRequest:
+            info = None
+        with self._cache_lock:
+            self._gguf_cache[digest] = info
+        return info
+
+    def resolve_sync(self, name: ModelName | str) -> ResolvedModel:
+        stored, path, _ = self._find(name)
+        manifest, digest, _ = self._read_manifest(path)
+        config = self._config(manifest)
+        model = manifest.first(MEDIA_MODEL)
+        if model is None:
+            raise IntegrityError(f"model '{stored.display}' has no model layer")
+        missing = [d for d in manifest.blobs if not self.blobs.has(d)]
+        if missing:
+            raise IntegrityError(f"model '{stored.display}' is incomplete: blob {missing[0]} is missing")
+
+        def text(media: str) -> str | None:
+            layer = manifest.first(media)
+            return self._read_text(layer.digest) if layer else None
+
+        params_layer = manifest.first(MEDIA_PARAMS)
+        messages_layer = manifest.first(MEDIA_MESSAGES)
+        params = self._read_json(params_layer.digest) if params_layer else {}
+        messages = self._read_json(messages_layer.digest) if messages_layer else []
+        if not isinstance(params, dict) or not isinstance(messages, list):
+            raise IntegrityError(f"model '{stored.display}' has malformed params or messages")
+        return ResolvedModel(
+            name=stored,
+            manifest=manifest,
+            manifest_digest=digest,
+            config=config,
+            model_digest=model.digest,
+            model_path=self.blobs.path(model.digest),
+            model_size=model.size,
+            adapter_paths=tuple(self.blobs.path(x.digest) for x in manifest.layers_of(MEDIA_ADAPTER)),
+            projector_paths=tuple(self.blobs.path(x.digest) for x in manifest.layers_of(MEDIA_PROJECTOR)),
+            template=text(MEDIA_TEMPLATE),
+            system=text(MEDIA_SYSTEM),
+            license=tuple(self._read_text(x.digest) for x in manifest.layers_of(MEDIA_LICENSE)),
+            messages=tuple(messages),
+            params=params,
+            details=ModelDetails.from_config(config, model.from_ or ""),
+            modified_at=datetime.fromtimestamp(path.stat().st_mtime, UTC).astimezone(),
+            gguf=self.gguf_info(model.digest),
+            size=manifest.total_size,
+        )
+
+    async def resolve(self, name: ModelName | str) -> ResolvedModel:
+        """Everything about one model; :class:`ModelNotFound` (``model 'x' not found``) if absent."""
+        return await asyncio.to_thread(self.resolve_sync, name)
+
+    def show_sync(self, name: ModelName | str, *, verbose: bool = False) -> dict[str, Any]:
+        m = self.resolve_sync(name)
+        model_info: dict[str, Any] = {}
+        if m.gguf is not None:
+            model_info = dict(read_gguf_info(m.model_path, verbose=True).model_info) if verbose \
+                else dict(m.gguf.model_info)
+        out: dict[str, Any] = {}
+        if m.license:
+            out["license"] = "\n".join(m.license)
+        out["modelfile"] = format_modelfile(
+            model_path=str(m.model_path), short_name=m.name.display, template=m.template, system=m.system,
+            parameters=m.params, adapter_paths=[str(p) for p in m.adapter_paths], license=m.license,
+            messages=m.messages,
+        )
+        if m.params:
+            out["parameters"] = format_parameters(m.params)
+        if m.template is not None:
+            out["template"] = m.template
+        if m.system:
+            out["system"] = m.system
+        out["details"] = m.details.to_dict()
+        if m.messages:
+            out["messages"] = list(m.messages)
+        out["model_info"] = model_info
+        out["capabilities"] = m.capabilities
+        out["modified_at"] = m.modified_at.isoformat()
+        return out
+
+    async def show(self, name: ModelName | str, *, verbose: bool = False) -> dict[str, Any]:
+        """The body of ``/api/show`` for ``name``."""
+        return await asyncio.to_thread(self.show_sync, name, verbose=verbose)
+
+    # ================================================================ writes
+
+    def write_manifest(self, name: ModelName, manifest: Manifest) -> BlobDigest:
+        """Publish a manifest atomically once every blob it names exists. Takes the store lock."""
+        data = manifest.to_bytes()
+        with store_lock(self.root):
+            missing = [d for d in manifest.blobs if not self.blobs.has(d)]
+            if missing:
+                raise InvalidRequest(f"blob {missing[0]} not found: upload it with POST /api/blobs first")
+            target = self._existing_spelling(name)
+            atomic_write_bytes(self.root, target.manifest_path(self.root), data)
+        return manifest_digest(data)
+
+    def _existing_spelling(self, name: ModelName) -> ModelName:
+        # A name differing only in case refers to the existing model, as in Ollama.
+        for found, _path, writable in self._manifests():
+            if writable and found.key == name.key:
+                return found
+        return name
+
+    def copy_sync(self, src: ModelName | str, dst: ModelName | str) -> None:
+        _, path, _ = self._find(src)
+        target = ModelName.parse(dst) if isinstance(dst, str) else dst
+        manifest, _, data = self._read_manifest(path)
+        with store_lock(self.root):
+            missing = [d for d in manifest.blobs if not self.blobs.has(d)]
+            if missing:
+                raise IntegrityError(f"cannot copy: blob {missing[0]} is missing")
+            atomic_write_bytes(self.root, self._existing_spelling(target).manifest_path(self.root), data)
+
+    async def copy(self, src: ModelName | str, dst: ModelName | str) -> None:
+        """Give ``src``'s manifest (byte for byte, so the same digest) the name ``dst``."""
+        await asyncio.to_thread(self.copy_sync, src, dst)
+
+    def delete_sync(self, name: ModelName | str) -> list[BlobDigest]:
+        stored, path, writable = self._find(name)
+        if not writable:
+            raise Forbidden(f"model '{stored.display}' is in a read-only store and cannot be deleted here")
+        manifest, _, _ = self._read_manifest(path)
+        with store_lock(self.root):
+            path.unlink()
+            fsync_dir(path.parent)
+            _prune_empty_dirs(path.parent, self.root / "manifests")
+            referenced = self._referenced()
+            removed = [d for d in manifest.blobs if d not in referenced and self.blobs.delete(d)]
+        return removed
+
+    async def delete(self, name: ModelName | str) -> list[BlobDigest]:
+        """Remove a model, then its blobs no other manifest references; returns the removed digests."""
+        return await asyncio.to_thread(self.delete_sync, name)
+
+    def _referenced(self) -> set[BlobDigest]:
+        refs: set[BlobDigest] = set()
+        for path in self._manifest_paths_all_roots():
+            try:
+                refs.update(Manifest.from_bytes(path.read_bytes()).blobs)
+            except (IntegrityError, OSError):
+                continue
+        return refs
+
+    def _manifest_paths_all_roots(self) -> Iterator[Path]:
+        # Unlike _manifests, shadowed manifests count too: they still reference blobs.
+        for root in self._roots():
+            for path in (root / "manifests").glob("*/*/*/*"):
+                if path.is_file():
+                    yield path
+
+    def gc_sync(self, *, grace_seconds: float = _GC_GRACE_SECONDS) -> list[BlobDigest]:
+        """Remove writable-root blobs no manifest references, older than ``grace_seconds``.
+
+        The grace period protects blobs uploaded for a create that has not run yet.
+        Extra roots are never touched.
+        """
+        now = time.time()
+        removed = []
+        with store_lock(self.root):
+            referenced = self._referenced()
+            for d in self.blobs.digests():
+                if d in referenced:
+                    continue
+                try:
+                    age = now - self.blobs.own_path(d).stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                if age >= grace_seconds and self.blobs.delete(d):
+                    removed.append(d)
+        return removed
+
+    async def gc(self, *, grace_seconds: float = _GC_GRACE_SECONDS) -> list[BlobDigest]:
+        return await asyncio.to_thread(self.gc_sync, grace_seconds=grace_seconds)
+
+    # ================================================================ create
+
+    def create(self, name: ModelName | str, request: Any) -> AsyncIterator[str]:
+        """Create ``name`` from a :class:`CreateRequest`; yields Ollama's progress statuses.
+
+        Request errors (bad name, missing blobs, a FROM path, ``quantize``…) are raised
+        by the first ``__anext__``, before any status is yielded, so a handler can
+        answer them with a 4xx before it starts streaming.
+        """
+        from .create import run_create
+
+        return run_create(self, name, request)
+
+    # ================================================================ health
+
+    def check_sync(self, *, deep: bool = False) -> list[str]:
+        """Problems found (empty when healthy). ``deep`` re-hashes every blob of the writable root."""
+        problems: list[str] = []
+        for name, path, _w in self._manifests():
+            try:
+                manifest, _, _ = self._read_manifest(path)
+            except (IntegrityError, OSError) as e:
+                problems.append(f"manifest {name.full}: {e}")
+                continue
+            for layer in (manifest.config, *manifest.layers):
+                if not self.blobs.has(layer.digest):
+                    problems.append(f"manifest {name.full}: blob {layer.digest} is missing")
+                elif self.blobs.size(layer.digest) != layer.size:
+                    problems.append(f"manifest {name.full}: blob {layer.digest} has the wrong size")
+        for d in self.blobs.digests():
+            idx = self.blobs.stored_index(d)
+            size = self.blobs.own_path(d).stat().st_size
+            if idx is None:
+                problems.append(f"blob {d} has no valid chunk index")
+            elif idx.size != size:
+                problems.append(f"blob {d} is {size} bytes but its index says {idx.size}")
+            elif deep and self._rehash(d) != idx:
+                problems.append(f"blob {d} does not match its digest or index")
+        for p in sorted((self.root / "blobs").iterdir()):
+            if not p.name.startswith("sha256-") or len(p.name) != 71:
+                problems.append(f"unexpected file in blobs/: {p.name}")
+        for p in self._stale_temp_files():
+            problems.append(f"stale temp file {p.name}")
+        return problems
+
+    def _rehash(self, digest: BlobDigest) -> ChunkIndex | None:
+        from .chunks import index_file
+
+        idx = self.blobs.stored_index(digest)
+        return index_file(self.blobs.own_path(digest), idx.chunk_size if idx else self.blobs.chunk_size)
+
+    async def check(self, *, deep: bool = False) -> list[str]:
+        """fsck: every manifest's blobs exist with the right size, every own blob has an index."""
+        return await asyncio.to_thread(self.check_sync, deep=deep)
+
+    def _stale_temp_files(self) -> list[Path]:
+        stale = []
+        now = time.time()
+        folder = self.root / TMP_DIR
+        for p in folder.iterdir() if folder.is_dir() else ():
+            parts = p.name.split(".")
+            pid = int(parts[-3]) if len(parts) >= 4 and parts[-3].isdigit() else None
+            try:
+                old = now - p.stat().st_mtime > _STALE_TMP_SECONDS
+            except FileNotFoundError:
+                continue
+            if old or pid is None or not _pid_alive(pid):
+                stale.append(p)
+        return stale
+
+    def recover(self) -> list[str]:
+        """Remove what a crash can leave behind; returns what was done. Safe while others write.
+
+        Temp files of dead processes, indexes of blobs that never became visible,
+        and half of a partial blob whose other half is gone.
+        """
+        done = []
+        now = time.time()
+
+        def settled(p: Path) -> bool:
+            # A concurrent writer publishes the other half within moments; only
+            # leftovers older than the grace period are a crash's doing.
+            try:
+                return now - p.stat().st_mtime > _ORPHAN_GRACE_SECONDS
+            except FileNotFoundError:
+                return False
+
+        for p in self._stale_temp_files():
+            p.unlink(missing_ok=True)
+            done.append(f"removed stale temp file {p.name}")
+        for p in sorted((self.root / "chunks").glob("sha256-*.json")):
+            blob_name = p.name.removesuffix(".json")
+            if settled(p) and not any((r / "blobs" / blob_name).exists() for r in self._roots()):
+                # An index is written before its blob; alone, it is a leftover.
+                p.unlink(missing_ok=True)
+                done.append(f"removed orphan index {p.name}")
+        partial = self.root / "partial"
+        if partial.is_dir():
+            for p in sorted(partial.iterdir()):
+                base = p.name.removesuffix(".data").removesuffix(".state.json")
+                pair = partial / (base + (".state.json" if p.name.endswith(".data") else ".data"))
+                if not pair.exists() and settled(p):
+                    p.unlink(missing_ok=True)
+                    done.append(f"removed orphan partial file {p.name}")
+        return done
+
+    def blob_path(self, digest: BlobDigest) -> Path:
+        """Path of a blob (any root); for handlers serving ``/api/blobs`` or chunk ranges."""
+        return self.blobs.path(digest)
+
+    def manifest_file(self, name: ModelName | str) -> Path:
+        return self._find(name)[1]
+
+    @staticmethod
+    def blob_file_name(digest: BlobDigest) -> str:
+        return blob_filename(digest)
+
+
+def _prune_empty_dirs(folder: Path, stop: Path) -> None:
+    while folder != stop and folder.is_relative_to(stop):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        folder = folder.parent

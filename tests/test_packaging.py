@@ -1,0 +1,48 @@
+"""Packaging and architecture: one ``omx`` namespace, and imports that go one way."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = {"runtime": "runtime", "functions": "functions", "mesh": "mesh", "storage": "storage", "cli": "cli"}
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(out), str(ROOT)], check=True, capture_output=True, timeout=300)
+    return next(out.glob("omx-*.whl"))
+
+
+def test_wheel_installs_only_the_omx_namespace(wheel: Path) -> None:
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
+    assert top == {"omx"}
+    for layer in LAYERS:
+        assert f"omx/{layer}/__init__.py" in names
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "omx = omx.cli.main:main" in text and "ollama-distributed = omx.cli.main:main" in text
+
+
+def test_import_direction_is_enforced(tmp_path: Path) -> None:
+    # import-linter reads the package from disk: mirror the layer folders into
+    # one ``omx`` tree exactly as the wheel lays them out.
+    mirror = tmp_path / "src" / "omx"
+    shutil.copytree(ROOT / "omx", mirror, ignore=shutil.ignore_patterns("__pycache__"))
+    for layer, folder in LAYERS.items():
+        shutil.copytree(ROOT / folder, mirror / layer, ignore=shutil.ignore_patterns("__pycache__"))
+    lint = Path(sys.executable).with_name("lint-imports")
+    result = subprocess.run([str(lint), "--config", str(ROOT / "pyproject.toml"), "--no-cache"],
+                            cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "src"), "PATH": "/usr/bin:/bin"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "KEPT" in result.stdout and "BROKEN" not in result.stdout
