@@ -51,16 +51,16 @@ async def one_round(root: Path, profile: str, n: int) -> tuple[float, float, flo
         await until(lambda: all(len(m.view.alive()) == n for m in nodes))
         join = time.monotonic() - t0
 
-        leaver, victim, observer = nodes[-1], nodes[-2], nodes[0]
-        t0 = time.monotonic()
-        await leaver.leave()
-        await until(lambda: status(observer, names[-1]) == "left")
-        leave = time.monotonic() - t0
-
+        victim, leaver, observer = nodes[-1], nodes[-2], nodes[0]
         t0 = time.monotonic()
         os.kill(victim.agent.pid, signal.SIGKILL)  # type: ignore[arg-type]
-        await until(lambda: status(observer, names[-2]) == "failed")
+        await until(lambda: status(observer, names[-1]) == "failed")
         failed = time.monotonic() - t0
+
+        t0 = time.monotonic()
+        await leaver.leave()
+        await until(lambda: status(observer, names[-2]) == "left")
+        leave = time.monotonic() - t0
         return join, leave, failed
     finally:
         await asyncio.gather(*(m.stop(leave=False) for m in nodes), return_exceptions=True)

@@ -59,6 +59,7 @@ SECTIONS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
     ]),
     ("cluster", "Cluster membership secret.", [
         ("secret_file", "null", "The cluster secret (default: $OMX_HOME/cluster/secret, mode 0600)."),
+        ("token", "null", "A join token from 'omx cluster token' (seeds + secret); prefer --token or a secret_file."),
     ]),
 ]
 

@@ -16,6 +16,7 @@ from omx.cli.config_cmd import config_group
 from omx.cli.import_ollama import register as register_import_ollama
 from omx.cli.models import copy_cmd, create_cmd, list_cmd, ps_cmd, rm_cmd, show_cmd
 from omx.cli.node import start_cmd, stop_cmd
+from omx.cli.pull import register as register_pull
 from omx.cli.run import run_cmd
 
 __all__ = ["cli", "client_version", "main"]
@@ -89,6 +90,7 @@ cli.add_command(rm_cmd)
 cli.add_command(copy_cmd)
 cli.add_command(config_group)
 register_import_ollama(cli)
+register_pull(cli)
 
 
 def main() -> None:

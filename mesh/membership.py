@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import TypeAlias, cast
 
 from omx.mesh.agent import SerfAgent
 from omx.mesh.errors import MeshError, SerfConnectionError, SerfRPCError
@@ -25,7 +26,7 @@ __all__ = ["Membership", "MembershipEvent", "Subscription"]
 
 log = logging.getLogger(__name__)
 
-MembershipEvent = MemberChanged | UserEvent
+MembershipEvent: TypeAlias = MemberChanged | UserEvent
 _STREAM_FILTER = "member-join,member-leave,member-failed,member-update,member-reap,user"
 _CLOSED = object()
 
@@ -72,7 +73,7 @@ class Subscription:
             if self._error is not None:
                 raise self._error
             raise StopAsyncIteration
-        return item  # type: ignore[return-value]
+        return cast(MembershipEvent, item)
 
     async def next(self, timeout_s: float) -> MembershipEvent:
         """The next event, or :class:`TimeoutError` after ``timeout_s``."""

@@ -10,7 +10,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 from omx.mesh.errors import SerfRPCError
 
@@ -101,7 +101,7 @@ class QueryResponse:
     payload: bytes
 
 
-SerfEvent = MemberEvent | UserEvent | QueryEvent
+SerfEvent: TypeAlias = MemberEvent | UserEvent | QueryEvent
 
 
 def decode_addr(raw: Any) -> str:

@@ -223,23 +223,23 @@ class SerfRPC:
             log.warning("serf RPC: unexpected frame %r", obj)
             return
         seq, error = int(obj["Seq"]), obj.get("Error") or ""
-        slot = self._slots.get(seq)
-        if slot is None:
+        target = self._slots.get(seq)
+        if target is None:
             log.debug("serf RPC: answer for unknown seq %d", seq)
             return
-        if isinstance(slot, _Call):
-            if slot.has_body:
-                self._pending_body = (slot, obj)
+        if isinstance(target, _Call):
+            if target.has_body:
+                self._pending_body = (target, obj)
                 return
             del self._slots[seq]
-            _settle(slot.future, error, None)
-        elif not slot.ack.done():
+            _settle(target.future, error, None)
+        elif not target.ack.done():
             if error:
                 del self._slots[seq]
-                slot.finish(SerfRPCError(error))
-            _settle(slot.ack, error, None)
+                target.finish(SerfRPCError(error))
+            _settle(target.ack, error, None)
         else:
-            self._pending_body = (slot, obj)
+            self._pending_body = (target, obj)
 
     def _deliver_body(self, slot: _Call | _Stream, header: Mapping[str, Any], body: Any) -> None:
         error = header.get("Error") or ""

@@ -47,7 +47,7 @@ def encode_tags(tags: Mapping[str, str]) -> bytes:
         if not isinstance(key, str) or not isinstance(value, str):
             raise ConfigError(f"serf tags must map str to str, got {key!r}: {value!r}", key="tags")
     # use_bin_type=False keeps msgpack from using str8, as Serf's Go encoder does.
-    encoded = b"\xff" + msgpack.packb(dict(tags), use_bin_type=False)
+    encoded: bytes = b"\xff" + msgpack.packb(dict(tags), use_bin_type=False)
     if len(encoded) > SERF_META_LIMIT:
         raise TagsTooLarge(
             f"serf tags take {len(encoded)} bytes encoded, over the {SERF_META_LIMIT}-byte limit", key="tags")

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import omx
-from omx.functions.builtin import builtin_registry
+from omx.functions.builtin import builtin_registry, pull
 from omx.functions.call import EngineDefaults, NodeInfo, Services
 from omx.functions.dispatch import Dispatcher
 from omx.runtime.app import build_app
 from omx.runtime.config import Settings
 from omx.runtime.engine import make_engine
 from omx.runtime.identity import load_or_create_node_id
+from omx.runtime.registry_http import HttpxRegistryTransport
 from omx.runtime.scheduler import ModelScheduler
 from omx.runtime.server import Listener, bind_tcp, serve_app
 from omx.storage import ModelStore
@@ -63,6 +64,7 @@ class Node:
             max_queue=engine_cfg.max_queue,
             default_keep_alive=engine_cfg.keep_alive,
         )
+        self.registry_transport = HttpxRegistryTransport()
         self.registry = builtin_registry()
         self.dispatcher = Dispatcher(api_keys=settings.security.api_keys)
         self.listener: Listener | None = None
@@ -83,13 +85,20 @@ class Node:
                 num_parallel=self.settings.engine.num_parallel,
             ),
         )
+        models = self.settings.models
+        self.services.extras[pull.REGISTRY_KEY] = pull.make_registry_client(
+            self.store, self.registry_transport, default_registry=models.registry, insecure=models.insecure,
+            concurrency=models.concurrency, download_timeout=models.download_timeout)
         self.app = build_app(self.registry, self.services, self.dispatcher, lifespan=self._lifespan)
         return self.listener
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _app: Any) -> AsyncIterator[None]:
-        yield
-        await self.scheduler.aclose()
+        try:
+            yield
+        finally:
+            await self.scheduler.aclose()
+            await self.registry_transport.aclose()
 
     @property
     def ready(self) -> NodeReady:

@@ -22,6 +22,7 @@ import os
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omx.errors import BlobNotFound, IntegrityError, InvalidDigest
 from omx.types import BlobDigest
@@ -29,6 +30,9 @@ from omx.types import BlobDigest
 from ._fsutil import atomic_write_bytes, publish, temp_path
 from .chunks import DEFAULT_CHUNK_SIZE, BlobHasher, ChunkIndex, index_file
 from .names import blob_filename, parse_digest
+
+if TYPE_CHECKING:
+    from .partial import PartialBlob
 
 __all__ = ["BlobInfo", "BlobStore"]
 
@@ -236,6 +240,14 @@ class BlobStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+    def open_partial(
+        self, digest: BlobDigest, size: int, chunk_size: int | None = None, *, index: ChunkIndex | None = None
+    ) -> PartialBlob:
+        """Start or resume a :class:`~omx.storage.partial.PartialBlob` in this store. Blocking."""
+        from .partial import PartialBlob
+
+        return PartialBlob.open(self, digest, size, chunk_size, index=index)
 
     def delete(self, digest: BlobDigest) -> bool:
         """Remove a blob of the writable root, then its index. Never touches extra roots."""

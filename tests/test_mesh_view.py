@@ -92,3 +92,12 @@ def test_decode_member_and_events() -> None:
         decode_event({"Event": "bogus"})
     with pytest.raises(SerfRPCError):
         decode_member({"Name": "n1"})
+
+
+
+def test_public_exports_are_what_they_claim() -> None:
+    import omx.mesh
+
+    assert len(omx.mesh.__all__) == len(set(omx.mesh.__all__))
+    missing = [name for name in omx.mesh.__all__ if not hasattr(omx.mesh, name)]
+    assert missing == []

@@ -91,8 +91,8 @@ async def test_ollama_client_push_then_pull_into_empty_store(server: RegistrySer
             pulled = [p async for p in await client.pull("orig", stream=True)]
             assert pulled[-1].status == "success"
             assert any(p.digest and p.total and p.completed for p in pulled)
-            copied = await httpx.AsyncClient(base_url=a.url).post(
-                "/api/copy", json={"source": f"{server.netloc}/library/orig:latest", "destination": f"{target.netloc}/team/copy:v1"})
+            copy = {"source": f"{server.netloc}/library/orig:latest", "destination": f"{target.netloc}/team/copy:v1"}
+            copied = await httpx.AsyncClient(base_url=a.url).post("/api/copy", json=copy)
             assert copied.status_code == 200
             pushed = [p async for p in await client.push(f"{target.netloc}/team/copy:v1", insecure=True,
                                                           stream=True)]

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import llama_cpp
+from llama_cpp.llama_grammar import LlamaGrammar
 
 from omx.runtime.engine._textstream import TextStream
 from omx.runtime.engine._wire import ERR_CANCELLED, ERR_INVALID, ERR_UNSUPPORTED, RequestError
@@ -71,10 +72,10 @@ class _Tap:
             self.emit(text)
 
 
-class _TappedLlama(llama_cpp.Llama):  # type: ignore[misc]
+class _TappedLlama(llama_cpp.Llama):
     tap: _Tap | None = None
 
-    def generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any) -> Iterator[int]:
+    def generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any) -> Iterator[int]:  # type: ignore[override]
         tap = self.tap
         if tap is None:
             yield from super().generate(tokens, *args, **kwargs)
@@ -158,7 +159,7 @@ class LlamaBackend:
         llm.tap = tap
         started = time.perf_counter_ns()
         try:
-            result = llm.create_completion(
+            result: Any = llm.create_completion(
                 prompt_arg,
                 max_tokens=num_predict if num_predict > 0 else None,
                 temperature=float(opts.get("temperature", 0.8)),
@@ -197,9 +198,9 @@ class LlamaBackend:
         return done
 
     @staticmethod
-    def _grammar(llm: llama_cpp.Llama, text: str) -> llama_cpp.LlamaGrammar:
+    def _grammar(llm: llama_cpp.Llama, text: str) -> LlamaGrammar:
         """Parse ``text`` once here: llama-cpp-python hands an unparsable grammar on as a null sampler."""
-        grammar = llama_cpp.LlamaGrammar.from_string(text, verbose=False)
+        grammar = LlamaGrammar.from_string(text, verbose=False)
         sampler = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, grammar._grammar.encode("utf-8"),
                                                        grammar._root.encode("utf-8"))
         if not sampler:

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from omx.errors import EngineError, OmxError, InvalidRequest, RunnerCrashed, UnsupportedCapability
+from omx.errors import EngineError, InvalidRequest, OmxError, RunnerCrashed, UnsupportedCapability
 from omx.protocols import Completion, CompletionChunk, CompletionDone, EmbedResult, ModelSpec
 from omx.runtime.engine import _wire
 
@@ -274,12 +274,13 @@ class ProcessRunner:
             await self._on_exit()
 
     async def _on_exit(self) -> None:
+        code: int | None
         try:
             code = await asyncio.wait_for(self._proc.wait(), _CLOSE_GRACE)
         except TimeoutError:
             await _kill(self._proc)
             code = self._proc.returncode
-        await _settle(self._stderr_task, timeout=1.0)
+        await _settle(self._stderr_task, grace=1.0)
         if self._closing:
             failure: Exception = EngineError(f"runner for model '{self.spec.name}' was closed")
         else:
@@ -327,12 +328,12 @@ async def _kill(proc: asyncio.subprocess.Process) -> None:
         pass
 
 
-async def _settle(task: asyncio.Task[Any], timeout: float = _CLOSE_GRACE) -> None:
+async def _settle(task: asyncio.Task[Any], grace: float = _CLOSE_GRACE) -> None:
     """Wait for a background task to end, cancelling it if it does not."""
     if task.done():
         return
     try:
-        await asyncio.wait_for(asyncio.shield(task), timeout)
+        await asyncio.wait_for(asyncio.shield(task), grace)
     except TimeoutError:
         task.cancel()
     except Exception:

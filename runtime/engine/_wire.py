@@ -60,7 +60,8 @@ _packer_opts: dict[str, Any] = {"use_bin_type": True}
 
 def encode(frame: list[Any]) -> bytes:
     """Serialize one frame."""
-    return msgpack.packb(frame, **_packer_opts)
+    data: bytes = msgpack.packb(frame, **_packer_opts)
+    return data
 
 
 def decoder() -> msgpack.Unpacker:

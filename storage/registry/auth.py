@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from urllib.parse import urlencode, urlsplit
 
@@ -91,7 +92,7 @@ class Authenticator:
         *,
         scope: str,
         headers: dict[str, str] | None = None,
-        body: bytes | None = None,
+        body: bytes | AsyncIterator[bytes] | None = None,
         request_timeout: float | None = None,
         retry_auth: bool = True,
     ) -> RegistryResponse:

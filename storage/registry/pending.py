@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 from omx.errors import ModelNotFound, OmxError
+from omx.types import BlobDigest
 
 from .._fsutil import atomic_write_bytes, fsync_dir
 from .._lock import store_lock
@@ -140,7 +141,7 @@ def _held_bytes(blobs: BlobStore, manifest: Manifest) -> int:
     return total
 
 
-def _partial_bytes(blobs: BlobStore, digest: str, size: int) -> int:
+def _partial_bytes(blobs: BlobStore, digest: BlobDigest, size: int) -> int:
     """Bytes claimed by a partial blob's bitmap (PartialBlob's state file), read without opening it."""
     try:
         doc = json.loads((blobs.root / "partial" / (blob_filename(digest) + ".state.json")).read_bytes())
