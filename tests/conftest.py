@@ -8,7 +8,9 @@ import pytest
 from tests.support.node import NodeProcess, create_model, start_node
 from tests.support.tiny_gguf import write_tiny_llama
 
-TINY_TEMPLATE = "{{ if .System }}<s>{{ .System }}</s>{{ end }}{{ range .Messages }}{{ .Role }}: {{ .Content }}\n{{ end }}assistant:"
+TINY_TEMPLATE = (
+    "{{ if .System }}<s>{{ .System }}</s>{{ end }}{{ range .Messages }}{{ .Role }}: {{ .Content }}\n{{ end }}assistant:"
+)
 
 
 @pytest.fixture(scope="session")
