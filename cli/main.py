@@ -12,12 +12,15 @@ from importlib import metadata
 import click
 
 from omx.cli.client import NodeClient, discover_url
+from omx.cli.cluster import cluster_group
 from omx.cli.config_cmd import config_group
 from omx.cli.import_ollama import register as register_import_ollama
 from omx.cli.models import copy_cmd, create_cmd, list_cmd, ps_cmd, rm_cmd, show_cmd
 from omx.cli.node import start_cmd, stop_cmd
 from omx.cli.pull import register as register_pull
 from omx.cli.run import run_cmd
+from omx.cli.status import nodes_cmd, status_cmd
+from omx.cli.troubleshoot import troubleshoot_cmd
 
 __all__ = ["cli", "client_version", "main"]
 
@@ -89,6 +92,10 @@ cli.add_command(ps_cmd)
 cli.add_command(rm_cmd)
 cli.add_command(copy_cmd)
 cli.add_command(config_group)
+cli.add_command(status_cmd)
+cli.add_command(nodes_cmd)
+cli.add_command(troubleshoot_cmd)
+cli.add_command(cluster_group)
 register_import_ollama(cli)
 register_pull(cli)
 

@@ -5,13 +5,14 @@ scheduler lease."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from omx.errors import InvalidRequest, UnsupportedCapability
 from omx.functions.call import Services
+from omx.functions.cluster_view import USAGE_KEY
 from omx.functions.options import (
     LOAD_OPTIONS,
     json_grammar,
@@ -19,9 +20,9 @@ from omx.functions.options import (
     parse_keep_alive,
     sampling_options,
 )
-from omx.protocols import Completion, CompletionChunk, CompletionDone, ModelSpec, SamplingOptions
+from omx.protocols import Completion, CompletionChunk, CompletionDone, ModelSpec, Runner, SamplingOptions
 
-__all__ = ["Target", "created_at", "resolve_target", "run_completion", "Timings"]
+__all__ = ["Prepare", "Target", "Timings", "created_at", "resolve_target", "run_completion"]
 
 
 def created_at() -> str:
@@ -109,13 +110,19 @@ class Timings:
         return out
 
 
+Prepare = Callable[[Runner], Awaitable[Completion]]
+"""Builds the completion once a runner is leased (e.g. to fit a chat into the context)."""
+
+
 async def run_completion(
-    services: Services, target: Target, completion: Completion, timings: Timings
+    services: Services, target: Target, completion: Completion | Prepare, timings: Timings
 ) -> AsyncIterator[str]:
     """Lease a runner, stream generated text, and fill ``timings`` at the end."""
     before = time.perf_counter_ns()
     async with services.scheduler.lease(target.spec, keep_alive=target.keep_alive) as runner:
         timings.load_duration = time.perf_counter_ns() - before
+        if not isinstance(completion, Completion):
+            completion = await completion(runner)
         stream = runner.complete(completion)
         try:
             async for item in stream:
@@ -126,3 +133,7 @@ async def run_completion(
                     timings.done = item
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
+    sink = services.extras.get(USAGE_KEY)
+    if sink is not None and timings.done is not None:
+        sink.model_request(target.spec.name, prompt_tokens=timings.done.prompt_eval_count,
+                           generated_tokens=timings.done.eval_count)

@@ -38,7 +38,7 @@ def _operation(spec: HandlerSpec, components: dict[str, Any]) -> dict[str, Any]:
     elif spec.body == "raw":
         op["requestBody"] = {"required": True, "content": {"application/octet-stream": {
             "schema": {"type": "string", "format": "binary"}}}}
-    if spec.auth == "apikey":
+    if spec.auth in ("apikey", "admin"):
         op["security"] = [{}, {"bearer": []}]
     elif spec.auth == "peer":
         op["security"] = [{"peer": []}]

@@ -32,7 +32,8 @@ __all__ = [
     "ResponseKind",
 ]
 
-Auth = Literal["public", "apikey", "peer"]
+Auth = Literal["public", "apikey", "peer", "admin"]
+"""``admin``: like ``apikey`` when API keys are set, else loopback clients only."""
 BodyKind = Literal["json", "raw", "none"]
 ResponseKind = Literal["json", "ndjson", "sse", "text", "raw", "websocket"]
 HandlerFunc = Callable[[Any, "Call"], Awaitable[Any]]

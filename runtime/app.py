@@ -2,13 +2,17 @@
 
 Every route of the HTTP app comes from a :class:`HandlerSpec`: the adapter
 reads and validates the body, builds the :class:`Call`, asks the dispatcher
-to run the handler, and writes the result as JSON, NDJSON or SSE. Errors are
-mapped to ``{"error": "..."}`` here and nowhere else.
+to run the handler, and writes the result as JSON, NDJSON or SSE, or (for
+``response="websocket"``) sends each item of the handler's stream as one JSON
+text message. Errors are mapped to ``{"error": "..."}`` here and nowhere else.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -18,7 +22,8 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
 from omx.errors import InvalidRequest, OmxError, ServiceBusy
 from omx.functions.call import Call, Services
@@ -122,7 +127,8 @@ async def _first_item(stream: AsyncIterator[Any]) -> tuple[bool, Any]:
         return False, None
 
 
-def _streaming(spec: HandlerSpec, stream: AsyncIterator[Any], first: tuple[bool, Any]) -> Response:
+def _streaming(spec: HandlerSpec, stream: AsyncIterator[Any], first: tuple[bool, Any],
+               on_end: Callable[[], None]) -> Response:
     encode: Callable[[Any], bytes] = _encode_sse if spec.response == "sse" else _encode_ndjson
 
     async def body() -> AsyncIterator[bytes]:
@@ -138,6 +144,7 @@ def _streaming(spec: HandlerSpec, stream: AsyncIterator[Any], first: tuple[bool,
             log.exception("handler %s failed mid-stream", spec.name)
             yield encode(_stream_error(spec, exc))
         finally:
+            on_end()
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
                 await aclose()
@@ -162,8 +169,35 @@ def _render(spec: HandlerSpec, result: Any) -> Response:
     return json_response(result, 200, dict(spec.headers) or None)
 
 
+def _raw_path(scope: Any) -> str:
+    path = scope.get("raw_path") or scope["path"].encode()
+    query = scope.get("query_string") or b""
+    return (path + (b"?" + query if query else b"")).decode("latin-1")
+
+
 def _endpoint(spec: HandlerSpec, services: Services, dispatcher: Dispatcher) -> Callable[[Request], Any]:
     async def endpoint(request: Request) -> Response:
+        started = time.perf_counter()
+        dispatcher.started()
+        reported = False
+
+        def report(status: int) -> None:
+            nonlocal reported
+            if not reported:
+                reported = True
+                dispatcher.finished(spec.name, status, time.perf_counter() - started)
+
+        response: Response | None = None
+        try:
+            response = await _serve(request, lambda: report(200))
+            return response
+        finally:
+            if response is None:
+                report(499)
+            elif not isinstance(response, StreamingResponse):
+                report(response.status_code)
+
+    async def _serve(request: Request, on_stream_end: Callable[[], None]) -> Response:
         try:
             raw = b""
             body: Any = None
@@ -181,11 +215,12 @@ def _endpoint(spec: HandlerSpec, services: Services, dispatcher: Dispatcher) -> 
                 client=request.client.host if request.client else None,
                 stream_body=request.stream,
                 is_disconnected=request.is_disconnected,
+                path=_raw_path(request.scope),
             )
             dispatcher.authorize(spec, call, raw)
             result = await dispatcher.invoke(spec, body, call)
             if is_stream(result):
-                return _streaming(spec, result, await _first_item(result))
+                return _streaming(spec, result, await _first_item(result), on_stream_end)
             return _render(spec, result)
         except OmxError as exc:
             return error_response(exc, spec)
@@ -199,6 +234,90 @@ def _endpoint(spec: HandlerSpec, services: Services, dispatcher: Dispatcher) -> 
 
     endpoint.__name__ = spec.name
     return endpoint
+
+
+async def _drain_client(ws: WebSocket) -> None:
+    """Read (and ignore) client messages until the client goes away."""
+    while True:
+        message = await ws.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+
+
+async def _pump(ws: WebSocket, stream: AsyncIterator[Any]) -> None:
+    async for item in stream:
+        await ws.send_text(dumps(item).decode())
+
+
+async def _refuse(ws: WebSocket, exc: OmxError, spec: HandlerSpec) -> None:
+    """Answer the handshake with the error as HTTP (or a policy close where the server cannot)."""
+    if "websocket.http.response" in ws.scope.get("extensions", {}):
+        await ws.send_denial_response(error_response(exc, spec))
+    else:
+        await ws.close(code=1008, reason=exc.message[:120])
+
+
+def _ws_endpoint(spec: HandlerSpec, services: Services, dispatcher: Dispatcher) -> Callable[[WebSocket], Any]:
+    """A WebSocket route: the handler's async iterator, one JSON text message per item."""
+
+    async def endpoint(ws: WebSocket) -> None:
+        started = time.perf_counter()
+        dispatcher.started()
+        status = 101
+        try:
+            call = Call(
+                services=services, spec=spec, method="GET",
+                path_params={k: str(v) for k, v in ws.path_params.items()},
+                query=dict(ws.query_params),
+                headers={k.lower(): v for k, v in ws.headers.items()},
+                client=ws.client.host if ws.client else None,
+                path=_raw_path(ws.scope),
+            )
+            try:
+                dispatcher.authorize(spec, call)
+                result = await dispatcher.invoke(spec, None, call)
+            except OmxError as exc:
+                status = exc.status
+                await _refuse(ws, exc, spec)
+                return
+            stream = result if is_stream(result) else _single(result)
+            await ws.accept()
+            pump = asyncio.create_task(_pump(ws, stream), name=f"ws-{spec.name}")
+            reader = asyncio.create_task(_drain_client(ws), name=f"ws-{spec.name}-reader")
+            try:
+                await asyncio.wait({pump, reader}, return_when=asyncio.FIRST_COMPLETED)
+                client_left = reader.done()
+            finally:
+                for task in (pump, reader):
+                    task.cancel()
+                await asyncio.gather(pump, reader, return_exceptions=True)
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            if not client_left:
+                await _close_after(ws, spec, pump)
+        finally:
+            dispatcher.finished(spec.name, status, time.perf_counter() - started)
+
+    endpoint.__name__ = spec.name
+    return endpoint
+
+
+async def _close_after(ws: WebSocket, spec: HandlerSpec, pump: asyncio.Task[None]) -> None:
+    """Close the socket after the stream ended: normally, or with the error as a last message."""
+    exc = None if pump.cancelled() else pump.exception()
+    with contextlib.suppress(Exception):
+        if exc is not None:
+            if not isinstance(exc, OmxError):
+                log.error("websocket handler %s failed", spec.name, exc_info=exc)
+            await ws.send_text(dumps(_stream_error(spec, exc)).decode())
+            await ws.close(code=1011)
+        else:
+            await ws.close(code=1000)
+
+
+async def _single(value: Any) -> AsyncIterator[Any]:
+    yield value
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -218,9 +337,10 @@ def build_app(
     lifespan: Any = None,
 ) -> Starlette:
     """The HTTP app serving every handler of ``registry``."""
-    routes = [
+    routes: list[BaseRoute] = [
+        WebSocketRoute(spec.path, _ws_endpoint(spec, services, dispatcher), name=spec.name)
+        if spec.response == "websocket" else
         Route(spec.path, _endpoint(spec, services, dispatcher), methods=list(spec.methods), name=spec.name)
         for spec in registry
-        if spec.response != "websocket"
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error}, lifespan=lifespan)

@@ -123,3 +123,16 @@ def test_unknown_model_is_404_with_ollamas_message(client: ollama.Client) -> Non
     with pytest.raises(ollama.ResponseError) as err:
         client.delete("no-such-model")
     assert err.value.status_code == 404
+
+
+def test_chat_longer_than_the_context_drops_the_oldest_messages(client: ollama.Client) -> None:
+    history = []
+    for i in range(40):
+        history += [{"role": "user", "content": f"question {i} about the cat and the dog"},
+                    {"role": "assistant", "content": "the cat sat on the mat with the dog"}]
+    messages = [{"role": "system", "content": "be brief"}, *history, {"role": "user", "content": "last one"}]
+    r = client.chat(model="tiny", messages=messages, options={**GREEDY, "num_predict": 4})
+    assert r.done and r.eval_count == 4
+    assert 0 < r.prompt_eval_count <= 256
+    short = client.chat(model="tiny", messages=messages[:1] + messages[-1:], options={**GREEDY, "num_predict": 4})
+    assert short.prompt_eval_count < r.prompt_eval_count

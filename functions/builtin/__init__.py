@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from omx.functions.builtin import embed, generate, models, openai, pull
+from omx.functions.builtin import cluster, cluster_admin, embed, generate, models, openai, pull
 from omx.functions.openapi import register as register_openapi
 from omx.functions.registry import FunctionRegistry
 
@@ -12,7 +12,7 @@ __all__ = ["builtin_registry"]
 def builtin_registry() -> FunctionRegistry:
     """A registry holding every built-in handler."""
     registry = FunctionRegistry()
-    for module in (models, generate, embed, openai, pull):
+    for module in (models, generate, embed, openai, pull, cluster, cluster_admin):
         module.register(registry)
     register_openapi(registry)
     return registry

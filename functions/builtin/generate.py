@@ -6,13 +6,13 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from omx.functions.builtin.prompts import chat_prompt, generate_prompt
+from omx.functions.builtin.prompts import chat_prompt, fit_chat_prompt, generate_prompt
 from omx.functions.builtin.toolcalls import parse_tool_calls
 from omx.functions.call import Call
-from omx.functions.inference import Target, Timings, created_at, resolve_target, run_completion
+from omx.functions.inference import Prepare, Target, Timings, created_at, resolve_target, run_completion
 from omx.functions.registry import FunctionRegistry
 from omx.functions.schemas import ChatRequest, GenerateRequest
-from omx.protocols import Completion
+from omx.protocols import Completion, Runner
 
 __all__ = ["register"]
 
@@ -84,7 +84,7 @@ async def generate(body: GenerateRequest, call: Call) -> Any:
     return final
 
 
-async def _chat_stream(call: Call, target: Target, completion: Completion, timings: Timings,
+async def _chat_stream(call: Call, target: Target, completion: Completion | Prepare, timings: Timings,
                        tools: bool) -> AsyncIterator[dict[str, Any]]:
     parts: list[str] = []
     async for text in run_completion(call.services, target, completion, timings):
@@ -113,10 +113,16 @@ async def chat(body: ChatRequest, call: Call) -> Any:
     target = await resolve_target(call.services, body.model, body.options, body.keep_alive, images=images)
     if not body.messages:
         return await _load_only(call, target, started, key="message", message=True)
-    prompt = chat_prompt(target.model, body.messages, tools=body.tools)
-    completion = Completion(prompt=prompt, options=target.sampling(body.format))
+    chat_prompt(target.model, body.messages, tools=body.tools)  # template errors answer 400 before streaming
+    options = target.sampling(body.format)
+
+    async def prepare(runner: Runner) -> Completion:
+        prompt = await fit_chat_prompt(target.model, body.messages, tools=body.tools, num_ctx=target.spec.num_ctx,
+                                       runner=runner)
+        return Completion(prompt=prompt, options=options)
+
     timings = Timings(started=started)
-    stream = _chat_stream(call, target, completion, timings, tools=bool(body.tools))
+    stream = _chat_stream(call, target, prepare, timings, tools=bool(body.tools))
     if body.stream:
         return stream
     content: list[str] = []

@@ -19,13 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from omx.errors import InvalidRequest, ModelNotFound
 from omx.functions.builtin.embed import embed_texts
-from omx.functions.builtin.prompts import chat_prompt, generate_prompt
+from omx.functions.builtin.prompts import chat_prompt, fit_chat_prompt, generate_prompt
 from omx.functions.builtin.toolcalls import parse_tool_calls
 from omx.functions.call import Call
 from omx.functions.inference import Target, Timings, resolve_target, run_completion
 from omx.functions.registry import FunctionRegistry
 from omx.functions.schemas import ChatMessage
-from omx.protocols import Completion
+from omx.protocols import Completion, Runner
 
 __all__ = ["register"]
 
@@ -171,8 +171,14 @@ async def chat_completions(body: ChatCompletionRequest, call: Call) -> Any:
     options = _options(body, body.max_completion_tokens or body.max_tokens)
     target = await resolve_target(call.services, body.model, options, None,
                                   images=any(m.images for m in messages))
-    prompt = chat_prompt(target.model, messages, tools=body.tools)
-    completion = Completion(prompt=prompt, options=target.sampling(_format(body.response_format)))
+    chat_prompt(target.model, messages, tools=body.tools)  # template errors answer 400 before streaming
+    options = target.sampling(_format(body.response_format))
+
+    async def completion(runner: Runner) -> Completion:
+        prompt = await fit_chat_prompt(target.model, messages, tools=body.tools, num_ctx=target.spec.num_ctx,
+                                       runner=runner)
+        return Completion(prompt=prompt, options=options)
+
     timings = Timings(started=call.started)
     cid, created = "chatcmpl-" + secrets.token_hex(8), int(time.time())
     base = {"id": cid, "created": created, "model": body.model, "system_fingerprint": _FINGERPRINT}

@@ -7,6 +7,7 @@ as it is.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,13 +16,15 @@ from omx.functions.prompt import (
     Message,
     TemplateError,
     ToolCall,
+    build_chat_prompt,
     render_chat,
     render_generate,
     render_jinja_chat,
 )
 from omx.functions.schemas import ChatMessage
+from omx.protocols import Runner
 
-__all__ = ["chat_prompt", "generate_prompt"]
+__all__ = ["chat_prompt", "fit_chat_prompt", "generate_prompt"]
 
 
 def _gguf(model: Any) -> Any:
@@ -87,3 +90,32 @@ def chat_prompt(model: Any, messages: Sequence[ChatMessage], *, tools: Sequence[
     except TemplateError as exc:
         raise InvalidRequest(f"template error: {exc}") from exc
     return render_chat("{{ .Prompt }}", msgs, tools=tools, system_default=getattr(model, "system", None))
+
+
+async def fit_chat_prompt(model: Any, messages: Sequence[ChatMessage], *, tools: Sequence[dict[str, Any]] | None,
+                          num_ctx: int, runner: Runner) -> str:
+    """The chat prompt, with the oldest messages dropped until it fits ``num_ctx`` tokens.
+
+    System messages and the last message always stay, as in Ollama. A prompt of
+    fewer bytes than the context holds fits without being tokenized (a token is
+    never shorter than one byte), which keeps the common path free of work.
+    """
+    prompt = chat_prompt(model, messages, tools=tools)
+    tmpl = getattr(model, "template", None)
+    if len(prompt.encode()) + 2 <= num_ctx or not tmpl:
+        return prompt
+    if len(await runner.tokenize(prompt)) <= num_ctx:
+        return prompt
+    loop = asyncio.get_running_loop()
+
+    def count(text: str) -> int:
+        return len(asyncio.run_coroutine_threadsafe(runner.tokenize(text), loop).result(60))
+
+    msgs = [_to_message(m) for m in messages]
+    try:
+        fitted = await asyncio.to_thread(
+            build_chat_prompt, tmpl, msgs, tools=tools, system_default=getattr(model, "system", None),
+            model_messages=_model_messages(model), num_ctx=num_ctx, count_tokens=count)
+    except TemplateError as exc:
+        raise InvalidRequest(f"template error: {exc}") from exc
+    return fitted.prompt

