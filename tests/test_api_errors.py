@@ -103,3 +103,18 @@ def test_openai_errors_use_openai_shape(http: httpx.Client) -> None:
     r = http.post("/v1/chat/completions", json={"model": "missing", "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 404
     assert "not found" in r.json()["error"]["message"]
+
+
+def test_suffix_needs_a_template_with_suffix(http: httpx.Client) -> None:
+    assert "insert" in _error(http.post("/api/generate", json={"model": "tiny", "prompt": "def f(", "suffix": "end",
+                                                               "stream": False}), 400)
+
+
+def test_openapi_document_lists_every_endpoint(http: httpx.Client) -> None:
+    doc = http.get("/openapi.json").json()
+    assert doc["openapi"].startswith("3.")
+    for path, method in [("/api/generate", "post"), ("/api/chat", "post"), ("/api/tags", "get"),
+                         ("/api/blobs/{digest}", "head"), ("/api/delete", "delete"), ("/v1/chat/completions", "post")]:
+        assert method in doc["paths"][path], path
+    schema = doc["components"]["schemas"]["GenerateRequest"]
+    assert "prompt" in schema["properties"]

@@ -6,6 +6,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from omx.errors import UnsupportedCapability
 from omx.functions.builtin.prompts import chat_prompt, fit_chat_prompt, generate_prompt
 from omx.functions.builtin.toolcalls import parse_tool_calls
 from omx.functions.call import Call
@@ -58,6 +59,8 @@ async def generate(body: GenerateRequest, call: Call) -> Any:
                                   images=bool(body.images))
     if not body.prompt and not body.suffix and not body.context:
         return await _load_only(call, target, started, key="response", message=False)
+    if body.suffix and not body.raw and "insert" not in target.capabilities:
+        raise UnsupportedCapability(f"model '{body.model}' does not support insert (its template has no .Suffix)")
     prompt = body.prompt if body.raw else generate_prompt(
         target.model, prompt=body.prompt, system=body.system, suffix=body.suffix or None,
         template=body.template,
