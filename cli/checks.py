@@ -41,6 +41,8 @@ MIN_FREE_MEMORY = 512 * 2**20
 # bigger ones (model weights) get their first, last and one random chunk checked.
 SAMPLE_FULL_LIMIT = 64 * 2**20
 
+_WILDCARDS = ("0.0.0.0", "::", "")
+
 Outcome = Literal["ok", "warn", "fail", "skip"]
 
 
@@ -93,8 +95,8 @@ class PortUse:
     name: str | None
 
 
-def port_owner(port: int) -> PortUse | None:
-    """The process listening on (or bound to) ``port``, as far as psutil can tell."""
+def port_owner(port: int, host: str = "0.0.0.0") -> PortUse | None:
+    """The process listening on (or bound to) ``host:port``, as far as psutil can tell."""
     import psutil
 
     try:
@@ -105,6 +107,8 @@ def port_owner(port: int) -> PortUse | None:
         laddr = conn.laddr
         if not laddr or laddr.port != port:
             continue
+        if host not in _WILDCARDS and laddr.ip not in (host, *_WILDCARDS):
+            continue  # another address on the same port (tests give each node its own 127.0.0.N)
         if conn.type == socket.SOCK_STREAM and conn.status != psutil.CONN_LISTEN:
             continue
         name = None

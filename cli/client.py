@@ -27,6 +27,7 @@ __all__ = [
     "CliFailure",
     "NodeClient",
     "api_error",
+    "auth_headers",
     "config_failure",
     "discover_url",
     "node_file",
@@ -134,6 +135,12 @@ def _bracket(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
+def auth_headers() -> dict[str, str]:
+    """``Authorization`` for nodes with ``security.api_keys`` set: the key comes from ``OMX_API_KEY``."""
+    key = os.environ.get("OMX_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 @dataclass
 class NodeClient:
     """A thin synchronous Ollama API client that turns every failure into a :class:`CliFailure`."""
@@ -144,7 +151,8 @@ class NodeClient:
     def __post_init__(self) -> None:
         # Streams may idle for a long time while a model loads: no read timeout on them.
         self._http = httpx.Client(
-            base_url=self.url, timeout=httpx.Timeout(self.timeout, connect=5.0), follow_redirects=False
+            base_url=self.url, timeout=httpx.Timeout(self.timeout, connect=5.0), follow_redirects=False,
+            headers=auth_headers(),
         )
 
     def close(self) -> None:

@@ -28,7 +28,7 @@ from omx.cli.checks import (
     unreachable_peers,
     verify_blob_sample,
 )
-from omx.cli.client import CliFailure, discover_url, normalize_url, pid_alive, read_node_file
+from omx.cli.client import CliFailure, auth_headers, discover_url, normalize_url, pid_alive, read_node_file
 from omx.cli.output import console
 from omx.cli.status_view import RULE
 from omx.errors import ConfigError, OmxError
@@ -55,9 +55,17 @@ class Context:
 
 
 def _get_json(url: str, path: str) -> Any:
-    response = httpx.get(url + path, timeout=_HTTP_TIMEOUT_S)
+    response = httpx.get(url + path, timeout=_HTTP_TIMEOUT_S, headers=auth_headers())
     response.raise_for_status()
     return response.json()
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    return str(body["error"]) if isinstance(body, dict) and body.get("error") else response.reason_phrase
 
 
 def _gather(host: str | None, config_file: Path | None, deep: bool) -> Context:
@@ -82,6 +90,10 @@ def check_running(ctx: Context, explicit_host: bool) -> Check:
     try:
         health = _get_json(ctx.url, "/health")
         ctx.health = health if isinstance(health, dict) else None
+    except httpx.HTTPStatusError as exc:
+        return Check("running", label, "fail",
+                     f"{ctx.url} answers /health with {exc.response.status_code}: {_error_text(exc.response)}",
+                     "check the node's log, then restart it: omx stop && omx start")
     except (httpx.HTTPError, ValueError):
         ctx.health = None
     if ctx.health is not None:
@@ -101,8 +113,10 @@ def check_ports(ctx: Context) -> Check:
     api_host = str(info.get("host") or (settings.api.host if settings else "127.0.0.1"))
     wanted = [("api", api_host, info.get("api_port") or (settings.api.port if settings else 8080))]
     if settings is not None:
-        p2p_host = settings.p2p.bind or settings.api.host
-        wanted += [("web", settings.api.host, settings.web.port),
+        # A running node says where it actually bound; the config says where the next one will.
+        gossip = str(info.get("p2p_address") or "")
+        p2p_host = gossip.rsplit(":", 1)[0].strip("[]") if gossip else settings.p2p.bind or settings.api.host
+        wanted += [("web", api_host, settings.web.port),
                    ("p2p", p2p_host, info.get("p2p_port") or settings.p2p.port)]
     ours = our_pids(ctx.node_pid)
     taken = []
@@ -111,7 +125,7 @@ def check_ports(ctx: Context) -> Check:
             continue  # 0 asks the kernel for any free port
         host = "0.0.0.0" if host in ("", "*") else host
         free = port_bindable(host, port)
-        problem = port_verdict(role, port, free, None if free else port_owner(port), ours)
+        problem = port_verdict(role, port, free, None if free else port_owner(port, host), ours)
         if problem:
             taken.append(problem)
     if taken:

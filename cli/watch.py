@@ -17,7 +17,7 @@ from rich.console import Group
 from rich.live import Live
 from rich.text import Text
 
-from omx.cli.client import CliFailure, NodeClient
+from omx.cli.client import CliFailure, NodeClient, auth_headers
 from omx.cli.output import console
 from omx.cli.status_view import status_lines
 
@@ -67,7 +67,8 @@ class EventFeed(threading.Thread):
 
         while not self._stopping.is_set():
             try:
-                with connect(self.url, open_timeout=_OPEN_TIMEOUT_S, close_timeout=1, proxy=None) as conn:
+                with connect(self.url, open_timeout=_OPEN_TIMEOUT_S, close_timeout=1, proxy=None,
+                             additional_headers=auth_headers()) as conn:
                     self._conn = conn
                     self.connected = True
                     for message in conn:

@@ -19,8 +19,10 @@ from typing import Any
 import omx
 from omx.functions.builtin import builtin_registry, pull
 from omx.functions.call import EngineDefaults, NodeInfo, Services
+from omx.functions.cluster_view import CLUSTER_KEY, USAGE_KEY
 from omx.functions.dispatch import Dispatcher
 from omx.runtime.app import build_app
+from omx.runtime.cluster import ClusterService
 from omx.runtime.config import Settings
 from omx.runtime.engine import make_engine
 from omx.runtime.identity import load_or_create_node_id
@@ -67,6 +69,8 @@ class Node:
         self.registry_transport = HttpxRegistryTransport()
         self.registry = builtin_registry()
         self.dispatcher = Dispatcher(api_keys=settings.security.api_keys)
+        # Resolves the cluster secret now: a bad token or a join without a secret fails before binding.
+        self.cluster = ClusterService(settings, self.node_id, self.store, self.scheduler, self.dispatcher)
         self.listener: Listener | None = None
         self.services: Services | None = None
         self.app: Any = None
@@ -85,6 +89,8 @@ class Node:
                 num_parallel=self.settings.engine.num_parallel,
             ),
         )
+        self.services.extras[CLUSTER_KEY] = self.cluster
+        self.services.extras[USAGE_KEY] = self.cluster
         models = self.settings.models
         self.services.extras[pull.REGISTRY_KEY] = pull.make_registry_client(
             self.store, self.registry_transport, default_registry=models.registry, insecure=models.insecure,
@@ -103,15 +109,19 @@ class Node:
     @property
     def ready(self) -> NodeReady:
         assert self.listener is not None
+        topo = self.cluster.topology
         return NodeReady(node_id=self.node_id, url=self.listener.url, api_port=self.listener.port,
-                         web_port=None, p2p_port=None, config_path=self.config_path)
+                         web_port=None, p2p_port=topo.p2p_port if topo else None, config_path=self.config_path)
 
     def _write_node_json(self) -> Path:
+        """Write ``run/node.json`` (pid, ports, gossip address, agent pid) for the CLI."""
         run_dir = self.settings.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         ready = self.ready
+        agent = self.cluster.agent()
         info = {"pid": os.getpid(), "url": ready.url, "host": self.settings.api.host,
                 "api_port": ready.api_port, "web_port": ready.web_port, "p2p_port": ready.p2p_port,
+                "p2p_address": agent.gossip_address, "serf": agent.running, "serf_pid": agent.pid,
                 "node_id": ready.node_id}
         path = run_dir / "node.json"
         tmp = run_dir / f".node.json.{os.getpid()}"
@@ -122,12 +132,21 @@ class Node:
     async def serve(self, stop: asyncio.Event, *, on_ready: Callable[[NodeReady], None] | None = None) -> None:
         listener = self.listener or self.bind()
         await asyncio.to_thread(self.store.recover)
+        await self.cluster.start(listener.host, listener.port)
         path = self._write_node_json()
+        self.cluster.on_agent_change = self._write_node_json
         if on_ready is not None:
             on_ready(self.ready)
+
+        async def shutdown() -> None:
+            await stop.wait()
+            self.cluster.bus.close()  # ends event streams so open WebSockets do not hold the shutdown
+
         try:
-            await serve_app(self.app, listener, stop.wait)
+            await serve_app(self.app, listener, shutdown)
         finally:
+            self.cluster.on_agent_change = None
+            await self.cluster.stop(leave=True)
             with contextlib.suppress(OSError):
                 if json.loads(path.read_text()).get("pid") == os.getpid():
                     path.unlink()

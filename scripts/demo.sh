@@ -27,5 +27,7 @@ done
 if ! omx show gemma3:270m >/dev/null 2>&1; then
   omx create gemma3:270m -f "$model_dir/Modelfile"
 fi
-echo "demo: try  omx run gemma3:270m \"Why is the sky blue?\"   or   curl http://127.0.0.1:8080/api/tags"
+url=$(python -c 'import json,os,sys; print(json.load(open(sys.argv[1]))["url"])' "${OMX_HOME:-$HOME/.ollamamax}/run/node.json")
+echo "demo: serving gemma3:270m at $url"
+echo "demo: try  .venv/bin/omx run gemma3:270m \"Why is the sky blue?\"   or   curl $url/api/tags"
 wait $node

@@ -35,7 +35,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   "$python" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip "setuptools>=68" wheel
+.venv/bin/python -m pip install -q --upgrade pip "setuptools>=77" wheel
 echo "setup: installing omx and its Python dependencies (llama-cpp-python compiles once, ~7 min)"
 .venv/bin/python -m pip install -q -e ".[$extras]"
 echo "setup: done"

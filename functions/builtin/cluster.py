@@ -86,7 +86,7 @@ def _runner_stats(call: Call) -> dict[str, Any]:
         "requests_served": m.requests_served,
         "expires_at": iso_time(m.expires_at) if m.expires_at is not None else None,
     } for m in sched.loaded()]
-    return {"backend": getattr(engine, "name", "llama_cpp"), "runners": runners}
+    return {"backend": str(getattr(engine, "name", "llama_cpp")).replace("-", "_"), "runners": runners}
 
 
 async def status(_body: None, call: Call) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Literal
 from omx.errors import ConfigError
 from omx.mesh import ClusterSecret, InvalidJoinToken, InvalidSecret, JoinToken, read_secret, write_secret
 
-__all__ = ["SECRET_ENV", "SecretSource", "SecretResolution", "resolve_secret"]
+__all__ = ["SECRET_ENV", "SecretResolution", "SecretSource", "persist_secret", "resolve_secret"]
 
 SECRET_ENV = "OMX_CLUSTER_SECRET"
 SecretSource = Literal["token", "env", "file", "created"]
@@ -42,7 +42,7 @@ def resolve_secret(token: str | None, secret_path: Path, joining: bool,
             parsed = JoinToken.parse(token)
         except InvalidJoinToken as exc:
             raise ConfigError(f"invalid join token: {exc.message}", key="cluster.token") from exc
-        _persist(secret_path, parsed.secret)
+        persist_secret(secret_path, parsed.secret)
         return SecretResolution(parsed.secret, "token", parsed.seeds)
     text = env.get(SECRET_ENV, "").strip()
     if text:
@@ -70,8 +70,8 @@ def resolve_secret(token: str | None, secret_path: Path, joining: bool,
     return SecretResolution(secret, "created")
 
 
-def _persist(path: Path, secret: ClusterSecret) -> None:
-    """Keep a token's secret in the secret file (replacing another cluster's)."""
+def persist_secret(path: Path, secret: ClusterSecret) -> None:
+    """Write ``secret`` to ``path`` atomically (0600), replacing another cluster's."""
     try:
         if path.exists() and read_secret(path) == secret:
             return
@@ -84,6 +84,3 @@ def _persist(path: Path, secret: ClusterSecret) -> None:
                           key="cluster.secret_file") from exc
 
 
-def persist_secret(path: Path, secret: ClusterSecret) -> None:
-    """Write ``secret`` to ``path`` atomically (0600), replacing what was there."""
-    _persist(path, secret)

@@ -100,9 +100,10 @@ class NodeMetrics:
 
     def _scan_store(self) -> None:
         blobs = blob_bytes = 0
-        with os.scandir(self.store_root / "blobs") if (self.store_root / "blobs").is_dir() else _empty() as it:
-            for entry in it:
-                if entry.is_file() and entry.name.startswith("sha256-"):
+        blob_dir = self.store_root / "blobs"
+        if blob_dir.is_dir():
+            for entry in os.scandir(blob_dir):
+                if entry.name.startswith("sha256-") and entry.is_file():
                     blobs += 1
                     blob_bytes += entry.stat().st_size
         indexes = chunks = 0
@@ -141,11 +142,3 @@ class NodeMetrics:
         """Scan the store and render every metric (blocking)."""
         self._scan_store()
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
-
-
-class _empty:
-    def __enter__(self) -> list[os.DirEntry[str]]:
-        return []
-
-    def __exit__(self, *_: object) -> None:
-        return None
