@@ -77,6 +77,9 @@ class ModelStore:
         (self.root / "manifests").mkdir(parents=True, exist_ok=True)
         self.blobs = BlobStore(self.root, self.extra_roots, chunk_size=chunk_size)
         self._gguf_cache: dict[BlobDigest, GGUFInfo | None] = {}
+        # Resolved models by manifest path, valid while the manifest file is unchanged
+        # (a manifest is only ever replaced by rename, which changes its inode).
+        self._resolved: dict[Path, tuple[tuple[int, int, int], tuple[Path, ...], ResolvedModel]] = {}
         self._cache_lock = threading.Lock()
         self.recover()
 
@@ -172,8 +175,39 @@ class ModelStore:
             self._gguf_cache[digest] = info
         return info
 
+    @staticmethod
+    def _signature(path: Path) -> tuple[int, int, int] | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _cached(self, name: ModelName | str) -> ResolvedModel | None:
+        """The resolved model for ``name`` if its manifest is unchanged since it was read (a stat per root)."""
+        n = ModelName.parse(name) if isinstance(name, str) else name
+        for root in self._roots():
+            path = n.manifest_path(root)
+            with self._cache_lock:
+                entry = self._resolved.get(path)
+            if entry is not None:
+                signature, blob_paths, resolved = entry
+                if self._signature(path) == signature and all(os.path.exists(p) for p in blob_paths):
+                    return resolved
+                return None
+        return None
+
     def resolve_sync(self, name: ModelName | str) -> ResolvedModel:
         stored, path, _ = self._find(name)
+        signature = self._signature(path)
+        resolved = self._resolve_at(stored, path)
+        if signature is not None and self._signature(path) == signature:
+            blob_paths = tuple(self.blobs.path(d) for d in resolved.manifest.blobs)
+            with self._cache_lock:
+                self._resolved[path] = (signature, blob_paths, resolved)
+        return resolved
+
+    def _resolve_at(self, stored: ModelName, path: Path) -> ResolvedModel:
         manifest, digest, _ = self._read_manifest(path)
         config = self._config(manifest)
         model = manifest.first(MEDIA_MODEL)
@@ -215,7 +249,14 @@ class ModelStore:
         )
 
     async def resolve(self, name: ModelName | str) -> ResolvedModel:
-        """Everything about one model; :class:`ModelNotFound` (``model 'x' not found``) if absent."""
+        """Everything about one model; :class:`ModelNotFound` (``model 'x' not found``) if absent.
+
+        A model whose manifest is unchanged since it was last read is answered from
+        memory: the hot path of every inference request costs one ``stat``.
+        """
+        cached = self._cached(name)
+        if cached is not None:
+            return cached
         return await asyncio.to_thread(self.resolve_sync, name)
 
     def show_sync(self, name: ModelName | str, *, verbose: bool = False) -> dict[str, Any]:
