@@ -27,10 +27,11 @@ from typing import Any
 from omx.errors import Forbidden, IntegrityError, InvalidModelName, InvalidRequest, ModelNotFound, NotFound
 from omx.types import BlobDigest
 
-from ._fsutil import TMP_DIR, atomic_write_bytes, fsync_dir
+from . import health
+from ._fsutil import atomic_write_bytes, fsync_dir
 from ._lock import store_lock
 from .blobs import BlobStore
-from .chunks import DEFAULT_CHUNK_SIZE, ChunkIndex
+from .chunks import DEFAULT_CHUNK_SIZE
 from .gguf_meta import GGUFInfo, read_gguf_info
 from .manifests import (
     MEDIA_ADAPTER,
@@ -51,19 +52,7 @@ from .names import ModelName, blob_filename
 
 __all__ = ["ModelStore"]
 
-_STALE_TMP_SECONDS = 24 * 3600
 _GC_GRACE_SECONDS = 3600.0
-_ORPHAN_GRACE_SECONDS = 600.0
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class ModelStore:
@@ -399,94 +388,15 @@ class ModelStore:
 
     def check_sync(self, *, deep: bool = False) -> list[str]:
         """Problems found (empty when healthy). ``deep`` re-hashes every blob of the writable root."""
-        problems: list[str] = []
-        for name, path, _w in self._manifests():
-            try:
-                manifest, _, _ = self._read_manifest(path)
-            except (IntegrityError, OSError) as e:
-                problems.append(f"manifest {name.full}: {e}")
-                continue
-            for layer in (manifest.config, *manifest.layers):
-                if not self.blobs.has(layer.digest):
-                    problems.append(f"manifest {name.full}: blob {layer.digest} is missing")
-                elif self.blobs.size(layer.digest) != layer.size:
-                    problems.append(f"manifest {name.full}: blob {layer.digest} has the wrong size")
-        for d in self.blobs.digests():
-            idx = self.blobs.stored_index(d)
-            size = self.blobs.own_path(d).stat().st_size
-            if idx is None:
-                problems.append(f"blob {d} has no valid chunk index")
-            elif idx.size != size:
-                problems.append(f"blob {d} is {size} bytes but its index says {idx.size}")
-            elif deep and self._rehash(d) != idx:
-                problems.append(f"blob {d} does not match its digest or index")
-        for p in sorted((self.root / "blobs").iterdir()):
-            if not p.name.startswith("sha256-") or len(p.name) != 71:
-                problems.append(f"unexpected file in blobs/: {p.name}")
-        for p in self._stale_temp_files():
-            problems.append(f"stale temp file {p.name}")
-        return problems
-
-    def _rehash(self, digest: BlobDigest) -> ChunkIndex | None:
-        from .chunks import index_file
-
-        idx = self.blobs.stored_index(digest)
-        return index_file(self.blobs.own_path(digest), idx.chunk_size if idx else self.blobs.chunk_size)
+        return health.check(self, deep=deep)
 
     async def check(self, *, deep: bool = False) -> list[str]:
         """fsck: every manifest's blobs exist with the right size, every own blob has an index."""
         return await asyncio.to_thread(self.check_sync, deep=deep)
 
-    def _stale_temp_files(self) -> list[Path]:
-        stale = []
-        now = time.time()
-        folder = self.root / TMP_DIR
-        for p in folder.iterdir() if folder.is_dir() else ():
-            parts = p.name.split(".")
-            pid = int(parts[-3]) if len(parts) >= 4 and parts[-3].isdigit() else None
-            try:
-                old = now - p.stat().st_mtime > _STALE_TMP_SECONDS
-            except FileNotFoundError:
-                continue
-            if old or pid is None or not _pid_alive(pid):
-                stale.append(p)
-        return stale
-
     def recover(self) -> list[str]:
-        """Remove what a crash can leave behind; returns what was done. Safe while others write.
-
-        Temp files of dead processes, indexes of blobs that never became visible,
-        and half of a partial blob whose other half is gone.
-        """
-        done = []
-        now = time.time()
-
-        def settled(p: Path) -> bool:
-            # A concurrent writer publishes the other half within moments; only
-            # leftovers older than the grace period are a crash's doing.
-            try:
-                return now - p.stat().st_mtime > _ORPHAN_GRACE_SECONDS
-            except FileNotFoundError:
-                return False
-
-        for p in self._stale_temp_files():
-            p.unlink(missing_ok=True)
-            done.append(f"removed stale temp file {p.name}")
-        for p in sorted((self.root / "chunks").glob("sha256-*.json")):
-            blob_name = p.name.removesuffix(".json")
-            if settled(p) and not any((r / "blobs" / blob_name).exists() for r in self._roots()):
-                # An index is written before its blob; alone, it is a leftover.
-                p.unlink(missing_ok=True)
-                done.append(f"removed orphan index {p.name}")
-        partial = self.root / "partial"
-        if partial.is_dir():
-            for p in sorted(partial.iterdir()):
-                base = p.name.removesuffix(".data").removesuffix(".state.json")
-                pair = partial / (base + (".state.json" if p.name.endswith(".data") else ".data"))
-                if not pair.exists() and settled(p):
-                    p.unlink(missing_ok=True)
-                    done.append(f"removed orphan partial file {p.name}")
-        return done
+        """Remove what a crash can leave behind; returns what was done. Safe while others write."""
+        return health.recover(self)
 
     def blob_path(self, digest: BlobDigest) -> Path:
         """Path of a blob (any root); for handlers serving ``/api/blobs`` or chunk ranges."""
