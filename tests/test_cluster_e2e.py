@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +16,23 @@ import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
 from omx.mesh import AgentConfig, ClusterSecret, JoinToken, SerfAgent, SerfRPCError, read_secret, sign
-from tests.support.cluster import Cluster, ClusterNode, cluster3  # noqa: F401
+from tests.support.cluster import Cluster, cluster3, start_cluster  # noqa: F401
 from tests.support.node import create_model, wait_until
 from tests.support.serf import require_serf
 
 pytestmark = [pytest.mark.serf, pytest.mark.e2e]
 
 DEADLINE_S = 40.0
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A cluster of our own for tests that add, stop or kill members (``cluster3`` stays pristine)."""
+    cluster = start_cluster(tmp_path_factory.mktemp("scratch"), 3)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
 
 
 def report(what: str, seconds: float) -> None:
@@ -75,8 +86,8 @@ def test_join_token_and_secret_file(cluster3: Cluster) -> None:  # noqa: F811
     assert b.secret_path.exists() is False  # B got the secret from OMX_CLUSTER_SECRET only
 
 
-def test_model_created_on_one_node_is_seen_by_the_others(cluster3: Cluster, tiny_gguf: Path) -> None:  # noqa: F811
-    a, b, c = cluster3.nodes
+def test_model_created_on_one_node_is_seen_by_the_others(scratch: Cluster, tiny_gguf: Path) -> None:
+    a, b, c = scratch.nodes
     with a.client() as client:
         create_model(client, "cluster-tiny", tiny_gguf)
     for obs in (b, c, a):
@@ -183,17 +194,17 @@ async def _member(ws: Any, node_id: str, status: str, deadline_s: float = DEADLI
             return msg
 
 
-async def test_event_stream_join_by_api_then_graceful_leave(cluster3: Cluster) -> None:  # noqa: F811
-    a, b, _ = cluster3.nodes
-    joiner = cluster3.add_node("D", how="alone")
+async def test_event_stream_join_by_api_then_graceful_leave(scratch: Cluster) -> None:
+    a, b, _ = scratch.nodes
+    joiner = scratch.add_node("D", how="alone")
     async with websockets.connect(f"ws://{a.host}:8080/api/distributed/events?interval=0.5") as ws:
         snap = await _next(ws, "snapshot")
-        assert {n["id"] for n in snap["nodes"]} >= {n.node_id for n in cluster3.nodes}
+        assert {n["id"] for n in snap["nodes"]} >= {n.node_id for n in scratch.nodes}
         assert joiner.node_id not in {n["id"] for n in snap["nodes"]}
         tick = await _next(ws, "tick")
         assert tick["node_id"] == a.node_id and "websocket_connections" in tick and tick["websocket_connections"] >= 1
         started = time.monotonic()
-        r = await asyncio.to_thread(httpx.post, joiner.url + "/api/cluster/join", json={"token": cluster3.token()},
+        r = await asyncio.to_thread(httpx.post, joiner.url + "/api/cluster/join", json={"token": scratch.token()},
                                     timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["joined"] >= 1
@@ -201,27 +212,27 @@ async def test_event_stream_join_by_api_then_graceful_leave(cluster3: Cluster) -
         report("join through POST /api/cluster/join until A's stream shows it alive", time.monotonic() - started)
         assert msg["change"] in ("joined", "status") and msg["node"]["address"] == f"{joiner.host}:8080"
         assert read_secret(joiner.secret_path) == read_secret(a.secret_path)
-        await asyncio.to_thread(cluster3.wait_alive, [b], [joiner])
+        await asyncio.to_thread(scratch.wait_alive, [b], [joiner])
         started = time.monotonic()
         await asyncio.to_thread(joiner.stop)
         await _member(ws, joiner.node_id, "left")
         report("SIGTERM until A's stream shows the node left", time.monotonic() - started)
-    await asyncio.to_thread(cluster3.wait_status, [a, b], joiner.node_id, "left")
+    await asyncio.to_thread(scratch.wait_status, [a, b], joiner.node_id, "left")
 
 
-def test_join_by_address_then_kill9_is_seen_as_failed(cluster3: Cluster) -> None:  # noqa: F811
-    a, b, c = cluster3.nodes
+def test_join_by_address_then_kill9_is_seen_as_failed(scratch: Cluster) -> None:
+    a, b, c = scratch.nodes
     started = time.monotonic()
-    victim = cluster3.add_node("E", how="address")
-    cluster3.wait_alive([a, b, c], [victim])
+    victim = scratch.add_node("E", how="address")
+    scratch.wait_alive([a, b, c], [victim])
     report("start with --join until all three see the new node alive", time.monotonic() - started)
     started = time.monotonic()
     victim.kill9()
-    took = cluster3.wait_status([a, b], victim.node_id, "failed")
+    took = scratch.wait_status([a, b], victim.node_id, "failed")
     report("kill -9 (node and agent) until A and B see it failed", time.monotonic() - started)
     assert took >= 0
     assert all(s == "alive" for i, s in a.statuses().items() if i != victim.node_id and i in
-               {n.node_id for n in cluster3.nodes})
+               {n.node_id for n in scratch.nodes})
 
 
 def test_join_without_secret_exits_2(cluster3: Cluster) -> None:  # noqa: F811
@@ -280,14 +291,14 @@ def test_crashed_agent_is_restarted(cluster3: Cluster) -> None:  # noqa: F811
         node.stop()
 
 
-def test_cluster_leave_keeps_the_node_serving_alone(cluster3: Cluster) -> None:  # noqa: F811
-    a, b, _ = cluster3.nodes
-    node = cluster3.add_node("leaver", how="token")
+def test_cluster_leave_keeps_the_node_serving_alone(scratch: Cluster) -> None:
+    a, b, _ = scratch.nodes
+    node = scratch.add_node("leaver", how="token")
     try:
-        cluster3.wait_alive([a, b], [node])
+        scratch.wait_alive([a, b], [node])
         r = httpx.post(node.url + "/api/cluster/leave", timeout=60)
         assert r.status_code == 200 and r.json()["left"] is True, r.text
-        cluster3.wait_status([a, b], node.node_id, "left")
+        scratch.wait_status([a, b], node.node_id, "left")
         health = node.get("/health")
         assert health["status"] == "healthy" and health["membership"] == "standalone"
         assert health["services"]["p2p"] is False

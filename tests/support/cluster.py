@@ -9,9 +9,13 @@ Fixture: ``cluster3`` (session scope) — three nodes A, B, C in one cluster:
 A created the secret, B joined by address (``--join`` with
 ``OMX_CLUSTER_SECRET``), C by token (``--token`` from A's
 ``GET /api/cluster/token``). Import it into a test module with
-``from tests.support.cluster import cluster3  # noqa: F401``. Tests may add
-nodes with :meth:`Cluster.add_node` (stopped at teardown) but must leave A, B
-and C running.
+``from tests.support.cluster import cluster3  # noqa: F401``. ``cluster3`` is
+shared by the whole session, so tests must leave it as they found it: no
+member joins, leaves or dies (Serf keeps left and failed members in its list,
+which other tests would see) and no models are added. Stand-alone extra nodes
+(:meth:`Cluster.new_node` / ``add_node(how="alone")``) are fine. Tests that
+change membership build their own cluster with :func:`start_cluster` in a
+module-scoped fixture.
 """
 
 from __future__ import annotations
