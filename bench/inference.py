@@ -75,7 +75,8 @@ def _create(url: str, model: Path) -> None:
     with httpx.Client(base_url=url, timeout=300) as c:
         if c.head(f"/api/blobs/{digest}").status_code != 200:
             c.post(f"/api/blobs/{digest}", content=data).raise_for_status()
-        c.post("/api/create", json={"model": "bench", "files": {model.name: digest}, "stream": False}).raise_for_status()
+        body = {"model": "bench", "files": {model.name: digest}, "stream": False}
+        c.post("/api/create", json=body).raise_for_status()
 
 
 def _omx_once(client: httpx.Client, tokens: int, threads: int, batch: int, ctx: int) -> dict[str, float]:

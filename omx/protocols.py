@@ -177,6 +177,10 @@ class LoadedModel:
     context_length: int
     active_requests: int = 0
     requests_served: int = 0
+    pid: int | None = None
+    """The runner process, where the backend runs one."""
+    cancelled_generations: int = 0
+    """Generations the runner stopped because their client went away."""
 
 
 class Scheduler(Protocol):

@@ -70,7 +70,9 @@ class Node:
         self.registry = builtin_registry()
         self.dispatcher = Dispatcher(api_keys=settings.security.api_keys)
         # Resolves the cluster secret now: a bad token or a join without a secret fails before binding.
-        self.cluster = ClusterService(settings, self.node_id, self.store, self.scheduler, self.dispatcher)
+        # OMX_SERF_BINARY (like OMX_HOME, a flat variable) names another serf executable; troubleshoot reads it too.
+        self.cluster = ClusterService(settings, self.node_id, self.store, self.scheduler, self.dispatcher,
+                                      serf_binary=os.environ.get("OMX_SERF_BINARY") or "serf")
         self.listener: Listener | None = None
         self.services: Services | None = None
         self.app: Any = None

@@ -164,6 +164,8 @@ class ModelScheduler:
                 name=entry.spec.name, digest=entry.spec.digest, size=entry.spec.size, expires_at=expires,
                 context_length=int(info.get("n_ctx", entry.spec.num_ctx)),
                 active_requests=entry.active, requests_served=entry.served,
+                pid=getattr(entry.runner, "pid", None),
+                cancelled_generations=int(getattr(entry.runner, "cancelled_generations", 0)),
             ))
         return rows
 

@@ -29,6 +29,9 @@ def small_queue_node(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) 
     try:
         with node.client() as client:
             create_model(client, "tiny", tiny_gguf, template=TINY_TEMPLATE)
+            # A context far past the training length: generations long enough to interrupt for sure.
+            client.post("/api/create", json={"model": "tiny-long", "from": "tiny", "parameters": {"num_ctx": 8192},
+                                             "stream": False}).raise_for_status()
         yield node
     finally:
         node.stop()
@@ -39,9 +42,12 @@ def runner_pids(node: NodeProcess) -> list[int]:
     return [p.pid for p in procs if "omx.runtime.engine.runner" in " ".join(p.cmdline())]
 
 
-def _load(node: NodeProcess, client: httpx.Client) -> int:
-    """Load the model for good and return its runner's pid (the node's only runner)."""
-    r = client.post("/api/generate", json={"model": "tiny", "prompt": "", "keep_alive": -1})
+def _load(node: NodeProcess, client: httpx.Client, model: str = "tiny") -> int:
+    """Load ``model`` alone (unloading any other) and return its runner's pid."""
+    for row in client.get("/api/ps").json()["models"]:
+        client.post("/api/generate", json={"model": row["name"], "prompt": "", "keep_alive": 0})
+    wait_until(lambda: not runner_pids(node), what="other runners to exit")
+    r = client.post("/api/generate", json={"model": model, "prompt": "", "keep_alive": -1})
     assert r.status_code == 200 and r.json()["done_reason"] == "load"
     pids = wait_until(lambda: runner_pids(node), what="a runner process")
     assert len(pids) == 1
@@ -96,3 +102,24 @@ def test_runner_killed_mid_generation_fails_cleanly_then_recovers(small_queue_no
                                                    "options": {"temperature": 0, "num_predict": 5}})
         assert again.status_code == 200 and again.json()["eval_count"] == 5
         assert runner not in runner_pids(small_queue_node)
+
+
+def test_client_disconnect_stops_generation_in_the_runner(small_queue_node: NodeProcess) -> None:
+    def runner_row() -> dict[str, object]:
+        with small_queue_node.client() as c:
+            rows = c.get("/api/distributed/status").json()["runner_stats"]["runners"]
+        return next(r for r in rows if r["model"] == "tiny-long:latest")
+
+    with small_queue_node.client() as client:
+        runner = _load(small_queue_node, client, "tiny-long")
+        assert runner_row()["pid"] == runner
+        before = int(runner_row()["cancelled_generations"])
+        body = {"model": "tiny-long", "prompt": "the cat", "options": {"temperature": 0, "num_predict": 8000}}
+        with client.stream("POST", "/api/generate", json=body) as r:
+            assert json.loads(next(r.iter_lines()))["done"] is False
+            # Paused, the runner cannot finish on its own before the client hangs up.
+            os.kill(runner, signal.SIGSTOP)
+        os.kill(runner, signal.SIGCONT)
+    wait_until(lambda: int(runner_row()["cancelled_generations"]) == before + 1, timeout=30,
+               what="the runner to report the generation cancelled")
+    assert _scheduler(small_queue_node)["active_requests"] == 0

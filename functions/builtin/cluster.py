@@ -82,8 +82,8 @@ def _runner_stats(call: Call) -> dict[str, Any]:
     sched = call.services.scheduler
     engine = getattr(sched, "engine", None)
     runners = [{
-        "model": m.name, "pid": None, "context_length": m.context_length, "active_requests": m.active_requests,
-        "requests_served": m.requests_served,
+        "model": m.name, "pid": m.pid, "context_length": m.context_length, "active_requests": m.active_requests,
+        "requests_served": m.requests_served, "cancelled_generations": m.cancelled_generations,
         "expires_at": iso_time(m.expires_at) if m.expires_at is not None else None,
     } for m in sched.loaded()]
     return {"backend": str(getattr(engine, "name", "llama_cpp")).replace("-", "_"), "runners": runners}
