@@ -3,9 +3,9 @@
 Pull and push draw one rich progress bar per layer (bytes, rate, ETA) from the
 node's NDJSON progress lines; steps without bytes print as plain lines, as
 Ollama's CLI does. ``proxy list`` shows every model with its size and status:
-✅ Ready (complete here) and ⏳ Downloading (partly here). Each status comes
-from one row source; a source for models other nodes hold (💤 Available)
-joins :data:`ROW_SOURCES` once cluster membership exists.
+✅ Ready (complete here), ⏳ Downloading (partly here) and 💤 Available (held by
+an alive peer, not here). Each status comes from one row source in
+:data:`ROW_SOURCES`; the first source naming a model wins.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from omx.cli.output import console, echo_json, plain_table
 
 __all__ = ["ROW_SOURCES", "ProgressView", "proxy_group", "pull_cmd", "push_cmd", "register"]
 
-READY, DOWNLOADING = "✅ Ready", "⏳ Downloading"
+READY, DOWNLOADING, AVAILABLE = "✅ Ready", "⏳ Downloading", "💤 Available"
 
 
 class ProgressView:
@@ -110,7 +110,25 @@ def _downloading_rows(client: NodeClient) -> list[dict[str, Any]]:
              "status": DOWNLOADING} for p in pulls]
 
 
-ROW_SOURCES: list[Callable[[NodeClient], list[dict[str, Any]]]] = [_ready_rows, _downloading_rows]
+def _available_rows(client: NodeClient) -> list[dict[str, Any]]:
+    """Models alive peers hold that this node does not (from their inventories)."""
+    try:
+        nodes = client.get("/api/distributed/nodes").get("nodes") or []
+    except CliFailure:
+        return []  # a node without cluster endpoints knows no peers
+    rows: dict[str, dict[str, Any]] = {}
+    for node in nodes:
+        if node.get("self") or node.get("status") != "alive":
+            continue
+        sizes = node.get("model_sizes") or {}
+        for name in node.get("models") or []:
+            row = rows.setdefault(name, {"name": name, "size": int(sizes.get(name) or 0), "status": AVAILABLE,
+                                         "holders": []})
+            row["holders"].append(node.get("id"))
+    return list(rows.values())
+
+
+ROW_SOURCES: list[Callable[[NodeClient], list[dict[str, Any]]]] = [_ready_rows, _downloading_rows, _available_rows]
 """Where ``proxy list`` rows come from; the first source naming a model wins."""
 
 
@@ -131,7 +149,7 @@ def proxy_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def proxy_list_cmd(ctx: click.Context, as_json: bool) -> None:
-    """List models with their size and status (ready or downloading)."""
+    """List models with their size and status: ready here, downloading, or available on a peer."""
     with client_for(ctx) as client:
         rows = _rows(client, ROW_SOURCES)
     if as_json:

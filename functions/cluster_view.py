@@ -94,6 +94,8 @@ class NodeRecord:
     resources: Resources | None
     is_self: bool
     last_change: float
+    model_sizes: Mapping[str, int] = field(default_factory=dict)
+    """Bytes of each model in ``models``, where known."""
 
 
 def node_json(rec: NodeRecord) -> dict[str, Any]:
@@ -105,6 +107,7 @@ def node_json(rec: NodeRecord) -> dict[str, Any]:
         "address": rec.address,
         "p2p_address": rec.p2p_address,
         "models": list(rec.models),
+        "model_sizes": dict(rec.model_sizes),
         "inventory_version": rec.inventory_version,
         "resources": resources_json(rec.resources),
         "self": rec.is_self,

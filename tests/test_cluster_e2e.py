@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,6 +99,13 @@ def test_model_created_on_one_node_is_seen_by_the_others(scratch: Cluster, tiny_
     assert len(versions) == 1 and versions != {"0"}
     status = a.get("/api/distributed/status")
     assert [m["name"] for m in status["node"]["models"]] == ["cluster-tiny:latest"]
+    size = a.nodes()[a.node_id]["model_sizes"]["cluster-tiny:latest"]
+    assert size > tiny_gguf.stat().st_size  # the weights plus the config layer
+    for node, status_word in ((a, "✅ Ready"), (b, "💤 Available")):
+        listed = subprocess.run([sys.executable, "-c", "from omx.cli.main import main; main()", "--host", node.url,
+                                 "proxy", "list", "--json"], capture_output=True, text=True, timeout=60, check=True)
+        row = next(r for r in json.loads(listed.stdout)["models"] if r["name"] == "cluster-tiny:latest")
+        assert row["status"] == status_word and row["size"] == size
 
 
 def _signed(key: bytes, node: str = "omx-00000000") -> dict[str, str]:

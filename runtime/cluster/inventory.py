@@ -17,8 +17,8 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +117,8 @@ class PeerInventory:
     resources: Resources | None
     fetched_at: float
     error: str | None = None
+    sizes: Mapping[str, int] = field(default_factory=dict)
+    """Bytes of each model held, by name."""
 
 
 def _resources(raw: Any) -> Resources | None:
@@ -159,13 +161,16 @@ class PeerInventories:
             response = await self._client.get(f"http://{api}{INVENTORY_PATH}", headers=headers)
             response.raise_for_status()
             body = response.json()
-            models = tuple(str(m["name"]) for m in body.get("models", []))
+            rows = body.get("models", [])
+            models = tuple(str(m["name"]) for m in rows)
+            sizes = {str(m["name"]): int(m.get("size") or 0) for m in rows}
             inv = PeerInventory(version=str(body.get("version", "0")), models=models,
-                                resources=_resources(body.get("resources")), fetched_at=time.time())
+                                resources=_resources(body.get("resources")), fetched_at=time.time(), sizes=sizes)
         except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.info("inventory of %s at %s not fetched: %s", node, api, exc)
             inv = PeerInventory(version=previous.version if previous else "", models=previous.models
-                                if previous else (), resources=None, fetched_at=time.time(), error=str(exc))
+                                if previous else (), resources=None, fetched_at=time.time(), error=str(exc),
+                                sizes=previous.sizes if previous else {})
         self.cache[node] = inv
         return inv
 

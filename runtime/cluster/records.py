@@ -30,7 +30,8 @@ def node_label(name: str | None) -> str:
 
 
 def member_record(state: MemberState, *, self_id: str, self_models: tuple[str, ...], self_version: str,
-                  self_resources: Resources, peers: Mapping[str, PeerInventory]) -> NodeRecord:
+                  self_resources: Resources, peers: Mapping[str, PeerInventory],
+                  self_sizes: Mapping[str, int] | None = None) -> NodeRecord:
     """The :class:`NodeRecord` of one member of the view."""
     tags = NodeTags.from_tags(state.tags)
     addr = f"[{state.addr}]:{state.port}" if ":" in state.addr else f"{state.addr}:{state.port}"
@@ -38,15 +39,17 @@ def member_record(state: MemberState, *, self_id: str, self_models: tuple[str, .
     is_self = state.name == self_id
     if is_self:
         models, resources, version = self_models, self_resources, self_version
+        sizes = dict(self_sizes or {})
     else:
         inv = peers.get(state.name)
         models = inv.models if inv is not None else ()
+        sizes = dict(inv.sizes) if inv is not None else {}
         resources = inv.resources if inv is not None and inv.error is None and status == "alive" else None
         version = tags.inventory if tags is not None else (inv.version if inv else "")
     return NodeRecord(
         id=state.name, name=(tags.label or None) if tags else None, status=status,
         address=tags.api if tags else None, p2p_address=addr, models=tuple(models), inventory_version=version,
-        resources=resources, is_self=is_self, last_change=state.changed_at,
+        resources=resources, is_self=is_self, last_change=state.changed_at, model_sizes=sizes,
     )
 
 

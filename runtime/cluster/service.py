@@ -320,10 +320,13 @@ class ClusterService:
     def _record(self, state: Any) -> NodeRecord:
         return member_record(state, self_id=self.node_id, self_models=self._self_models(),
                              self_version=self.local.version, self_resources=self.sampler.latest,
-                             peers=self.peers.cache)
+                             peers=self.peers.cache, self_sizes=self._self_sizes())
 
     def _self_models(self) -> tuple[str, ...]:
         return tuple(m["name"] for m in self.local.models)
+
+    def _self_sizes(self) -> dict[str, int]:
+        return {m["name"]: int(m.get("size") or 0) for m in self.local.models}
 
     def _self_record(self) -> NodeRecord:
         membership = self.membership
@@ -335,7 +338,7 @@ class ClusterService:
                           address=topo.api_address if topo else None,
                           p2p_address=None, models=self._self_models(),
                           inventory_version=self.local.version, resources=self.sampler.latest,
-                          is_self=True, last_change=time.time())
+                          is_self=True, last_change=time.time(), model_sizes=self._self_sizes())
 
     def agent(self) -> AgentFacts:
         membership = self.membership
