@@ -43,7 +43,17 @@ class CliFailure(click.ClickException):
 
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        self._exit_code = exit_code
+
+    # click declares ``exit_code`` a class constant but reads it from the raised
+    # instance: a property gives each failure its own code.
+    @property
+    def exit_code(self) -> int:
+        return self._exit_code
+
+    @exit_code.setter
+    def exit_code(self, value: int) -> None:
+        self._exit_code = value
 
     def show(self, file: IO[Any] | None = None) -> None:
         click.echo(self.format_message(), err=True)
@@ -58,13 +68,20 @@ def api_error(message: str) -> CliFailure:
     return CliFailure(f"Error: {message}", exit_code=1)
 
 
-def normalize_url(value: str, default_port: int = DEFAULT_PORT) -> str:
-    """``host``, ``host:port`` or a URL -> ``http://host:port``; a wildcard bind becomes loopback."""
+def normalize_url(value: str, default_port: int = DEFAULT_PORT, *, scheme_ports: bool = False) -> str:
+    """``host``, ``host:port`` or a URL -> ``scheme://host:port``; a wildcard bind becomes loopback.
+
+    With ``scheme_ports`` a URL without a port takes its scheme's (80 or 443), as
+    Ollama reads ``OLLAMA_HOST``; otherwise ``default_port``. A path is dropped.
+    """
     text = value.strip().rstrip("/")
-    scheme = "http"
+    scheme, port = "http", default_port
     if "://" in text:
         scheme, _, text = text.partition("://")
-    host, port = split_host_port(text, default_port)
+        if scheme_ports:
+            port = 443 if scheme == "https" else 80
+    text = text.split("/", 1)[0]
+    host, port = split_host_port(text, port) if text else ("", port)
     if host in ("", "0.0.0.0"):
         host = "127.0.0.1"
     elif host == "::":

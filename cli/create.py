@@ -8,6 +8,7 @@ names a local file (or a folder of weights) is hashed here, offered to
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -113,13 +114,13 @@ def _upload_all(client: NodeClient, entries: list[LocalFile]) -> dict[str, str]:
         for entry in entries:
             size = entry.path.stat().st_size
             task = progress.add_task(f"hashing {entry.name}", total=size)
-            digest = sha256_file(entry.path, lambda n, t=task: progress.advance(t, n))
+            digest = sha256_file(entry.path, functools.partial(progress.advance, task))
             digests[entry.name] = digest
             if client.head_status(f"/api/blobs/{digest}") == 200:
                 progress.update(task, description=f"using existing {entry.name}")
                 continue
             upload = progress.add_task(f"copying {entry.name}", total=size)
-            body = _read_chunks(entry.path, lambda n, t=upload: progress.advance(t, n))
+            body = _read_chunks(entry.path, functools.partial(progress.advance, upload))
             client.upload(f"/api/blobs/{digest}", body, size)
     return digests
 

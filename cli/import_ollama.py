@@ -30,7 +30,7 @@ import click
 import httpx
 import yaml
 
-from omx.cli.client import CliFailure, config_failure, pid_alive, read_node_file, split_host_port
+from omx.cli.client import CliFailure, config_failure, normalize_url, pid_alive, read_node_file
 from omx.cli.format import human_bytes, short_digest
 from omx.cli.output import console, echo_json, plain_table
 from omx.errors import ConfigError, OmxError
@@ -61,20 +61,8 @@ def ollama_url(value: str | None = None) -> str:
     No scheme means ``http`` with port 11434; ``http://host`` alone means port
     80 and ``https://host`` 443; an empty or wildcard host means loopback.
     """
-    text = (os.environ.get("OLLAMA_HOST", "") if value is None else value).strip().rstrip("/")
-    scheme, port = "http", OLLAMA_DEFAULT_PORT
-    if "://" in text:
-        scheme, _, text = text.partition("://")
-        port = 443 if scheme == "https" else 80
-    text = text.split("/", 1)[0]
-    host, port = split_host_port(text, port) if text else ("", port)
-    if host in ("", "0.0.0.0"):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{scheme}://{host}:{port}"
+    text = os.environ.get("OLLAMA_HOST", "") if value is None else value
+    return normalize_url(text, OLLAMA_DEFAULT_PORT, scheme_ports=True)
 
 
 @dataclass(frozen=True)

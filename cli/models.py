@@ -158,7 +158,7 @@ def show_sections(data: dict[str, Any]) -> list[tuple[str, list[tuple[str, ...]]
     if data.get("capabilities"):
         sections.append(("Capabilities", [(str(c),) for c in data["capabilities"]]))
     if data.get("parameters"):
-        rows = []
+        rows: list[tuple[str, ...]] = []
         for line in str(data["parameters"]).splitlines():
             name, _, value = line.strip().partition(" ")
             if name:
@@ -168,7 +168,7 @@ def show_sections(data: dict[str, Any]) -> list[tuple[str, list[tuple[str, ...]]
         if data.get(key):
             lines = [ln for ln in str(data[key]).strip().splitlines() if ln.strip()]
             # As Ollama: the first two lines, then an ellipsis.
-            shown = [(ln.strip(),) for ln in lines[:2]]
+            shown: list[tuple[str, ...]] = [(ln.strip(),) for ln in lines[:2]]
             if len(lines) > 2:
                 shown.append(("...",))
             sections.append((title, shown))

@@ -76,7 +76,7 @@ class Call:
     client: str | None = None
     stream_body: Callable[[], AsyncIterator[bytes]] = _no_body
     is_disconnected: Callable[[], Awaitable[bool]] = _never_disconnected
-    started: float = field(default_factory=time.perf_counter_ns)
+    started: int = field(default_factory=time.perf_counter_ns)
     path: str = ""
     """The request path with its query string, as sent (what peer signatures cover)."""
     peer: str | None = None

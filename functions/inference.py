@@ -53,7 +53,7 @@ async def resolve_target(
     services: Services,
     name: str,
     options: Mapping[str, Any] | None,
-    keep_alive: object,
+    keep_alive: float | int | str | None,
     *,
     images: bool = False,
     need: str | None = "completion",

@@ -109,7 +109,8 @@ def json_grammar(fmt: object) -> str | None:
         return llama_grammar.JSON_GBNF
     if isinstance(fmt, dict):
         try:
-            return llama_grammar.json_schema_to_gbnf(json.dumps(fmt))
+            grammar: str = llama_grammar.json_schema_to_gbnf(json.dumps(fmt))
         except Exception as exc:  # noqa: BLE001 - the converter raises assorted errors on bad schemas
             raise InvalidRequest(f"invalid JSON schema in format: {exc}") from exc
+        return grammar
     raise InvalidRequest(f"invalid format {fmt!r}: use \"json\" or a JSON schema object")

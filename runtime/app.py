@@ -170,8 +170,8 @@ def _render(spec: HandlerSpec, result: Any) -> Response:
 
 
 def _raw_path(scope: Any) -> str:
-    path = scope.get("raw_path") or scope["path"].encode()
-    query = scope.get("query_string") or b""
+    path: bytes = scope.get("raw_path") or scope["path"].encode()
+    query: bytes = scope.get("query_string") or b""
     return (path + (b"?" + query if query else b"")).decode("latin-1")
 
 

@@ -85,21 +85,21 @@ class _Section(BaseModel):
 
 
 class NodeConfig(_Section):
-    name: str | None = Field(None, description="Optional human name shown beside the node id.")
+    name: str | None = Field(default=None, description="Optional human name shown beside the node id.")
 
 
 class ApiConfig(_Section):
     host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
+    port: int = Field(default=8080, ge=0, le=65535)
     advertise: str | None = None
 
 
 class WebConfig(_Section):
-    port: int = Field(8081, ge=0, le=65535)
+    port: int = Field(default=8081, ge=0, le=65535)
 
 
 class P2PConfig(_Section):
-    port: int = Field(4001, ge=0, le=65535)
+    port: int = Field(default=4001, ge=0, le=65535)
     bind: str | None = None
     advertise: str | None = None
     profile: Literal["lan", "wan", "local"] = "lan"
@@ -111,7 +111,7 @@ class ModelsConfig(_Section):
     max_cache_size: int = 10 * 10**9
     auto_cleanup: bool = True
     download_timeout: float = 1800.0
-    concurrency: int = Field(3, ge=1, le=64)
+    concurrency: int = Field(default=3, ge=1, le=64)
     chunk_size: int = 8 * 2**20
     extra_stores: list[Path] = Field(default_factory=list)
     registry: str = "registry.ollama.ai"
@@ -136,17 +136,17 @@ class ModelsConfig(_Section):
 
 
 class ReplicationConfig(_Section):
-    factor: int = Field(2, ge=1, le=16)
+    factor: int = Field(default=2, ge=1, le=16)
 
 
 class EngineConfig(_Section):
     backend: Literal["llama_cpp", "ctransformers"] = "llama_cpp"
-    num_parallel: int = Field(1, ge=1, le=64)
-    max_loaded_models: int = Field(3, ge=1, le=64)
+    num_parallel: int = Field(default=1, ge=1, le=64)
+    max_loaded_models: int = Field(default=3, ge=1, le=64)
     keep_alive: float = 300.0
-    max_queue: int = Field(512, ge=0)
-    num_thread: int | None = Field(None, ge=1)
-    num_ctx: int = Field(4096, ge=64)
+    max_queue: int = Field(default=512, ge=0)
+    num_thread: int | None = Field(default=None, ge=1)
+    num_ctx: int = Field(default=4096, ge=64)
 
     @field_validator("backend", mode="before")
     @classmethod
@@ -165,7 +165,9 @@ class SecurityConfig(_Section):
 
 class ClusterConfig(_Section):
     secret_file: Path | None = None
-    token: str | None = Field(None, description="A join token (from `omx cluster token`); never written to disk.")
+    token: str | None = Field(
+        default=None, description="A join token (from `omx cluster token`); never written to disk."
+    )
 
 
 class Settings(BaseSettings):
@@ -173,15 +175,15 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="OMX_", env_nested_delimiter="__", extra="forbid")
 
-    node: NodeConfig = Field(default_factory=NodeConfig)
-    api: ApiConfig = Field(default_factory=ApiConfig)
-    web: WebConfig = Field(default_factory=WebConfig)
-    p2p: P2PConfig = Field(default_factory=P2PConfig)
-    models: ModelsConfig = Field(default_factory=ModelsConfig)
-    replication: ReplicationConfig = Field(default_factory=ReplicationConfig)
-    engine: EngineConfig = Field(default_factory=EngineConfig)
-    security: SecurityConfig = Field(default_factory=SecurityConfig)
-    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    node: NodeConfig = Field(default_factory=lambda: NodeConfig())
+    api: ApiConfig = Field(default_factory=lambda: ApiConfig())
+    web: WebConfig = Field(default_factory=lambda: WebConfig())
+    p2p: P2PConfig = Field(default_factory=lambda: P2PConfig())
+    models: ModelsConfig = Field(default_factory=lambda: ModelsConfig())
+    replication: ReplicationConfig = Field(default_factory=lambda: ReplicationConfig())
+    engine: EngineConfig = Field(default_factory=lambda: EngineConfig())
+    security: SecurityConfig = Field(default_factory=lambda: SecurityConfig())
+    cluster: ClusterConfig = Field(default_factory=lambda: ClusterConfig())
 
     @classmethod
     def settings_customise_sources(

@@ -33,16 +33,32 @@ def test_wheel_installs_only_the_omx_namespace(wheel: Path) -> None:
     assert "omx = omx.cli.main:main" in text and "ollama-distributed = omx.cli.main:main" in text
 
 
-def test_import_direction_is_enforced(tmp_path: Path) -> None:
-    # import-linter reads the package from disk: mirror the layer folders into
-    # one ``omx`` tree exactly as the wheel lays them out.
-    mirror = tmp_path / "src" / "omx"
+def _mirror_package(root: Path) -> Path:
+    """Copy the layer folders into one ``root/omx`` tree laid out as the wheel lays them out.
+
+    import-linter and mypy read the package from disk, and the folders only become
+    ``omx.<layer>`` through setup.py's package_dir mapping. Returns ``root``.
+    """
+    mirror = root / "omx"
     shutil.copytree(ROOT / "omx", mirror, ignore=shutil.ignore_patterns("__pycache__"))
     for layer, folder in LAYERS.items():
         shutil.copytree(ROOT / folder, mirror / layer, ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def test_import_direction_is_enforced(tmp_path: Path) -> None:
+    _mirror_package(tmp_path / "src")
     lint = Path(sys.executable).with_name("lint-imports")
     result = subprocess.run([str(lint), "--config", str(ROOT / "pyproject.toml"), "--no-cache"],
                             cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "src"), "PATH": "/usr/bin:/bin"},
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "KEPT" in result.stdout and "BROKEN" not in result.stdout
+
+
+def test_mypy_strict_passes(tmp_path: Path) -> None:
+    root = _mirror_package(tmp_path)
+    mypy = Path(sys.executable).with_name("mypy")
+    result = subprocess.run([str(mypy), "--strict", "--ignore-missing-imports", "--no-incremental", "-p", "omx"],
+                            cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -12,7 +12,7 @@ from omx.errors import InvalidRequest
 from omx.functions.call import Call
 from omx.functions.registry import FunctionRegistry, Reply
 from omx.functions.schemas import CopyRequest, CreateRequest, DeleteRequest, ShowRequest
-from omx.storage import parse_digest
+from omx.storage import ModelDetails, parse_digest
 from omx.storage.create import CreateRequest as StoreCreateRequest
 
 __all__ = ["register"]
@@ -24,7 +24,7 @@ def _iso(value: Any) -> str:
     return str(value)
 
 
-def _details(details: Any) -> dict[str, Any]:
+def _details(details: ModelDetails | dict[str, Any] | None) -> dict[str, Any]:
     if details is None:
         return {}
     if isinstance(details, dict):

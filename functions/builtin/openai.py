@@ -172,12 +172,12 @@ async def chat_completions(body: ChatCompletionRequest, call: Call) -> Any:
     target = await resolve_target(call.services, body.model, options, None,
                                   images=any(m.images for m in messages))
     chat_prompt(target.model, messages, tools=body.tools)  # template errors answer 400 before streaming
-    options = target.sampling(_format(body.response_format))
+    sampling = target.sampling(_format(body.response_format))
 
     async def completion(runner: Runner) -> Completion:
         prompt = await fit_chat_prompt(target.model, messages, tools=body.tools, num_ctx=target.spec.num_ctx,
                                        runner=runner)
-        return Completion(prompt=prompt, options=options)
+        return Completion(prompt=prompt, options=sampling)
 
     timings = Timings(started=call.started)
     cid, created = "chatcmpl-" + secrets.token_hex(8), int(time.time())
@@ -207,7 +207,7 @@ async def _chat_stream(base: dict[str, Any], texts: AsyncIterator[str], timings:
         if tools:
             held.append(text)
             continue
-        delta = {"role": "assistant", "content": text} if first else {"content": text}
+        delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
         first = False
         yield {**chunk, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
     finish = _finish(timings)

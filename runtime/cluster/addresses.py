@@ -49,7 +49,7 @@ def advertise_ip(bind: str, advertise: str | None, key: str) -> str:
         if ipaddress.ip_address(ip).is_unspecified:
             raise ConfigError(f"{key} must be a reachable address, not {advertise!r}", key=key)
         return ip
-    ip = ipaddress.ip_address(resolve_ip(bind, key))
-    if not ip.is_unspecified:
-        return str(ip)
-    return _first_non_loopback(ip.version) or ("127.0.0.1" if ip.version == 4 else "::1")
+    bound = ipaddress.ip_address(resolve_ip(bind, key))
+    if not bound.is_unspecified:
+        return str(bound)
+    return _first_non_loopback(bound.version) or ("127.0.0.1" if bound.version == 4 else "::1")

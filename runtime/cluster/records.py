@@ -37,6 +37,7 @@ def member_record(state: MemberState, *, self_id: str, self_models: tuple[str, .
     addr = f"[{state.addr}]:{state.port}" if ":" in state.addr else f"{state.addr}:{state.port}"
     status = public_status(state.status)
     is_self = state.name == self_id
+    resources: Resources | None
     if is_self:
         models, resources, version = self_models, self_resources, self_version
         sizes = dict(self_sizes or {})

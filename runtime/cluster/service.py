@@ -252,7 +252,7 @@ class ClusterService:
             if event.before is not None:
                 self._publish_member("removed", self._record(event.before))
             return
-        self._publish_member(event.kind, self._record(after))  # type: ignore[arg-type]
+        self._publish_member(event.kind, self._record(after))
         self._maybe_fetch(after.name, after.tags, after.status)
 
     def _maybe_fetch(self, name: str, tags: Any, status: str, force: bool = False) -> None:
@@ -262,7 +262,7 @@ class ClusterService:
         if not force and cached is not None and cached.error is None and cached.version == tags.get("inv"):
             return
         task = self.peers.fetch(name, tags["api"])
-        task.add_done_callback(lambda t, n=name: self._fetched(n, t, cached))
+        task.add_done_callback(lambda t: self._fetched(name, t, cached))
 
     def _fetched(self, name: str, task: asyncio.Task[Any], before: Any) -> None:
         if task.cancelled() or task.exception() is not None or self.membership is None:
@@ -379,7 +379,7 @@ class ClusterService:
     def _ws_opened(self, delta: int) -> None:
         self._ws += delta
 
-    async def inventory(self) -> dict[str, Any]:  # type: ignore[override]
+    async def inventory(self) -> dict[str, Any]:
         res = self.sampler.latest
         return {"node_id": self.node_id, "version": self.local.version, "models": list(self.local.models),
                 "resources": {"cpu": res.cpu, "memory": res.memory, "disk": res.disk}}
