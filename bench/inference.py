@@ -6,7 +6,8 @@ round by round. The omx side is a real node in its own process, measured by
 this script as an HTTP client streaming NDJSON; the bare side is
 llama-cpp-python's streaming ``create_completion`` in a worker process of its
 own. Reported: median tokens/s (first to last token) and median time to first
-token, and the ratios omx/bare.
+token, and the ratios omx/bare. The HTTP client is the standard library's, on
+a kept-alive connection, so that what is measured is omx rather than a client.
 
     python bench/inference.py [--model PATH] [--rounds 7] [--tokens 128] [--threads 2]
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import json
 import multiprocessing as mp
 import os
@@ -24,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -79,24 +82,28 @@ def _create(url: str, model: Path) -> None:
         c.post("/api/create", json=body).raise_for_status()
 
 
-def _omx_once(client: httpx.Client, tokens: int, threads: int, batch: int, ctx: int) -> dict[str, float]:
-    body = {"model": "bench", "prompt": PROMPT, "raw": True, "keep_alive": -1,
-            "options": {"temperature": 0, "seed": 1, "num_predict": tokens, "num_thread": threads,
-                        "num_batch": batch, "num_ctx": ctx, "repeat_penalty": 1.0, "top_k": 40, "top_p": 0.95,
-                        "min_p": 0.05}}
+def _omx_once(conn: http.client.HTTPConnection, tokens: int, threads: int, batch: int,
+              ctx: int) -> dict[str, float]:
+    """One streamed ``/api/generate`` over a kept-alive connection (stdlib client: it adds the least)."""
+    body = json.dumps({"model": "bench", "prompt": PROMPT, "raw": True, "keep_alive": -1,
+                       "options": {"temperature": 0, "seed": 1, "num_predict": tokens, "num_thread": threads,
+                                   "num_batch": batch, "num_ctx": ctx, "repeat_penalty": 1.0, "top_k": 40,
+                                   "top_p": 0.95, "min_p": 0.05}}).encode()
     start = time.perf_counter()
-    first = last = 0.0
+    conn.request("POST", "/api/generate", body=body, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    first = last = prompt_eval = 0.0
     pieces = 0
-    with client.stream("POST", "/api/generate", json=body) as r:
-        for line in r.iter_lines():
-            item = json.loads(line)
-            if item.get("done"):
-                break
-            now = time.perf_counter()
-            first = first or now
-            last = now
-            pieces += 1
-    return {"ttft": first - start, "span": last - first, "pieces": pieces}
+    for line in response:
+        item = json.loads(line)
+        if item.get("done"):
+            prompt_eval = item["prompt_eval_duration"] / 1e9
+            continue
+        now = time.perf_counter()
+        first = first or now
+        last = now
+        pieces += 1
+    return {"ttft": first - start, "span": last - first, "pieces": pieces, "prompt_eval": prompt_eval}
 
 
 def _rate(run: dict[str, float]) -> float:
@@ -111,6 +118,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--settle", type=float, default=0.5, help="seconds of quiet before each measured request")
     args = ap.parse_args()
     model = args.model
     if model is None:
@@ -127,14 +135,22 @@ def main() -> None:
         _create(url, model)
         bare: list[dict[str, float]] = []
         omx: list[dict[str, float]] = []
-        with httpx.Client(base_url=url, timeout=600) as client:
+        parsed = urllib.parse.urlsplit(url)
+        client = http.client.HTTPConnection(parsed.hostname or "127.0.0.1", parsed.port, timeout=600)
+        try:
             for round_no in range(args.rounds + 1):  # round 0 warms both sides up
+                # A pause before each side lets the other side's compute threads go idle,
+                # so neither measurement runs against the other's leftover spinning.
+                time.sleep(args.settle)
                 parent.send({"tokens": args.tokens})
                 b = parent.recv()
+                time.sleep(args.settle)
                 o = _omx_once(client, args.tokens, args.threads, args.batch, args.ctx)
                 if round_no:
                     bare.append(b)
                     omx.append(o)
+        finally:
+            client.close()
         b_rate = statistics.median(_rate(r) for r in bare)
         o_rate = statistics.median(_rate(r) for r in omx)
         b_ttft = statistics.median(r["ttft"] for r in bare) * 1000
@@ -145,6 +161,8 @@ def main() -> None:
         print(f"{'throughput (tokens/s)':24}{b_rate:16.2f}{o_rate:12.2f}{o_rate / b_rate:15.3f}x")
         print(f"{'time to first token (ms)':24}{b_ttft:16.1f}{o_ttft:12.1f}{o_ttft - b_ttft:+15.1f}ms")
         print(f"{'pieces per run':24}{bare[0]['pieces']:16.0f}{omx[0]['pieces']:12.0f}")
+        inner = statistics.median(r["prompt_eval"] for r in omx) * 1000
+        print(f"omx runner's own time to first token: {inner:.1f} ms (the rest of omx's is HTTP, routing and IPC)")
     finally:
         parent.send(None)
         worker.join(30)
