@@ -94,15 +94,19 @@ def _omx_once(conn: http.client.HTTPConnection, tokens: int, threads: int, batch
     response = conn.getresponse()
     first = last = prompt_eval = 0.0
     pieces = 0
-    for line in response:
-        item = json.loads(line)
-        if item.get("done"):
-            prompt_eval = item["prompt_eval_duration"] / 1e9
-            continue
+    buffer = b""
+    while chunk := response.read1(65536):  # whatever has arrived, without waiting for more
         now = time.perf_counter()
-        first = first or now
-        last = now
-        pieces += 1
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            item = json.loads(line)
+            if item.get("done"):
+                prompt_eval = item["prompt_eval_duration"] / 1e9
+                continue
+            first = first or now
+            last = now
+            pieces += 1
     return {"ttft": first - start, "span": last - first, "pieces": pieces, "prompt_eval": prompt_eval}
 
 
