@@ -4,6 +4,8 @@ scheduler lease."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from omx.functions.options import (
     parse_keep_alive,
     sampling_options,
 )
+from omx.functions.registry import ACCEPTED, Accepted
 from omx.protocols import Completion, CompletionChunk, CompletionDone, ModelSpec, Runner, SamplingOptions
 
 __all__ = ["Prepare", "Target", "Timings", "created_at", "resolve_target", "run_completion"]
@@ -114,24 +117,52 @@ Prepare = Callable[[Runner], Awaitable[Completion]]
 """Builds the completion once a runner is leased (e.g. to fit a chat into the context)."""
 
 
+def _surely_fits(completion: Completion, num_ctx: int) -> bool:
+    """True when the prompt cannot exceed the context: a token is never shorter than a byte."""
+    return len(completion.prompt.encode()) + len(completion.context) + 2 <= num_ctx
+
+
 async def run_completion(
-    services: Services, target: Target, completion: Completion | Prepare, timings: Timings
-) -> AsyncIterator[str]:
-    """Lease a runner, stream generated text, and fill ``timings`` at the end."""
+    services: Services, target: Target, completion: Completion | Prepare, timings: Timings,
+    *, announce: bool = False,
+) -> AsyncIterator[str | Accepted]:
+    """Lease a runner, stream generated text, and fill ``timings`` at the end.
+
+    With ``announce``, :data:`ACCEPTED` comes first once the runner has the
+    request and it cannot fail on its prompt, so the reply's headers travel while
+    the first token is computed.
+    """
     before = time.perf_counter_ns()
     async with services.scheduler.lease(target.spec, keep_alive=target.keep_alive) as runner:
         timings.load_duration = time.perf_counter_ns() - before
         if not isinstance(completion, Completion):
             completion = await completion(runner)
         stream = runner.complete(completion)
+        pending: asyncio.Task[CompletionChunk | CompletionDone] | None = None
         try:
+            if announce and _surely_fits(completion, target.spec.num_ctx):
+                # Start the runner on the request first, then let the headers go out.
+                pending = asyncio.ensure_future(anext(stream))
+                yield ACCEPTED
+                first = await pending
+                if isinstance(first, CompletionChunk):
+                    if first.text:
+                        yield first.text
+                else:
+                    timings.done = first
             async for item in stream:
                 if isinstance(item, CompletionChunk):
                     if item.text:
                         yield item.text
                 else:
                     timings.done = item
+        except StopAsyncIteration:
+            pass  # the stream ended on its first item
         finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await pending
             await stream.aclose()  # type: ignore[attr-defined]
     sink = services.extras.get(USAGE_KEY)
     if sink is not None and timings.done is not None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, final
 
 from pydantic import BaseModel
 
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from omx.functions.call import Call
 
 __all__ = [
+    "ACCEPTED",
+    "Accepted",
     "Auth",
     "BodyKind",
     "FunctionRegistry",
@@ -39,6 +41,21 @@ ResponseKind = Literal["json", "ndjson", "sse", "text", "raw", "websocket"]
 HandlerFunc = Callable[[Any, "Call"], Awaitable[Any]]
 
 _PATH_PARAM = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*)(?::[a-z]+)?}")
+
+
+@final
+class Accepted:
+    """Yielded first by a streaming handler once its request can no longer fail
+    with an error status: the adapter then sends the response headers at once,
+    while the first real item is still being computed."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "ACCEPTED"
+
+
+ACCEPTED = Accepted()
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from starlette.websockets import WebSocket
 from omx.errors import InvalidRequest, OmxError, ServiceBusy
 from omx.functions.call import Call, Services
 from omx.functions.dispatch import Dispatcher
-from omx.functions.registry import FunctionRegistry, HandlerSpec, Reply, is_stream
+from omx.functions.registry import Accepted, FunctionRegistry, HandlerSpec, Reply, is_stream
 
 __all__ = ["build_app", "error_response", "json_response"]
 
@@ -165,10 +165,11 @@ def _streaming(spec: HandlerSpec, stream: AsyncIterator[Any], first: tuple[bool,
     async def body() -> AsyncIterator[bytes]:
         try:
             has_first, item = first
-            if has_first:
+            if has_first and not isinstance(item, Accepted):
                 yield encode(item)
             async for item in stream:
-                yield encode(item)
+                if not isinstance(item, Accepted):
+                    yield encode(item)
         except OmxError as exc:
             yield encode(_stream_error(spec, exc))
         except Exception as exc:  # noqa: BLE001 - the client must get a clean line, never a traceback

@@ -11,7 +11,7 @@ from omx.functions.builtin.prompts import chat_prompt, fit_chat_prompt, generate
 from omx.functions.builtin.toolcalls import parse_tool_calls
 from omx.functions.call import Call
 from omx.functions.inference import Prepare, Target, Timings, created_at, resolve_target, run_completion
-from omx.functions.registry import FunctionRegistry
+from omx.functions.registry import Accepted, FunctionRegistry
 from omx.functions.schemas import ChatRequest, GenerateRequest
 from omx.protocols import Completion, Runner
 
@@ -42,8 +42,11 @@ def _final(target: Target, timings: Timings) -> dict[str, Any]:
 
 
 async def _generate_stream(call: Call, target: Target, completion: Completion,
-                           timings: Timings) -> AsyncIterator[dict[str, Any]]:
-    async for text in run_completion(call.services, target, completion, timings):
+                           timings: Timings, *, streamed: bool) -> AsyncIterator[Any]:
+    async for text in run_completion(call.services, target, completion, timings, announce=streamed):
+        if isinstance(text, Accepted):
+            yield text
+            continue
         yield {"model": target.name, "created_at": created_at(), "response": text, "done": False}
     final = _final(target, timings)
     final["response"] = ""
@@ -73,7 +76,7 @@ async def generate(body: GenerateRequest, call: Call) -> Any:
         return_context=not body.raw,
     )
     timings = Timings(started=started)
-    stream = _generate_stream(call, target, completion, timings)
+    stream = _generate_stream(call, target, completion, timings, streamed=body.stream)
     if body.stream:
         return stream
     parts: list[str] = []
@@ -88,9 +91,12 @@ async def generate(body: GenerateRequest, call: Call) -> Any:
 
 
 async def _chat_stream(call: Call, target: Target, completion: Completion | Prepare, timings: Timings,
-                       tools: bool) -> AsyncIterator[dict[str, Any]]:
+                       tools: bool, *, streamed: bool) -> AsyncIterator[Any]:
     parts: list[str] = []
-    async for text in run_completion(call.services, target, completion, timings):
+    async for text in run_completion(call.services, target, completion, timings, announce=streamed):
+        if isinstance(text, Accepted):
+            yield text
+            continue
         if tools:
             # Tool calls are only known once the whole reply is in: hold text back.
             parts.append(text)
@@ -125,7 +131,7 @@ async def chat(body: ChatRequest, call: Call) -> Any:
         return Completion(prompt=prompt, options=options)
 
     timings = Timings(started=started)
-    stream = _chat_stream(call, target, prepare, timings, tools=bool(body.tools))
+    stream = _chat_stream(call, target, prepare, timings, tools=bool(body.tools), streamed=body.stream)
     if body.stream:
         return stream
     content: list[str] = []

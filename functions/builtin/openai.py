@@ -23,7 +23,7 @@ from omx.functions.builtin.prompts import chat_prompt, fit_chat_prompt, generate
 from omx.functions.builtin.toolcalls import parse_tool_calls
 from omx.functions.call import Call
 from omx.functions.inference import Target, Timings, resolve_target, run_completion
-from omx.functions.registry import FunctionRegistry
+from omx.functions.registry import Accepted, FunctionRegistry
 from omx.functions.schemas import ChatMessage
 from omx.protocols import Completion, Runner
 
@@ -182,11 +182,11 @@ async def chat_completions(body: ChatCompletionRequest, call: Call) -> Any:
     timings = Timings(started=call.started)
     cid, created = "chatcmpl-" + secrets.token_hex(8), int(time.time())
     base = {"id": cid, "created": created, "model": body.model, "system_fingerprint": _FINGERPRINT}
-    texts = run_completion(call.services, target, completion, timings)
+    texts = run_completion(call.services, target, completion, timings, announce=body.stream)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _chat_stream(base, texts, timings, include_usage, tools=bool(body.tools))
-    content = "".join([t async for t in texts])
+    content = "".join([t async for t in texts if isinstance(t, str)])
     message: dict[str, Any] = {"role": "assistant", "content": content}
     finish = _finish(timings)
     calls = parse_tool_calls(content) if body.tools else []
@@ -198,12 +198,15 @@ async def chat_completions(body: ChatCompletionRequest, call: Call) -> Any:
             "usage": _usage(timings)}
 
 
-async def _chat_stream(base: dict[str, Any], texts: AsyncIterator[str], timings: Timings,
+async def _chat_stream(base: dict[str, Any], texts: AsyncIterator[str | Accepted], timings: Timings,
                        include_usage: bool, *, tools: bool) -> AsyncIterator[Any]:
     chunk = {**base, "object": "chat.completion.chunk"}
     held: list[str] = []
     first = True
     async for text in texts:
+        if isinstance(text, Accepted):
+            yield text
+            continue
         if tools:
             held.append(text)
             continue
@@ -235,18 +238,21 @@ async def completions(body: CompletionRequest, call: Call) -> Any:
     timings = Timings(started=call.started)
     base = {"id": "cmpl-" + secrets.token_hex(8), "object": "text_completion", "created": int(time.time()),
             "model": body.model, "system_fingerprint": _FINGERPRINT}
-    texts = run_completion(call.services, target, completion, timings)
+    texts = run_completion(call.services, target, completion, timings, announce=body.stream)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _completion_stream(base, texts, timings, include_usage)
-    text = "".join([t async for t in texts])
+    text = "".join([t async for t in texts if isinstance(t, str)])
     return {**base, "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": _finish(timings)}],
             "usage": _usage(timings)}
 
 
-async def _completion_stream(base: dict[str, Any], texts: AsyncIterator[str], timings: Timings,
+async def _completion_stream(base: dict[str, Any], texts: AsyncIterator[str | Accepted], timings: Timings,
                              include_usage: bool) -> AsyncIterator[Any]:
     async for text in texts:
+        if isinstance(text, Accepted):
+            yield text
+            continue
         yield {**base, "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": None}]}
     yield {**base, "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": _finish(timings)}]}
     if include_usage:
