@@ -182,6 +182,12 @@ def test_api_keys_guard_client_endpoints(cluster3: Cluster) -> None:  # noqa: F8
         assert httpx.get(node.url + "/api/cluster/token").status_code == 401
         token = httpx.get(node.url + "/api/cluster/token", headers={"Authorization": "Bearer k1"})
         assert token.status_code == 200 and token.json()["token"].startswith("omx1.")
+        omx = [sys.executable, "-c", "from omx.cli.main import main; main()", "--host", node.url, "list", "--json"]
+        env = {k: v for k, v in os.environ.items() if k != "OMX_API_KEY"}
+        refused = subprocess.run(omx, capture_output=True, text=True, timeout=60, env=env)
+        assert refused.returncode != 0 and "API key" in refused.stderr and "Traceback" not in refused.stderr
+        allowed = subprocess.run(omx, capture_output=True, text=True, timeout=60, env={**env, "OMX_API_KEY": "k1"})
+        assert allowed.returncode == 0 and json.loads(allowed.stdout) == {"models": []}
     finally:
         node.stop()
 
