@@ -17,6 +17,7 @@ from omx.cli.config_cmd import config_group
 from omx.cli.import_ollama import register as register_import_ollama
 from omx.cli.models import copy_cmd, create_cmd, list_cmd, ps_cmd, rm_cmd, show_cmd
 from omx.cli.node import start_cmd, stop_cmd
+from omx.cli.output import DocsGroup
 from omx.cli.pull import register as register_pull
 from omx.cli.run import run_cmd
 from omx.cli.status import nodes_cmd, status_cmd
@@ -39,7 +40,7 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
         ctx.exit(0)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=DocsGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--host",
     envvar="OMX_HOST",

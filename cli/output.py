@@ -6,10 +6,11 @@ import json
 import sys
 from typing import Any
 
+import click
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["console", "echo_json", "plain_table"]
+__all__ = ["DocsGroup", "console", "echo_json", "plain_table"]
 
 
 def console(*, err: bool = False) -> Console:
@@ -31,3 +32,17 @@ def echo_json(data: Any) -> None:
     """Print API JSON as received, indented."""
     sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     sys.stdout.flush()
+
+
+class DocsGroup(click.Group):
+    """Lists subcommands under "Available Commands", the heading the original docs grep for."""
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(limit=formatter.width - 6 - len(name))))
+        if rows:
+            with formatter.section("Available Commands"):
+                formatter.write_dl(rows)

@@ -27,7 +27,7 @@ from rich.progress import (
 
 from omx.cli.client import CliFailure, NodeClient, client_for
 from omx.cli.format import human_bytes
-from omx.cli.output import console, echo_json, plain_table
+from omx.cli.output import DocsGroup, console, echo_json, plain_table
 
 __all__ = ["ROW_SOURCES", "ProgressView", "proxy_group", "pull_cmd", "push_cmd", "register"]
 
@@ -140,9 +140,9 @@ def _rows(client: NodeClient, sources: Iterable[Callable[[NodeClient], list[dict
     return list(seen.values())
 
 
-@click.group("proxy")
+@click.group("proxy", cls=DocsGroup)
 def proxy_group() -> None:
-    """Model commands under the names of the original docs."""
+    """🔗 Model management and proxy operations."""
 
 
 @proxy_group.command("list")

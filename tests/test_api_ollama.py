@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import ollama
 import pytest
@@ -136,3 +137,20 @@ def test_chat_longer_than_the_context_drops_the_oldest_messages(client: ollama.C
     assert 0 < r.prompt_eval_count <= 256
     short = client.chat(model="tiny", messages=messages[:1] + messages[-1:], options={**GREEDY, "num_predict": 4})
     assert short.prompt_eval_count < r.prompt_eval_count
+
+
+def test_create_through_the_ollama_client(client: ollama.Client, tiny_gguf: Path) -> None:
+    digest = client.create_blob(tiny_gguf)
+    assert digest.startswith("sha256:")
+    progress = list(client.create(model="tiny-made", files={"tiny.gguf": digest}, system="be brief",
+                                  parameters={"num_predict": 3, "temperature": 0}, stream=True))
+    assert progress[-1].status == "success"
+    info = client.show("tiny-made")
+    assert "SYSTEM be brief" in (info.modelfile or "") and "num_predict" in (info.parameters or "")
+    assert client.generate(model="tiny-made", prompt="hello").eval_count == 3
+    derived = client.create(model="tiny-derived", from_="tiny-made", parameters={"num_predict": 2})
+    assert derived.status == "success"
+    assert client.generate(model="tiny-derived", prompt="hello").eval_count == 2
+    client.delete("tiny-derived")
+    client.delete("tiny-made")
+    assert {"tiny-made:latest", "tiny-derived:latest"}.isdisjoint(m.model for m in client.list().models)

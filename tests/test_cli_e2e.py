@@ -81,3 +81,12 @@ def test_client_commands_without_a_node(tmp_path: Path) -> None:
                        timeout=60)
     assert r.returncode == 1
     assert r.stderr.strip().count("\n") == 0 and "no node is running" in r.stderr
+
+
+def test_help_lists_available_commands_as_the_docs_show() -> None:
+    for args, names in ((["--help"], ("start", "status", "troubleshoot", "proxy")), (["proxy", "--help"],
+                                                                                    ("pull", "list"))):
+        out = subprocess.run([OMX, *args], capture_output=True, text=True, timeout=60, check=True).stdout
+        section = out.split("Available Commands:", 1)[1]
+        for name in names:
+            assert f"\n  {name} " in section
