@@ -9,7 +9,7 @@ own. Reported: median tokens/s (first to last token) and median time to first
 token, and the ratios omx/bare. The HTTP client is the standard library's, on
 a kept-alive connection, so that what is measured is omx rather than a client.
 
-    python bench/inference.py [--model PATH] [--rounds 7] [--tokens 128] [--threads 2]
+    python bench/inference.py [--model PATH] [--rounds 25] [--tokens 64] [--threads N] [--settle S]
 """
 
 from __future__ import annotations
@@ -117,12 +117,12 @@ def _rate(run: dict[str, float]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path)
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=25)
+    ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--ctx", type=int, default=1024)
-    ap.add_argument("--settle", type=float, default=0.5, help="seconds of quiet before each measured request")
+    ap.add_argument("--settle", type=float, default=0.2, help="seconds of quiet before each measured request")
     args = ap.parse_args()
     model = args.model
     if model is None:
