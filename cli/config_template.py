@@ -11,7 +11,7 @@ __all__ = ["PROFILES", "SECTIONS", "render_config"]
 # (section, comment, [(key, default YAML literal, comment)])
 SECTIONS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
     ("node", "This node.", [
-        ("name", "null", "Optional human name shown beside the generated node id (omx-xxxxxxxx)."),
+        ("name", "null", "Optional human name shown beside the generated node id (e.g. omx-1a2b3c4d)."),
     ]),
     ("api", "The Ollama-compatible HTTP API (and OpenAI-compatible /v1).", [
         ("host", "127.0.0.1", "Address to bind. 127.0.0.1 keeps a lone node private; 0.0.0.0 listens everywhere."),

@@ -9,8 +9,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -27,25 +25,12 @@ from omx.mesh import (
     SerfRPCError,
     serf_available,
 )
-from tests.support.serf import require_serf, serf_pids
+from tests.support.serf import eventually, require_serf, serf_pids
 
 pytestmark = [pytest.mark.serf, pytest.mark.e2e]
 
 DEADLINE_S = 30.0
 
-
-async def eventually(check: Callable[[], bool | Awaitable[bool]], what: str,
-                     deadline_s: float = DEADLINE_S) -> None:
-    end = time.monotonic() + deadline_s
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > end:
-            pytest.fail(f"not within {deadline_s:g}s: {what}")
-        await asyncio.sleep(0.1)
 
 
 @pytest.fixture

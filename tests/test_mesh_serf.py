@@ -6,7 +6,7 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,27 +23,13 @@ from omx.mesh import (
     SerfRPCError,
     UserEvent,
 )
-from tests.support.serf import require_serf, serf_pids
+from tests.support.serf import eventually, require_serf, serf_pids
 
 pytestmark = [pytest.mark.serf, pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
 SUBNET = "127.77.0."  # all of 127/8 is loopback on Linux; one address per node
 DEADLINE_S = 30.0
 
-
-async def eventually(check: Callable[[], bool | Awaitable[bool]], what: str,
-                     deadline_s: float = DEADLINE_S) -> None:
-    """Poll ``check`` until true; fail with ``what`` after the deadline."""
-    end = time.monotonic() + deadline_s
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > end:
-            pytest.fail(f"not within {deadline_s:g}s: {what}")
-        await asyncio.sleep(0.1)
 
 
 @dataclass

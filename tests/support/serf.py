@@ -6,13 +6,16 @@ they fail: CI must never silently lose the membership tests.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
+import time
+from collections.abc import Awaitable, Callable
 
 import pytest
 
-__all__ = ["require_serf", "serf_pids"]
+__all__ = ["eventually", "require_serf", "serf_pids"]
 
 
 def require_serf() -> None:
@@ -30,3 +33,18 @@ def serf_pids(marker: str) -> list[int]:
     out = subprocess.run(["pgrep", "-f", f"serf agent.*{marker}"], capture_output=True, text=True,
                          check=False, timeout=10)
     return [int(p) for p in out.stdout.split()]
+
+
+async def eventually(check: Callable[[], bool | Awaitable[bool]], what: str,
+                     deadline_s: float = 30.0) -> None:
+    """Poll ``check`` (sync or async) until true; fail with ``what`` after the deadline."""
+    end = time.monotonic() + deadline_s
+    while True:
+        result = check()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > end:
+            pytest.fail(f"not within {deadline_s:g}s: {what}")
+        await asyncio.sleep(0.1)
