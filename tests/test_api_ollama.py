@@ -108,7 +108,10 @@ def test_copy_and_delete(client: ollama.Client) -> None:
     names = [m.model for m in client.list().models]
     assert "tiny-copy:v1" in names
     assert client.show("tiny-copy:v1").modelinfo["general.architecture"] == "llama"
+    client.generate(model="tiny-copy:v1", prompt="hi", options=GREEDY, keep_alive="5m")
+    assert "tiny-copy:v1" in [m.model for m in client.ps().models]
     client.delete("tiny-copy:v1")
+    assert "tiny-copy:v1" not in [m.model for m in client.ps().models]
     assert "tiny-copy:v1" not in [m.model for m in client.list().models]
     assert "tiny:latest" in [m.model for m in client.list().models]
 

@@ -92,9 +92,10 @@ async def delete(body: DeleteRequest, call: Call) -> Reply:
     """Delete a model; blobs nothing else references are collected."""
     if not body.model:
         raise InvalidRequest("model is required")
-    name = body.model
-    await call.services.scheduler.unload(name)
-    await call.services.store.delete(name)
+    store = call.services.store
+    loaded_as = (await store.resolve(body.model)).name.display  # "tiny" is loaded as "tiny:latest"
+    await call.services.scheduler.unload(loaded_as)
+    await store.delete(body.model)
     return Reply(None)
 
 
