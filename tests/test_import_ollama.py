@@ -43,6 +43,7 @@ from omx.storage.ollama_import import (
     scan_store,
 )
 from omx.storage.store import ModelStore
+from tests.support.node import start_node
 from tests.support.tiny_gguf import write_tiny_llama
 
 TEMPLATE = b"{{ .System }} USER: {{ .Prompt }} ASSISTANT:"
@@ -424,6 +425,20 @@ def test_cli_coexist_serves_in_place(env: dict[str, str], ollama: Path) -> None:
     resolved = ms.resolve_sync("tiny")
     assert resolved.model_path.parent == ollama.resolve() / "blobs"
     assert resolved.gguf is not None
+    assert not any((root / "blobs").iterdir())
+    assert tree(ollama) == before
+
+    # A real node started on this configuration serves the Ollama model in place.
+    node = start_node(Path(env["OMX_HOME"]))
+    try:
+        with node.client() as http:
+            names = [m["name"] for m in http.get("/api/tags").json()["models"]]
+            reply = http.post("/api/generate", json={"model": "tiny", "prompt": "hello", "stream": False,
+                                                     "options": {"num_predict": 3, "temperature": 0}})
+    finally:
+        node.stop()
+    assert "tiny:latest" in names
+    assert reply.status_code == 200 and reply.json()["eval_count"] == 3
     assert not any((root / "blobs").iterdir())
     assert tree(ollama) == before
 
