@@ -172,13 +172,6 @@ class FunctionRegistry:
     def __contains__(self, name: object) -> bool:
         return name in self._specs
 
-    def merged(self, *others: FunctionRegistry) -> FunctionRegistry:
-        """A new registry holding this one's handlers and then the others'."""
-        out = FunctionRegistry()
-        for registry in (self, *others):
-            for spec in registry:
-                out.add(spec)
-        return out
 
 
 def is_stream(value: object) -> bool:

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from omx.storage.create import CreateRequest as StoreCreateRequest
+
 __all__ = [
     "ChatMessage",
     "ChatRequest",
@@ -19,7 +21,6 @@ __all__ = [
     "EmbedRequest",
     "EmbeddingsRequest",
     "GenerateRequest",
-    "ModelRequest",
     "PullRequest",
     "PushRequest",
     "ShowRequest",
@@ -104,10 +105,6 @@ class EmbeddingsRequest(_NamedModel):
     keep_alive: KeepAlive = None
 
 
-class ModelRequest(_NamedModel):
-    pass
-
-
 class ShowRequest(_NamedModel):
     verbose: bool = False
     system: str | None = None
@@ -124,20 +121,13 @@ class CopyRequest(_Body):
     destination: str
 
 
-class CreateRequest(_NamedModel):
-    modelfile: str | None = None
+class CreateRequest(_NamedModel, StoreCreateRequest):
+    """The store's create request, plus what only the HTTP edge reads."""
+
+    model: str = ""
+    name: str = ""
     path: str | None = None
-    quantize: str | None = None
-    quantization: str | None = None
     stream: bool = True
-    from_: str | None = Field(None, alias="from")
-    files: dict[str, str] | None = None
-    adapters: dict[str, str] | None = None
-    template: str | None = None
-    license: str | list[str] | None = None
-    system: str | None = None
-    parameters: dict[str, Any] | None = None
-    messages: list[ChatMessage] | None = None
 
 
 class PullRequest(_NamedModel):

@@ -8,7 +8,6 @@ listener) are added beside the TCP one.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import ipaddress
 import logging
@@ -82,6 +81,3 @@ async def serve_app(app: Any, listener: Listener, shutdown: Callable[[], Awaitab
     """Serve ``app`` on ``listener`` until ``shutdown`` returns."""
     await serve(app, hypercorn_config(listener), shutdown_trigger=shutdown, mode="asgi")
 
-
-async def wait_forever() -> None:
-    await asyncio.Event().wait()

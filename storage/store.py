@@ -48,7 +48,7 @@ from .manifests import (
 )
 from .modelfile import format_modelfile, format_parameters
 from .models import ModelDetails, ModelEntry, ResolvedModel
-from .names import ModelName, blob_filename
+from .names import ModelName
 
 __all__ = ["ModelStore"]
 
@@ -397,17 +397,6 @@ class ModelStore:
     def recover(self) -> list[str]:
         """Remove what a crash can leave behind; returns what was done. Safe while others write."""
         return health.recover(self)
-
-    def blob_path(self, digest: BlobDigest) -> Path:
-        """Path of a blob (any root); for handlers serving ``/api/blobs`` or chunk ranges."""
-        return self.blobs.path(digest)
-
-    def manifest_file(self, name: ModelName | str) -> Path:
-        return self._find(name)[1]
-
-    @staticmethod
-    def blob_file_name(digest: BlobDigest) -> str:
-        return blob_filename(digest)
 
 
 def _prune_empty_dirs(folder: Path, stop: Path) -> None:

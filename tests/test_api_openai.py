@@ -75,6 +75,8 @@ def test_embeddings(client: openai.OpenAI) -> None:
     decoded = struct.unpack(f"<{len(raw) // 4}f", raw)
     assert decoded == pytest.approx(r.data[0].embedding, rel=1e-5)
     assert r.usage.prompt_tokens > 0
+    short = client.embeddings.create(model="tiny", input="hello world", dimensions=16).data[0].embedding
+    assert len(short) == 16 and math.isclose(math.sqrt(sum(x * x for x in short)), 1.0, rel_tol=1e-4)
 
 
 def test_json_mode_returns_json(client: openai.OpenAI) -> None:

@@ -14,7 +14,7 @@ from omx.functions.registry import FunctionRegistry
 from omx.functions.schemas import EmbeddingsRequest, EmbedRequest
 from omx.protocols import EmbedResult
 
-__all__ = ["embed_texts", "register"]
+__all__ = ["embed_texts", "register", "truncate_dimensions"]
 
 
 async def embed_texts(call: Call, target: Target, texts: Sequence[str], *, normalize: bool,
@@ -43,7 +43,7 @@ async def embed(body: EmbedRequest, call: Call) -> dict[str, Any]:
     result, load = await embed_texts(call, target, texts, normalize=True, truncate=body.truncate)
     vectors = [list(v) for v in result.embeddings]
     if body.dimensions is not None:
-        vectors = [_truncate_dims(v, body.dimensions) for v in vectors]
+        vectors = [truncate_dimensions(v, body.dimensions) for v in vectors]
     return {
         "model": body.model,
         "embeddings": vectors,
@@ -53,7 +53,7 @@ async def embed(body: EmbedRequest, call: Call) -> dict[str, Any]:
     }
 
 
-def _truncate_dims(vector: list[float], dims: int) -> list[float]:
+def truncate_dimensions(vector: list[float], dims: int) -> list[float]:
     """Matryoshka-style truncation, renormalized as Ollama does."""
     if dims >= len(vector):
         return vector

@@ -13,7 +13,6 @@ from omx.functions.call import Call
 from omx.functions.registry import FunctionRegistry, Reply
 from omx.functions.schemas import CopyRequest, CreateRequest, DeleteRequest, ShowRequest
 from omx.storage import ModelDetails, parse_digest
-from omx.storage.create import CreateRequest as StoreCreateRequest
 
 __all__ = ["register"]
 
@@ -67,8 +66,7 @@ async def create(body: CreateRequest, call: Call) -> Any:
         raise InvalidRequest("model is required")
     if body.path and not body.modelfile:
         raise InvalidRequest("'path' is not supported: send the Modelfile text in 'modelfile', or use 'files'")
-    request = StoreCreateRequest.model_validate(body.model_dump(by_alias=True, exclude_none=True))
-    statuses = call.services.store.create(body.model, request)
+    statuses = call.services.store.create(body.model, body)
 
     async def stream() -> AsyncIterator[dict[str, Any]]:
         async for status in statuses:

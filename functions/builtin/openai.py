@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from omx.errors import InvalidRequest, ModelNotFound
-from omx.functions.builtin.embed import embed_texts
+from omx.functions.builtin.embed import embed_texts, truncate_dimensions
 from omx.functions.builtin.prompts import chat_prompt, fit_chat_prompt, generate_prompt
 from omx.functions.builtin.toolcalls import parse_tool_calls
 from omx.functions.call import Call
@@ -270,10 +270,8 @@ async def embeddings(body: EmbeddingRequest, call: Call) -> dict[str, Any]:
     data = []
     for i, vec in enumerate(result.embeddings):
         values = list(vec)
-        if body.dimensions is not None and body.dimensions < len(values):
-            head = values[: body.dimensions]
-            norm = sum(x * x for x in head) ** 0.5 or 1.0
-            values = [x / norm for x in head]
+        if body.dimensions is not None:
+            values = truncate_dimensions(values, body.dimensions)
         emb: Any = values
         if body.encoding_format == "base64":
             emb = base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
