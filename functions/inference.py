@@ -24,6 +24,7 @@ from omx.functions.options import (
 )
 from omx.functions.registry import ACCEPTED, Accepted
 from omx.protocols import Completion, CompletionChunk, CompletionDone, ModelSpec, Runner, SamplingOptions
+from omx.storage import ResolvedModel
 
 __all__ = ["Prepare", "Target", "Timings", "created_at", "resolve_target", "run_completion"]
 
@@ -38,7 +39,7 @@ class Target:
     """A model resolved for one request."""
 
     name: str
-    model: Any
+    model: ResolvedModel
     """The store's resolved model (manifest, paths, template, params…)."""
     spec: ModelSpec
     options: Mapping[str, Any]
@@ -49,7 +50,7 @@ class Target:
 
     @property
     def capabilities(self) -> Sequence[str]:
-        return tuple(getattr(self.model, "capabilities", ()) or ())
+        return tuple(self.model.capabilities)
 
 
 async def resolve_target(
@@ -65,26 +66,26 @@ async def resolve_target(
     if not name:
         raise InvalidRequest("model is required")
     model = await services.store.resolve(name)
-    merged = merge_options(getattr(model, "params", None), options)
-    caps = tuple(getattr(model, "capabilities", ()) or ())
+    merged = merge_options(model.params, options)
+    caps = tuple(model.capabilities)
     if need is not None and caps and need not in caps:
         raise UnsupportedCapability(f'"{name}" does not support {need if need != "completion" else "generate"}')
     if images and "vision" not in caps:
         raise UnsupportedCapability(f"model '{name}' does not support image input")
     defaults = services.defaults
     spec = ModelSpec(
-        name=model.name.display if hasattr(model.name, "display") else str(model.name),
+        name=model.name.display,
         model_path=model.model_path,
         digest=model.model_digest,
-        adapter_paths=tuple(getattr(model, "adapter_paths", ()) or ()),
-        projector_paths=tuple(getattr(model, "projector_paths", ()) or ()),
+        adapter_paths=model.adapter_paths,
+        projector_paths=model.projector_paths,
         num_ctx=int(merged.get("num_ctx", defaults.num_ctx)),
         num_batch=int(merged.get("num_batch", defaults.num_batch)),
         num_thread=merged.get("num_thread", defaults.num_thread),
         num_gpu=int(merged.get("num_gpu", 0)),
         num_parallel=defaults.num_parallel,
         use_mmap=bool(merged.get("use_mmap", True)),
-        size=int(getattr(model, "size", 0) or 0),
+        size=model.size,
     )
     sampling = {k: v for k, v in merged.items() if k not in LOAD_OPTIONS}
     if spec.num_ctx < 1:

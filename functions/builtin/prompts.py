@@ -8,7 +8,7 @@ as it is.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from omx.errors import InvalidRequest
@@ -23,16 +23,14 @@ from omx.functions.prompt import (
 )
 from omx.functions.schemas import ChatMessage
 from omx.protocols import Runner
+from omx.storage import ResolvedModel
 
 __all__ = ["chat_prompt", "fit_chat_prompt", "generate_prompt"]
 
 
-def _gguf(model: Any) -> Any:
-    return getattr(model, "gguf", None)
 
-
-def _to_message(m: ChatMessage | dict[str, Any]) -> Message:
-    if isinstance(m, dict):
+def _to_message(m: ChatMessage | Mapping[str, Any]) -> Message:
+    if not isinstance(m, ChatMessage):
         m = ChatMessage.model_validate(m)
     calls = tuple(
         ToolCall(name=c.function.name, arguments=c.function.arguments) for c in (m.tool_calls or ())
@@ -41,21 +39,21 @@ def _to_message(m: ChatMessage | dict[str, Any]) -> Message:
                    tool_name=m.tool_name or "", thinking=m.thinking or "")
 
 
-def _model_messages(model: Any) -> list[Message]:
-    return [_to_message(m) for m in (getattr(model, "messages", None) or ())]
+def _model_messages(model: ResolvedModel) -> list[Message]:
+    return [_to_message(m) for m in (model.messages)]
 
 
-def generate_prompt(model: Any, *, prompt: str, system: str | None, suffix: str | None,
+def generate_prompt(model: ResolvedModel, *, prompt: str, system: str | None, suffix: str | None,
                     template: str | None) -> str:
     """The prompt ``/api/generate`` sends to the model."""
-    tmpl = template if template is not None else getattr(model, "template", None)
-    model_system = getattr(model, "system", None)
+    tmpl = template if template is not None else model.template
+    model_system = model.system
     sys_text = system if system is not None else model_system
     try:
         if tmpl:
             return render_generate(tmpl, prompt=prompt, system=system, suffix=suffix,
                                    model_system=model_system, model_messages=_model_messages(model))
-        chat_template = getattr(_gguf(model), "chat_template", None)
+        chat_template = (model.gguf.chat_template if model.gguf else None)
         if chat_template:
             msgs = _model_messages(model)
             if sys_text:
@@ -67,32 +65,34 @@ def generate_prompt(model: Any, *, prompt: str, system: str | None, suffix: str 
     return prompt
 
 
-def _jinja(model: Any, chat_template: str, msgs: Sequence[Message], tools: Any) -> str:
-    info = _gguf(model)
+def _jinja(model: ResolvedModel, chat_template: str, msgs: Sequence[Message], tools: Any) -> str:
+    info = model.gguf
     return render_jinja_chat(chat_template, msgs, tools=tools,
-                             bos_token=getattr(info, "bos_token", "") or "",
-                             eos_token=getattr(info, "eos_token", "") or "")
+                             bos_token=(info.bos_token if info else "") or "",
+                             eos_token=(info.eos_token if info else "") or "")
 
 
-def chat_prompt(model: Any, messages: Sequence[ChatMessage], *, tools: Sequence[dict[str, Any]] | None) -> str:
+def chat_prompt(model: ResolvedModel, messages: Sequence[ChatMessage], *,
+                tools: Sequence[dict[str, Any]] | None) -> str:
     """The prompt ``/api/chat`` sends to the model for ``messages``."""
     msgs = _model_messages(model) + [_to_message(m) for m in messages]
-    tmpl = getattr(model, "template", None)
+    tmpl = model.template
     try:
         if tmpl:
-            return render_chat(tmpl, msgs, tools=tools, system_default=getattr(model, "system", None))
-        chat_template = getattr(_gguf(model), "chat_template", None)
+            return render_chat(tmpl, msgs, tools=tools, system_default=model.system)
+        chat_template = (model.gguf.chat_template if model.gguf else None)
         if chat_template:
-            system = getattr(model, "system", None)
+            system = model.system
             if system and not any(m.role == "system" for m in msgs):
                 msgs.insert(0, Message(role="system", content=system))
             return _jinja(model, chat_template, msgs, tools)
     except TemplateError as exc:
         raise InvalidRequest(f"template error: {exc}") from exc
-    return render_chat("{{ .Prompt }}", msgs, tools=tools, system_default=getattr(model, "system", None))
+    return render_chat("{{ .Prompt }}", msgs, tools=tools, system_default=model.system)
 
 
-async def fit_chat_prompt(model: Any, messages: Sequence[ChatMessage], *, tools: Sequence[dict[str, Any]] | None,
+async def fit_chat_prompt(model: ResolvedModel, messages: Sequence[ChatMessage], *,
+                          tools: Sequence[dict[str, Any]] | None,
                           num_ctx: int, runner: Runner) -> str:
     """The chat prompt, with the oldest messages dropped until it fits ``num_ctx`` tokens.
 
@@ -101,7 +101,7 @@ async def fit_chat_prompt(model: Any, messages: Sequence[ChatMessage], *, tools:
     never shorter than one byte), which keeps the common path free of work.
     """
     prompt = chat_prompt(model, messages, tools=tools)
-    tmpl = getattr(model, "template", None)
+    tmpl = model.template
     if len(prompt.encode()) + 2 <= num_ctx or not tmpl:
         return prompt
     if len(await runner.tokenize(prompt)) <= num_ctx:
@@ -114,7 +114,7 @@ async def fit_chat_prompt(model: Any, messages: Sequence[ChatMessage], *, tools:
     msgs = [_to_message(m) for m in messages]
     try:
         fitted = await asyncio.to_thread(
-            build_chat_prompt, tmpl, msgs, tools=tools, system_default=getattr(model, "system", None),
+            build_chat_prompt, tmpl, msgs, tools=tools, system_default=model.system,
             model_messages=_model_messages(model), num_ctx=num_ctx, count_tokens=count)
     except TemplateError as exc:
         raise InvalidRequest(f"template error: {exc}") from exc
