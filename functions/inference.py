@@ -4,8 +4,6 @@ scheduler lease."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -139,32 +137,18 @@ async def run_completion(
         if not isinstance(completion, Completion):
             completion = await completion(runner)
         stream = runner.complete(completion)
-        pending: asyncio.Task[CompletionChunk | CompletionDone] | None = None
         try:
             if announce and _surely_fits(completion, target.spec.num_ctx):
-                # Start the runner on the request first, then let the headers go out.
-                pending = asyncio.ensure_future(anext(stream))
+                # The runner has the request: let the headers travel while it computes.
                 yield ACCEPTED
-                first = await pending
-                if isinstance(first, CompletionChunk):
-                    if first.text:
-                        yield first.text
-                else:
-                    timings.done = first
             async for item in stream:
                 if isinstance(item, CompletionChunk):
                     if item.text:
                         yield item.text
                 else:
                     timings.done = item
-        except StopAsyncIteration:
-            pass  # the stream ended on its first item
         finally:
-            if pending is not None and not pending.done():
-                pending.cancel()
-                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                    await pending
-            await stream.aclose()  # type: ignore[attr-defined]
+            await stream.aclose()
     sink = services.extras.get(USAGE_KEY)
     if sink is not None and timings.done is not None:
         sink.model_request(target.spec.name, prompt_tokens=timings.done.prompt_eval_count,

@@ -8,7 +8,7 @@ types that cross these boundaries are frozen dataclasses.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +21,7 @@ __all__ = [
     "Completion",
     "CompletionChunk",
     "CompletionDone",
+    "CompletionStream",
     "EmbedResult",
     "Engine",
     "LoadedModel",
@@ -126,16 +127,32 @@ class EmbedResult:
 
 
 @runtime_checkable
+class CompletionStream(Protocol):
+    """Text chunks of one generation, then one :class:`CompletionDone`.
+
+    ``aclose`` before the end (client gone) stops the generation in the runner.
+    """
+
+    def __aiter__(self) -> AsyncIterator[CompletionChunk | CompletionDone]:
+        ...
+
+    def __anext__(self) -> Awaitable[CompletionChunk | CompletionDone]:
+        ...
+
+    async def aclose(self) -> None:
+        ...
+
+
 class Runner(Protocol):
     """A loaded model living in its own process."""
 
     spec: ModelSpec
 
-    def complete(self, request: Completion) -> AsyncIterator[CompletionChunk | CompletionDone]:
-        """Stream text chunks and finally one :class:`CompletionDone`.
+    def complete(self, request: Completion) -> CompletionStream:
+        """Start a generation and return its stream.
 
-        Closing the iterator early (client gone) stops generation in the runner.
-        Raises :class:`omx.errors.RunnerCrashed` if the process dies.
+        Raises :class:`omx.errors.RunnerCrashed` (now or from the stream) if the
+        process dies.
         """
         ...
 

@@ -207,9 +207,17 @@ class ModelScheduler:
                 entry = await self._entry_for(spec, deadline)
                 entry.waiting += 1
                 try:
-                    assert entry.load is not None
-                    await self._until(asyncio.shield(entry.load), deadline)
-                    await self._until(entry.slots.acquire(), deadline)
+                    load = entry.load
+                    assert load is not None
+                    # The common case (model loaded, slot free) takes neither a task nor a loop turn.
+                    if load.done():
+                        load.result()
+                    else:
+                        await self._until(asyncio.shield(load), deadline)
+                    if entry.slots.locked():
+                        await self._until(entry.slots.acquire(), deadline)
+                    else:
+                        await entry.slots.acquire()
                 finally:
                     entry.waiting -= 1
                     if entry.active == 0 and not entry.closed:

@@ -68,7 +68,9 @@ class ModelStore:
         self._gguf_cache: dict[BlobDigest, GGUFInfo | None] = {}
         # Resolved models by manifest path, valid while the manifest file is unchanged
         # (a manifest is only ever replaced by rename, which changes its inode).
-        self._resolved: dict[Path, tuple[tuple[int, int, int], tuple[Path, ...], ResolvedModel]] = {}
+        self._resolved: dict[str, tuple[tuple[int, int, int], tuple[str, ...], ResolvedModel]] = {}
+        self._manifest_paths: dict[str, tuple[str, ...]] = {}
+        """Request model name -> its manifest path in each root (names are parsed once)."""
         self._cache_lock = threading.Lock()
         self.recover()
 
@@ -165,18 +167,28 @@ class ModelStore:
         return info
 
     @staticmethod
-    def _signature(path: Path) -> tuple[int, int, int] | None:
+    def _signature(path: Path | str) -> tuple[int, int, int] | None:
         try:
-            st = path.stat()
+            st = os.stat(path)
         except OSError:
             return None
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
+    def _paths_for(self, name: ModelName | str) -> tuple[str, ...]:
+        if not isinstance(name, str):
+            return tuple(str(name.manifest_path(root)) for root in self._roots())
+        paths = self._manifest_paths.get(name)
+        if paths is None:
+            parsed = ModelName.parse(name)
+            paths = tuple(str(parsed.manifest_path(root)) for root in self._roots())
+            if len(self._manifest_paths) >= 4096:
+                self._manifest_paths.clear()
+            self._manifest_paths[name] = paths
+        return paths
+
     def _cached(self, name: ModelName | str) -> ResolvedModel | None:
         """The resolved model for ``name`` if its manifest is unchanged since it was read (a stat per root)."""
-        n = ModelName.parse(name) if isinstance(name, str) else name
-        for root in self._roots():
-            path = n.manifest_path(root)
+        for path in self._paths_for(name):
             with self._cache_lock:
                 entry = self._resolved.get(path)
             if entry is not None:
@@ -191,9 +203,9 @@ class ModelStore:
         signature = self._signature(path)
         resolved = self._resolve_at(stored, path)
         if signature is not None and self._signature(path) == signature:
-            blob_paths = tuple(self.blobs.path(d) for d in resolved.manifest.blobs)
+            blob_paths = tuple(str(self.blobs.path(d)) for d in resolved.manifest.blobs)
             with self._cache_lock:
-                self._resolved[path] = (signature, blob_paths, resolved)
+                self._resolved[str(path)] = (signature, blob_paths, resolved)
         return resolved
 
     def _resolve_at(self, stored: ModelName, path: Path) -> ResolvedModel:

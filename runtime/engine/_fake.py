@@ -9,7 +9,7 @@ handlers are testable without llama.cpp.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 from omx.errors import EngineError, RunnerCrashed
 from omx.protocols import Completion, CompletionChunk, CompletionDone, EmbedResult, ModelSpec
@@ -37,7 +37,7 @@ class FakeRunner:
         """Pretend the process died."""
         self._alive = False
 
-    async def complete(self, request: Completion) -> AsyncIterator[CompletionChunk | CompletionDone]:
+    async def complete(self, request: Completion) -> AsyncGenerator[CompletionChunk | CompletionDone, None]:
         if not self.alive:
             raise RunnerCrashed(f"runner for model '{self.spec.name}' exited unexpectedly")
         self.active += 1

@@ -15,12 +15,12 @@ import itertools
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import asdict
+from collections.abc import Sequence
+from dataclasses import fields
 from typing import Any
 
 from omx.errors import EngineError, InvalidRequest, OmxError, RunnerCrashed, UnsupportedCapability
-from omx.protocols import Completion, CompletionChunk, CompletionDone, EmbedResult, ModelSpec
+from omx.protocols import Completion, CompletionChunk, CompletionDone, EmbedResult, ModelSpec, SamplingOptions
 from omx.runtime.engine import _wire
 
 __all__ = ["ProcessRunner"]
@@ -50,6 +50,75 @@ class _Stream:
         self.event.set()
 
 
+_OPTION_FIELDS = tuple(f.name for f in fields(SamplingOptions))
+
+
+def _options(options: SamplingOptions) -> dict[str, Any]:
+    return {name: getattr(options, name) for name in _OPTION_FIELDS}
+
+
+class _Generation:
+    """The node's end of one generation: an async iterator of chunks, then a done."""
+
+    __slots__ = ("_finished", "_rid", "_runner", "_stream")
+
+    def __init__(self, runner: ProcessRunner, rid: int, stream: _Stream) -> None:
+        self._runner = runner
+        self._rid = rid
+        self._stream = stream
+        self._finished = False
+
+    def __aiter__(self) -> _Generation:
+        return self
+
+    async def __anext__(self) -> CompletionChunk | CompletionDone:
+        if self._finished:
+            raise StopAsyncIteration
+        stream = self._stream
+        items = stream.items
+        try:
+            while not items:
+                stream.event.clear()
+                # asyncio.timeout, unlike wait_for on 3.11, adds no task per wait on the token path.
+                async with asyncio.timeout(self._runner.token_timeout):
+                    await stream.event.wait()
+        except TimeoutError:
+            await self.aclose()
+            runner = self._runner
+            raise EngineError(f"model '{runner.spec.name}' produced nothing for {runner.token_timeout:.0f} s") from None
+        item = items.popleft()
+        if type(item) is str:
+            # Pieces that arrived together go out as one chunk.
+            if items and type(items[0]) is str:
+                parts = [item]
+                while items and type(items[0]) is str:
+                    parts.append(items.popleft())
+                item = "".join(parts)
+            return CompletionChunk(item)
+        self._end()
+        if type(item) is dict:
+            return CompletionDone(
+                done_reason=item["done_reason"],
+                prompt_eval_count=item["prompt_eval_count"],
+                prompt_eval_duration=item["prompt_eval_duration"],
+                eval_count=item["eval_count"],
+                eval_duration=item["eval_duration"],
+                context=tuple(item.get("context", ())),
+            )
+        raise item
+
+    def _end(self) -> None:
+        self._finished = True
+        self._runner._streams.pop(self._rid, None)
+
+    async def aclose(self) -> None:
+        """Stop listening; a generation still running in the runner is cancelled."""
+        if self._finished:
+            return
+        self._end()
+        self._runner._cancel(self._rid)
+
+
 class ProcessRunner:
     """A loaded model in its own process, implementing :class:`omx.protocols.Runner`.
 
@@ -66,7 +135,7 @@ class ProcessRunner:
         self._decoder = reader
         self._stderr_tail = stderr_tail
         self._stderr_task = stderr_task
-        self._token_timeout = token_timeout
+        self.token_timeout = token_timeout
         self._ids = itertools.count(1)
         self._streams: dict[int, _Stream] = {}
         self._calls: dict[int, asyncio.Future[Any]] = {}
@@ -120,60 +189,29 @@ class ProcessRunner:
     def pid(self) -> int:
         return self._proc.pid
 
-    async def complete(self, request: Completion) -> AsyncIterator[CompletionChunk | CompletionDone]:
-        """Stream a generation; closing the iterator early cancels it in the runner."""
+    def complete(self, request: Completion) -> _Generation:
+        """Send the request now and return its stream of chunks, then one done.
+
+        The frame is on its way to the runner when this returns, so a caller can
+        do other work (send response headers) while the first token is computed.
+        Closing the stream early (``aclose``) cancels the generation in the runner.
+        """
+        self._check()
         rid = next(self._ids)
         stream = _Stream()
         self._streams[rid] = stream
-        finished = False
         try:
-            await self._send(["complete", rid, {
+            self._write(["complete", rid, {
                 "prompt": request.prompt,
-                "options": asdict(request.options),
-                "context": list(request.context),
+                "options": _options(request.options),
+                "context": request.context,
                 "add_bos": request.add_bos,
                 "return_context": request.return_context,
             }])
-            items = stream.items
-            while True:
-                if not items:
-                    stream.event.clear()
-                    # asyncio.timeout, unlike wait_for on 3.11, adds no task per wait on the token path.
-                    async with asyncio.timeout(self._token_timeout):
-                        await stream.event.wait()
-                    continue
-                item = items.popleft()
-                if type(item) is str:
-                    # Pieces that arrived together go out as one chunk.
-                    if items and type(items[0]) is str:
-                        parts = [item]
-                        while items and type(items[0]) is str:
-                            parts.append(items.popleft())
-                        item = "".join(parts)
-                    yield CompletionChunk(item)
-                elif type(item) is dict:
-                    finished = True
-                    yield CompletionDone(
-                        done_reason=item["done_reason"],
-                        prompt_eval_count=item["prompt_eval_count"],
-                        prompt_eval_duration=item["prompt_eval_duration"],
-                        eval_count=item["eval_count"],
-                        eval_duration=item["eval_duration"],
-                        context=tuple(item.get("context", ())),
-                    )
-                    return
-                else:
-                    finished = True
-                    raise item
-        except TimeoutError:
-            raise EngineError(f"model '{self.spec.name}' produced nothing for {self._token_timeout:.0f} s") from None
-        finally:
-            self._streams.pop(rid, None)
-            if not finished and self.alive:
-                try:
-                    self._write(["cancel", rid])
-                except (OmxError, ConnectionError, BrokenPipeError):
-                    pass  # the runner is gone; nothing left to cancel
+        except BaseException:
+            del self._streams[rid]
+            raise
+        return _Generation(self, rid, stream)
 
     async def embed(self, inputs: Sequence[str], *, normalize: bool, truncate: bool = True) -> EmbedResult:
         vectors, count = await self._call("embed", list(inputs), normalize, truncate)
@@ -209,6 +247,13 @@ class ProcessRunner:
         if self._closing:
             raise EngineError(f"runner for model '{self.spec.name}' is closed")
 
+    def _cancel(self, rid: int) -> None:
+        if self.alive:
+            try:
+                self._write(["cancel", rid])
+            except (OmxError, ConnectionError, BrokenPipeError):
+                pass  # the runner is gone; nothing left to cancel
+
     def _write(self, frame: list[Any]) -> None:
         stdin = self._proc.stdin
         assert stdin is not None
@@ -220,7 +265,7 @@ class ProcessRunner:
         self._check()
         self._write(frame)
         try:
-            async with asyncio.timeout(self._token_timeout):
+            async with asyncio.timeout(self.token_timeout):
                 await self._proc.stdin.drain()  # type: ignore[union-attr]
         except (ConnectionError, BrokenPipeError):
             await _settle(self._reader_task)
@@ -232,7 +277,7 @@ class ProcessRunner:
         self._calls[rid] = future
         try:
             await self._send([op, rid, *args])
-            return await asyncio.wait_for(future, self._token_timeout)
+            return await asyncio.wait_for(future, self.token_timeout)
         except TimeoutError:
             raise EngineError(f"model '{self.spec.name}' did not answer {op} in time") from None
         finally:
