@@ -1,15 +1,23 @@
 """Inference overhead of omx against bare llama-cpp-python, measured in one run.
 
-Both sides run the same GGUF (Gemma 3 270M by default) with the same thread
-count, batch size, context, seed, prompt and token budget, warm, alternating
-round by round. The omx side is a real node in its own process, measured by
+Both sides run the same GGUF file (Gemma 3 270M by default; the bare side maps
+the very copy the node serves from its store) with the same thread count,
+batch size, context, seed, prompt and token budget, warm, alternating round by
+round. The omx side is a real node in its own process, measured by
 this script as an HTTP client streaming NDJSON; the bare side is
 llama-cpp-python's streaming ``create_completion`` in a worker process of its
 own. Reported: median tokens/s (first to last token) and median time to first
 token, and the ratios omx/bare. The HTTP client is the standard library's, on
 a kept-alive connection, so that what is measured is omx rather than a client.
 
-    python bench/inference.py [--model PATH] [--rounds 25] [--tokens 64] [--threads N] [--settle S]
+Two processes running the same model on the same machine can differ by a
+millisecond or two in time to first token for as long as they live (where
+their memory landed, which cores their threads share). So the rounds are split
+into epochs: each epoch starts a fresh bare worker and has the node load a
+fresh runner, and warms both up before measuring, so that neither side keeps
+a lucky or unlucky process for the whole run.
+
+    python bench/inference.py [--model PATH] [--rounds 25] [--epochs 5] [--tokens 64] [--threads N] [--settle S]
 """
 
 from __future__ import annotations
@@ -46,9 +54,12 @@ def _bare_worker(conn: Any, model: str, threads: int, batch: int, ctx: int) -> N
         start = time.perf_counter()
         first = last = 0.0
         pieces = 0
-        for _chunk in llm.create_completion(PROMPT, max_tokens=job["tokens"], temperature=0.0, seed=1,
-                                            stream=True):
+        for chunk in llm.create_completion(PROMPT, max_tokens=job["tokens"], temperature=0.0, seed=1,
+                                           stream=True):
             now = time.perf_counter()
+            choice = chunk["choices"][0]
+            if choice["finish_reason"] is not None and not choice["text"]:
+                continue  # the closing chunk carries no token: like omx's done line, it is not counted
             first = first or now
             last = now
             pieces += 1
@@ -72,7 +83,7 @@ def _start_node(home: Path) -> tuple[subprocess.Popen[bytes], str]:
     raise SystemExit("the node did not start")
 
 
-def _create(url: str, model: Path) -> None:
+def _create(url: str, model: Path) -> Path:
     data = model.read_bytes()
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     with httpx.Client(base_url=url, timeout=300) as c:
@@ -80,6 +91,9 @@ def _create(url: str, model: Path) -> None:
             c.post(f"/api/blobs/{digest}", content=data).raise_for_status()
         body = {"model": "bench", "files": {model.name: digest}, "stream": False}
         c.post("/api/create", json=body).raise_for_status()
+        modelfile = c.post("/api/show", json={"model": "bench"}).raise_for_status().json()["modelfile"]
+    # The store's own copy, as in the FROM line of the model's Modelfile: both sides map the same file.
+    return Path(next(line[5:] for line in modelfile.splitlines() if line.startswith("FROM /")))
 
 
 def _omx_once(conn: http.client.HTTPConnection, tokens: int, threads: int, batch: int,
@@ -110,6 +124,16 @@ def _omx_once(conn: http.client.HTTPConnection, tokens: int, threads: int, batch
     return {"ttft": first - start, "span": last - first, "pieces": pieces, "prompt_eval": prompt_eval}
 
 
+def _unload(conn: http.client.HTTPConnection) -> None:
+    """Have the node stop the model's runner (Ollama's empty prompt with ``keep_alive: 0``)."""
+    conn.request("POST", "/api/generate", body=json.dumps({"model": "bench", "keep_alive": 0}).encode(),
+                 headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    response.read()
+    if response.status != 200:
+        raise SystemExit(f"unloading the model failed: HTTP {response.status}")
+
+
 def _rate(run: dict[str, float]) -> float:
     return (run["pieces"] - 1) / run["span"] if run["span"] > 0 else 0.0
 
@@ -118,6 +142,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path)
     ap.add_argument("--rounds", type=int, default=25)
+    ap.add_argument("--epochs", type=int, default=5, help="fresh processes on both sides this many times")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--batch", type=int, default=512)
@@ -131,28 +156,40 @@ def main() -> None:
         model = assemble()
     home = Path(tempfile.mkdtemp(prefix="omx-bench-"))
     proc, url = _start_node(home)
-    parent, child = mp.Pipe()
-    worker = mp.get_context("spawn").Process(target=_bare_worker,
-                                             args=(child, str(model), args.threads, args.batch, args.ctx))
-    worker.start()
+    spawn = mp.get_context("spawn")
+    worker: Any = None
+    parent: Any = None
     try:
-        _create(url, model)
+        served = _create(url, model)
         bare: list[dict[str, float]] = []
         omx: list[dict[str, float]] = []
         parsed = urllib.parse.urlsplit(url)
         client = http.client.HTTPConnection(parsed.hostname or "127.0.0.1", parsed.port, timeout=600)
+        epochs = max(1, min(args.epochs, args.rounds))
         try:
-            for round_no in range(args.rounds + 1):  # round 0 warms both sides up
-                # A pause before each side lets the other side's compute threads go idle,
-                # so neither measurement runs against the other's leftover spinning.
-                time.sleep(args.settle)
-                parent.send({"tokens": args.tokens})
-                b = parent.recv()
-                time.sleep(args.settle)
-                o = _omx_once(client, args.tokens, args.threads, args.batch, args.ctx)
-                if round_no:
-                    bare.append(b)
-                    omx.append(o)
+            for epoch in range(epochs):
+                # Fresh processes on both sides: a new bare worker, and the node's runner unloaded
+                # so that the next request loads a new one.
+                if worker is not None:
+                    parent.send(None)
+                    worker.join(30)
+                    _unload(client)
+                parent, child = mp.Pipe()
+                worker = spawn.Process(target=_bare_worker,
+                                       args=(child, str(served), args.threads, args.batch, args.ctx))
+                worker.start()
+                rounds = args.rounds // epochs + (epoch < args.rounds % epochs)
+                for round_no in range(rounds + 1):  # round 0 of each epoch warms both sides up
+                    # A pause before each side lets the other side's compute threads go idle,
+                    # so neither measurement runs against the other's leftover spinning.
+                    time.sleep(args.settle)
+                    parent.send({"tokens": args.tokens})
+                    b = parent.recv()
+                    time.sleep(args.settle)
+                    o = _omx_once(client, args.tokens, args.threads, args.batch, args.ctx)
+                    if round_no:
+                        bare.append(b)
+                        omx.append(o)
         finally:
             client.close()
         b_rate = statistics.median(_rate(r) for r in bare)
@@ -160,7 +197,7 @@ def main() -> None:
         b_ttft = statistics.median(r["ttft"] for r in bare) * 1000
         o_ttft = statistics.median(r["ttft"] for r in omx) * 1000
         print(f"model: {model.name}  tokens: {args.tokens}  threads: {args.threads}  batch: {args.batch}  "
-              f"rounds: {args.rounds} (alternating, warm)")
+              f"rounds: {len(bare)} in {epochs} epochs (alternating, warm)")
         print(f"{'':24}{'bare llama-cpp':>16}{'omx':>12}{'ratio / delta':>16}")
         print(f"{'throughput (tokens/s)':24}{b_rate:16.2f}{o_rate:12.2f}{o_rate / b_rate:15.3f}x")
         print(f"{'time to first token (ms)':24}{b_ttft:16.1f}{o_ttft:12.1f}{o_ttft - b_ttft:+15.1f}ms")
@@ -168,8 +205,9 @@ def main() -> None:
         inner = statistics.median(r["prompt_eval"] for r in omx) * 1000
         print(f"omx runner's own time to first token: {inner:.1f} ms (the rest of omx's is HTTP, routing and IPC)")
     finally:
-        parent.send(None)
-        worker.join(30)
+        if worker is not None:
+            parent.send(None)
+            worker.join(30)
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
 
