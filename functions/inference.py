@@ -27,9 +27,21 @@ from omx.storage import ResolvedModel
 __all__ = ["Prepare", "Target", "Timings", "created_at", "resolve_target", "run_completion"]
 
 
+_second: list[Any] = [None, ""]
+"""The last whole second formatted by :func:`created_at`, and its text."""
+
+
 def created_at() -> str:
-    """Ollama's ``created_at``: RFC 3339 UTC with sub-second precision."""
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    """Ollama's ``created_at``: RFC 3339 UTC with sub-second precision.
+
+    Every streamed chunk carries one, so the date part is formatted once a second.
+    """
+    now = time.time_ns()
+    second, micros = divmod(now // 1000, 1_000_000)
+    if second != _second[0]:
+        _second[1] = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _second[0] = second
+    return f"{_second[1]}.{micros:06d}Z"
 
 
 @dataclass(frozen=True)

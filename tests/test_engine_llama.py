@@ -222,6 +222,31 @@ async def test_cancel_stops_generation_in_the_runner(models: dict[str, Path]) ->
         await runner.close()
 
 
+async def test_a_runner_that_goes_silent_fails_the_request_and_recovers(models: dict[str, Path]) -> None:
+    runner = await LlamaCppEngine(token_timeout=1.0).start(spec_for(models["long"], num_ctx=8192))
+    try:
+        received = 0
+        with pytest.raises(EngineError, match="produced nothing for 1 s"):
+            async for item in runner.complete(Completion("hello", SamplingOptions(temperature=0.0,
+                                                                                  num_predict=-1))):
+                assert isinstance(item, CompletionChunk)
+                received += 1
+                if received == 2:
+                    os.kill(runner.pid, signal.SIGSTOP)  # frozen: alive, but sends nothing
+        assert received >= 2  # what was already on its way still arrives
+        os.kill(runner.pid, signal.SIGCONT)
+        deadline = asyncio.get_running_loop().time() + 20
+        while runner.cancelled_generations == 0:  # the timed-out generation was cancelled in the runner
+            assert asyncio.get_running_loop().time() < deadline, "the runner never stopped the generation"
+            await asyncio.sleep(0.05)
+        assert runner.alive
+        _, done = await collect(runner, Completion("hello", GREEDY))
+        assert done.eval_count == 24
+    finally:
+        os.kill(runner.pid, signal.SIGCONT)
+        await runner.close()
+
+
 async def test_kill_mid_generation_raises_runner_crashed(models: dict[str, Path]) -> None:
     engine = LlamaCppEngine()
     spec = spec_for(models["long"], num_ctx=8192)

@@ -15,6 +15,7 @@ import itertools
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
@@ -39,14 +40,18 @@ def _request_error(kind: str, message: str) -> Exception:
 class _Stream:
     """Items of one generation: text pieces, then a done dict or an exception."""
 
-    __slots__ = ("event", "items")
+    __slots__ = ("event", "items", "last", "watchdog")
 
     def __init__(self) -> None:
         self.items: collections.deque[Any] = collections.deque()
         self.event = asyncio.Event()
+        self.last = time.monotonic()
+        """When the runner last sent something for this generation (the loop's clock)."""
+        self.watchdog: asyncio.TimerHandle | None = None
 
     def push(self, item: Any) -> None:
         self.items.append(item)
+        self.last = time.monotonic()
         self.event.set()
 
 
@@ -76,16 +81,10 @@ class _Generation:
             raise StopAsyncIteration
         stream = self._stream
         items = stream.items
-        try:
-            while not items:
-                stream.event.clear()
-                # asyncio.timeout, unlike wait_for on 3.11, adds no task per wait on the token path.
-                async with asyncio.timeout(self._runner.token_timeout):
-                    await stream.event.wait()
-        except TimeoutError:
-            await self.aclose()
-            runner = self._runner
-            raise EngineError(f"model '{runner.spec.name}' produced nothing for {runner.token_timeout:.0f} s") from None
+        # No timer per wait on the token path: the runner's watchdog ends a silent generation.
+        while not items:
+            stream.event.clear()
+            await stream.event.wait()
         item = items.popleft()
         if type(item) is str:
             # Pieces that arrived together go out as one chunk.
@@ -110,6 +109,8 @@ class _Generation:
     def _end(self) -> None:
         self._finished = True
         self._runner._streams.pop(self._rid, None)
+        if self._stream.watchdog is not None:
+            self._stream.watchdog.cancel()
 
     async def aclose(self) -> None:
         """Stop listening; a generation still running in the runner is cancelled."""
@@ -211,7 +212,22 @@ class ProcessRunner:
         except BaseException:
             del self._streams[rid]
             raise
+        stream.watchdog = asyncio.get_running_loop().call_later(self.token_timeout, self._watch, rid)
         return _Generation(self, rid, stream)
+
+    def _watch(self, rid: int) -> None:
+        """End generation ``rid`` if the runner has sent nothing for ``token_timeout`` seconds."""
+        stream = self._streams.get(rid)
+        if stream is None or (stream.items and type(stream.items[-1]) is not str):
+            return  # finished, or its end is already waiting to be read
+        quiet = time.monotonic() - stream.last
+        if quiet < self.token_timeout:
+            stream.watchdog = asyncio.get_running_loop().call_later(self.token_timeout - quiet, self._watch, rid)
+            return
+        stream.watchdog = None
+        self._streams.pop(rid, None)
+        self._cancel(rid)
+        stream.push(EngineError(f"model '{self.spec.name}' produced nothing for {self.token_timeout:g} s"))
 
     async def embed(self, inputs: Sequence[str], *, normalize: bool, truncate: bool = True) -> EmbedResult:
         vectors, count = await self._call("embed", list(inputs), normalize, truncate)
