@@ -1,8 +1,8 @@
 """The node side of a runner subprocess: :class:`ProcessRunner`.
 
-One reader task decodes frames from the runner's stdout and routes them by
+The stdout pipe's callback decodes frames from the runner and routes them by
 request id to a per-request :class:`_Stream` (generations) or future (one-shot
-requests); another keeps the tail of the runner's stderr for error messages.
+requests); a task keeps the tail of the runner's stderr for error messages.
 When stdout ends, every pending request fails with
 :class:`omx.errors.RunnerCrashed`. Nothing here blocks the event loop.
 """
@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -120,6 +120,28 @@ class _Generation:
         self._runner._cancel(self._rid)
 
 
+class _RunnerPipes(asyncio.subprocess.SubprocessStreamProtocol):
+    """The runner's pipes; once ``on_stdout`` is set, stdout bytes go straight to it.
+
+    Decoding frames in the transport's own callback, rather than in a task
+    reading a stream, saves a task switch for every token.
+    """
+
+    on_stdout: Callable[[bytes], None] | None = None
+    on_stdout_end: Callable[[], None] | None = None
+
+    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
+        if fd == 1 and self.on_stdout is not None:
+            self.on_stdout(data if isinstance(data, bytes) else data.encode())
+        else:
+            super().pipe_data_received(fd, data)
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        super().pipe_connection_lost(fd, exc)
+        if fd == 1 and self.on_stdout_end is not None:
+            self.on_stdout_end()
+
+
 class ProcessRunner:
     """A loaded model in its own process, implementing :class:`omx.protocols.Runner`.
 
@@ -127,9 +149,9 @@ class ProcessRunner:
     reported once loaded (context size, vocabulary size, chat template…).
     """
 
-    def __init__(self, spec: ModelSpec, proc: asyncio.subprocess.Process, info: dict[str, Any],
-                 reader: Any, stderr_tail: collections.deque[str], stderr_task: asyncio.Task[None],
-                 *, token_timeout: float) -> None:
+    def __init__(self, spec: ModelSpec, proc: asyncio.subprocess.Process, pipes: _RunnerPipes,
+                 info: dict[str, Any], reader: Any, stderr_tail: collections.deque[str],
+                 stderr_task: asyncio.Task[None], *, token_timeout: float) -> None:
         self.spec = spec
         self.info = info
         self._proc = proc
@@ -144,7 +166,15 @@ class ProcessRunner:
         self._failure: Exception | None = None
         self.cancelled_generations = 0
         """How many generations the runner reported as stopped by a cancel."""
-        self._reader_task = asyncio.get_running_loop().create_task(self._read_loop())
+        loop = asyncio.get_running_loop()
+        self._exited: asyncio.Future[None] = loop.create_future()
+        """Done once stdout has ended and every pending request has been failed."""
+        self._exit_task: asyncio.Task[None] | None = None
+        pipes.on_stdout = self._on_stdout
+        pipes.on_stdout_end = self._on_stdout_end
+        self._dispatch()  # anything that came with the ready frame
+        if proc.stdout is not None and proc.stdout.at_eof():
+            self._on_stdout_end()
 
     # ------------------------------------------------------------------ start
 
@@ -153,13 +183,16 @@ class ProcessRunner:
                     load_timeout: float = 300.0, token_timeout: float = 600.0,
                     env: dict[str, str] | None = None) -> ProcessRunner:
         """Start ``python -m omx.runtime.engine.runner`` and wait until the model is loaded."""
-        proc = await asyncio.create_subprocess_exec(
+        loop = asyncio.get_running_loop()
+        transport, pipes = await loop.subprocess_exec(
+            lambda: _RunnerPipes(limit=2**16, loop=loop),
             python or sys.executable, "-m", "omx.runtime.engine.runner",
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             env={**os.environ, **(env or {})},
             # Its own session: a Ctrl-C meant for the node must not kill runners behind the node's back.
             start_new_session=True,
         )
+        proc = asyncio.subprocess.Process(transport, pipes, loop)
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
         tail: collections.deque[str] = collections.deque(maxlen=40)
         stderr_task = asyncio.get_running_loop().create_task(_drain(proc.stderr, tail))
@@ -178,7 +211,7 @@ class ProcessRunner:
             await _settle(stderr_task)
             detail = first[2] if first is not None and first[0] == "fatal" else _exit_text(proc.returncode)
             raise EngineError(f"failed to load model '{spec.name}': {detail}{_last_line(tail)}")
-        return cls(spec, proc, first[2], decoder, tail, stderr_task, token_timeout=token_timeout)
+        return cls(spec, proc, pipes, first[2], decoder, tail, stderr_task, token_timeout=token_timeout)
 
     # ------------------------------------------------------------------ Runner
 
@@ -242,7 +275,7 @@ class ProcessRunner:
     async def close(self) -> None:
         """Stop the runner: end of stdin first, SIGKILL if it lingers."""
         if self._closing:
-            await _settle(self._reader_task)
+            await _settle(self._exited)
             return
         self._closing = True
         stdin = self._proc.stdin
@@ -252,7 +285,7 @@ class ProcessRunner:
             await asyncio.wait_for(self._proc.wait(), _CLOSE_GRACE)
         except TimeoutError:
             await _kill(self._proc)
-        await _settle(self._reader_task)
+        await _settle(self._exited)
         await _settle(self._stderr_task)
 
     # ------------------------------------------------------------------ plumbing
@@ -284,7 +317,7 @@ class ProcessRunner:
             async with asyncio.timeout(self.token_timeout):
                 await self._proc.stdin.drain()  # type: ignore[union-attr]
         except (ConnectionError, BrokenPipeError):
-            await _settle(self._reader_task)
+            await _settle(self._exited)
             raise self._failure or RunnerCrashed(f"runner for model '{self.spec.name}' is gone") from None
 
     async def _call(self, op: str, *args: Any) -> Any:
@@ -299,43 +332,42 @@ class ProcessRunner:
         finally:
             self._calls.pop(rid, None)
 
-    async def _read_loop(self) -> None:
-        stdout = self._proc.stdout
-        assert stdout is not None
-        decoder = self._decoder
+    def _on_stdout(self, data: bytes) -> None:
+        self._decoder.feed(data)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Route every whole frame received so far to its request."""
         streams, calls = self._streams, self._calls
         try:
-            while True:
-                for frame in decoder:
-                    op, rid = frame[0], frame[1]
-                    if op == "t":
-                        stream = streams.get(rid)
-                        if stream is not None:
-                            stream.push(frame[2])
-                    elif op == "done":
-                        stream = streams.get(rid)
-                        if stream is not None:
-                            stream.push(frame[2])
-                    elif op == "ok":
-                        future = calls.get(rid)
-                        if future is not None and not future.done():
-                            future.set_result(frame[2])
-                    elif op == "err":
-                        if frame[2] == _wire.ERR_CANCELLED:
-                            self.cancelled_generations += 1
-                        error = _request_error(frame[2], frame[3])
-                        stream = streams.get(rid)
-                        if stream is not None:
-                            stream.push(error)
-                        future = calls.get(rid)
-                        if future is not None and not future.done():
-                            future.set_exception(error)
-                data = await stdout.read(262144)
-                if not data:
-                    break
-                decoder.feed(data)
-        finally:
-            await self._on_exit()
+            for frame in self._decoder:
+                op, rid = frame[0], frame[1]
+                if op == "t" or op == "done":
+                    stream = streams.get(rid)
+                    if stream is not None:
+                        stream.push(frame[2])
+                elif op == "ok":
+                    future = calls.get(rid)
+                    if future is not None and not future.done():
+                        future.set_result(frame[2])
+                elif op == "err":
+                    if frame[2] == _wire.ERR_CANCELLED:
+                        self.cancelled_generations += 1
+                    error = _request_error(frame[2], frame[3])
+                    stream = streams.get(rid)
+                    if stream is not None:
+                        stream.push(error)
+                    future = calls.get(rid)
+                    if future is not None and not future.done():
+                        future.set_exception(error)
+        except Exception as exc:  # noqa: BLE001 - a garbled stream: the runner cannot be trusted
+            self._stderr_tail.append(f"garbled frame from the runner: {exc}")
+            if self._proc.returncode is None:
+                self._proc.kill()
+
+    def _on_stdout_end(self) -> None:
+        if self._exit_task is None:
+            self._exit_task = asyncio.get_running_loop().create_task(self._on_exit())
 
     async def _on_exit(self) -> None:
         code: int | None
@@ -358,6 +390,8 @@ class ProcessRunner:
         for future in list(self._calls.values()):
             if not future.done():
                 future.set_exception(failure)
+        if not self._exited.done():
+            self._exited.set_result(None)
 
 
 async def _first_frame(stdout: asyncio.StreamReader, decoder: Any) -> list[Any] | None:
@@ -392,7 +426,7 @@ async def _kill(proc: asyncio.subprocess.Process) -> None:
         pass
 
 
-async def _settle(task: asyncio.Task[Any], grace: float = _CLOSE_GRACE) -> None:
+async def _settle(task: asyncio.Future[Any], grace: float = _CLOSE_GRACE) -> None:
     """Wait for a background task to end, cancelling it if it does not."""
     if task.done():
         return
