@@ -126,7 +126,6 @@ class EmbedResult:
     prompt_eval_count: int
 
 
-@runtime_checkable
 class CompletionStream(Protocol):
     """Text chunks of one generation, then one :class:`CompletionDone`.
 
@@ -143,6 +142,7 @@ class CompletionStream(Protocol):
         ...
 
 
+@runtime_checkable
 class Runner(Protocol):
     """A loaded model living in its own process."""
 

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 
 import llama_cpp
@@ -297,3 +298,33 @@ def test_make_engine_selects_backends() -> None:
 
     with pytest.raises(ConfigError, match="unknown engine backend"):
         make_engine("vllm")
+
+
+async def test_a_garbled_frame_from_the_runner_fails_its_request_cleanly(tmp_path: Path) -> None:
+    # A stand-in for the interpreter: it answers the load, then writes a byte msgpack never uses.
+    fake = tmp_path / "fake-python"
+    fake.write_text(f"""#!{sys.executable}
+import os, sys, time
+from omx.runtime.engine import _wire
+frames = _wire.decoder()
+def next_frame():
+    while True:
+        for frame in frames:
+            return frame
+        frames.feed(os.read(0, 65536))
+next_frame()
+os.write(1, _wire.encode(["ready", 0, {{"backend": "fake"}}]))
+next_frame()
+os.write(1, b"\\xc1")
+time.sleep(60)
+""")
+    fake.chmod(0o755)
+    spec = ModelSpec(name="garbled", model_path=tmp_path / "none.gguf", digest=BlobDigest("sha256:" + "0" * 64))
+    runner = await ProcessRunner.spawn(spec, {}, python=str(fake), token_timeout=30)
+    try:
+        with pytest.raises(RunnerCrashed, match="garbled frame"):
+            async for _ in runner.complete(Completion("hello", GREEDY)):
+                pass
+        assert not runner.alive
+    finally:
+        await runner.close()

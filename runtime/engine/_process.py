@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import os
 import signal
@@ -46,7 +47,7 @@ class _Stream:
         self.items: collections.deque[Any] = collections.deque()
         self.event = asyncio.Event()
         self.last = time.monotonic()
-        """When the runner last sent something for this generation (the loop's clock)."""
+        """When the runner last sent something for this generation (``time.monotonic``)."""
         self.watchdog: asyncio.TimerHandle | None = None
 
     def push(self, item: Any) -> None:
@@ -195,7 +196,7 @@ class ProcessRunner:
         proc = asyncio.subprocess.Process(transport, pipes, loop)
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
         tail: collections.deque[str] = collections.deque(maxlen=40)
-        stderr_task = asyncio.get_running_loop().create_task(_drain(proc.stderr, tail))
+        stderr_task = loop.create_task(_drain(proc.stderr, tail))
         decoder = _wire.decoder()
         try:
             proc.stdin.write(_wire.encode(["load", 0, config]))
@@ -363,7 +364,8 @@ class ProcessRunner:
         except Exception as exc:  # noqa: BLE001 - a garbled stream: the runner cannot be trusted
             self._stderr_tail.append(f"garbled frame from the runner: {exc}")
             if self._proc.returncode is None:
-                self._proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    self._proc.kill()
 
     def _on_stdout_end(self) -> None:
         if self._exit_task is None:
