@@ -63,6 +63,14 @@ class Target:
         return tuple(self.model.capabilities)
 
 
+def _image_refusal(name: str, caps: Sequence[str]) -> str:
+    """Why a request with images is refused: omx never answers as if it had seen them."""
+    if "vision" not in caps:
+        return f"model '{name}' does not support image input: it has no vision projector"
+    return (f"model '{name}' has a vision projector, but this node cannot read images: omx's runner "
+            "does not load vision projectors (mmproj); send the request without images")
+
+
 async def resolve_target(
     services: Services,
     name: str,
@@ -80,8 +88,8 @@ async def resolve_target(
     caps = tuple(model.capabilities)
     if need is not None and caps and need not in caps:
         raise UnsupportedCapability(f'"{name}" does not support {need if need != "completion" else "generate"}')
-    if images and "vision" not in caps:
-        raise UnsupportedCapability(f"model '{name}' does not support image input")
+    if images:
+        raise UnsupportedCapability(_image_refusal(name, caps))
     defaults = services.defaults
     spec = ModelSpec(
         name=model.name.display,

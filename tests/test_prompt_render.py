@@ -1,4 +1,4 @@
-"""Prompt assembly: /api/generate values, truncation, images, Jinja fallback, Ollama funcs."""
+"""Prompt assembly: /api/generate values, truncation, Jinja fallback, Ollama funcs."""
 
 from __future__ import annotations
 
@@ -29,10 +29,10 @@ def test_generate_default_template_and_raw() -> None:
     assert render_generate(CHATML_LEGACY, prompt="{{ raw }}", raw=True) == "{{ raw }}"
 
 
-def test_generate_system_model_system_images_and_context() -> None:
-    out = render_generate(CHATML_LEGACY, prompt="hi", model_system="model sys", images=2)
+def test_generate_system_model_system_and_context() -> None:
+    out = render_generate(CHATML_LEGACY, prompt="hi", model_system="model sys")
     assert out == (
-        "<|im_start|>system\nmodel sys<|im_end|>\n<|im_start|>user\n[img-0]\n\n[img-1]\n\nhi<|im_end|>\n"
+        "<|im_start|>system\nmodel sys<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
     out = render_generate(CHATML_LEGACY, prompt="hi", system="req sys", model_system="model sys", context_text="PREV")
@@ -55,14 +55,6 @@ def test_chat_truncation_keeps_system_and_last_message() -> None:
     assert result.first_message == 2
     full = build_chat_prompt(tmpl, msgs, num_ctx=1000, count_tokens=len)
     assert full.first_message == 0 and full.prompt.startswith("system:S;user:a")
-
-
-def test_chat_image_tags() -> None:
-    tmpl = "{{ range .Messages }}{{ .Content }}|{{ end }}"
-    msgs = [Message("user", "look", images=2), Message("assistant", "ok"), Message("user", "and [img] here", images=1)]
-    result = build_chat_prompt(tmpl, msgs)
-    assert result.prompt == "[img-0][img-1]look|ok|and [img-2] here|"
-    assert result.images == ((0, 0), (0, 1), (2, 0))
 
 
 QWEN25 = (

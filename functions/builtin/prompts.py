@@ -35,7 +35,7 @@ def _to_message(m: ChatMessage | Mapping[str, Any]) -> Message:
     calls = tuple(
         ToolCall(name=c.function.name, arguments=c.function.arguments) for c in (m.tool_calls or ())
     )
-    return Message(role=m.role, content=m.content, images=len(m.images or ()), tool_calls=calls,
+    return Message(role=m.role, content=m.content, tool_calls=calls,
                    tool_name=m.tool_name or "", thinking=m.thinking or "")
 
 

@@ -3,7 +3,9 @@
 Mirrors ``template/template.go`` (Parse, Vars, Execute, collate, the legacy
 System/Prompt/Response path) and the request-side assembly of
 ``server/routes.go`` (GenerateHandler) and ``server/prompt.go`` (chatPrompt,
-including its context-window truncation and ``[img-N]`` image tags).
+including its context-window truncation). Images are not rendered: omx's
+runner loads no vision projector, so requests carrying images are refused
+before a prompt is built.
 """
 
 from __future__ import annotations
@@ -36,10 +38,6 @@ __all__ = [
 DEFAULT_TEMPLATE = "{{ .Prompt }}"
 """Ollama's template for a model that has none."""
 
-IMAGE_TOKENS = 768
-"""Tokens Ollama counts per image when deciding what fits in the context."""
-
-
 @dataclass(frozen=True)
 class ToolCall:
     """A tool call made by the assistant; ``arguments`` is the decoded JSON object."""
@@ -52,11 +50,10 @@ class ToolCall:
 
 @dataclass(frozen=True)
 class Message:
-    """One chat message; ``images`` counts the images attached to it."""
+    """One chat message."""
 
     role: str
     content: str = ""
-    images: int = 0
     tool_calls: tuple[ToolCall, ...] = ()
     tool_name: str = ""
     thinking: str = ""
@@ -152,7 +149,7 @@ def _message_view(m: Message) -> MessageView:
         ToolCallView(tc.id, ToolCallFunctionView(tc.index, tc.name, ArgumentsMap(tc.arguments)))
         for tc in m.tool_calls
     )
-    return MessageView(m.role, m.content, m.thinking, tuple(range(m.images)), calls, m.tool_name, m.tool_call_id)
+    return MessageView(m.role, m.content, m.thinking, (), calls, m.tool_name, m.tool_call_id)
 
 
 def _cut_after_response(node: n.Node, state: list[bool]) -> n.Node | None:
@@ -250,7 +247,6 @@ def render_generate(
     prompt: str,
     system: str | None = None,
     suffix: str | None = None,
-    images: int = 0,
     model_system: str | None = None,
     model_messages: Sequence[Message] = (),
     context_text: str | None = None,
@@ -263,7 +259,7 @@ def render_generate(
 
     ``system`` is the request's, ``model_system``/``model_messages`` the model's SYSTEM and
     MESSAGE lines; ``context_text`` is the detokenized ``context`` of a previous call, put
-    first (model messages are then skipped); ``images`` adds ``[img-N]`` user turns.
+    first (model messages are then skipped).
     With ``raw`` the prompt goes through untouched.
     """
     if raw:
@@ -279,7 +275,6 @@ def render_generate(
             msgs.append(Message("system", model_system))
         if context_text is None:
             msgs.extend(model_messages)
-        msgs.extend(Message("user", f"[img-{i}]") for i in range(images))
         msgs.append(Message("user", prompt))
         values = Values(messages=msgs)
     values = replace(values, think=bool(think), think_level=think_level, is_think_set=think is not None)
@@ -288,14 +283,10 @@ def render_generate(
 
 @dataclass(frozen=True)
 class ChatPrompt:
-    """A rendered chat prompt: the text, the first message kept, and image order.
-
-    ``images`` lists, for image id 0, 1, …, the (message index, image index) it came from.
-    """
+    """A rendered chat prompt: the text and the first message kept."""
 
     prompt: str
     first_message: int
-    images: tuple[tuple[int, int], ...]
 
 
 def build_chat_prompt(
@@ -309,10 +300,9 @@ def build_chat_prompt(
     think_level: str = "",
     num_ctx: int | None = None,
     count_tokens: Callable[[str], int] | None = None,
-    has_projector: bool = False,
     today: _dt.date | None = None,
 ) -> ChatPrompt:
-    """Ollama's ChatHandler + chatPrompt: default system, truncation, image tags, rendering.
+    """Ollama's ChatHandler + chatPrompt: default system, truncation, rendering.
 
     When ``num_ctx`` and ``count_tokens`` are given, the oldest messages are dropped
     until the prompt fits (system messages and the last message always stay).
@@ -334,28 +324,11 @@ def build_chat_prompt(
         if num_ctx is None or count_tokens is None:
             start = i
             continue
-        used = count_tokens(render(system + msgs[i:]))
-        if has_projector:
-            used += IMAGE_TOKENS * sum(m.images for m in msgs[i:])
-        if used > num_ctx:
+        if count_tokens(render(system + msgs[i:])) > num_ctx:
             break
         start = i
     start = max(start, 0)
-    order: list[tuple[int, int]] = []
-    tagged = list(msgs)
-    for idx in range(start, len(msgs)):
-        m = msgs[idx]
-        prefix, content = "", m.content
-        for k in range(m.images):
-            tag = f"[img-{len(order)}]"
-            if "[img]" in content:
-                content = content.replace("[img]", tag, 1)
-            else:
-                prefix += tag
-            order.append((idx, k))
-        tagged[idx] = replace(m, content=prefix + content)
-    prompt = render(system + tagged[start:])
-    return ChatPrompt(prompt, start, tuple(order))
+    return ChatPrompt(render(system + msgs[start:]), start)
 
 
 def render_chat(
