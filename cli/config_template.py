@@ -56,6 +56,11 @@ SECTIONS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
     ]),
     ("security", "Client access.", [
         ("api_keys", "[]", "When set, client endpoints need 'Authorization: Bearer KEY'."),
+        ("admin_keys", "[]", "Keys that may also administer the cluster (/api/cluster/*: token, join, leave); "
+                             "with any key set, only these may. With none set, only this machine may."),
+        ("trusted_proxies", "[]", "Reverse proxies (IPs or CIDRs) whose X-Forwarded-For names the client. "
+                                  "A proxy on this machine must be listed, or every client counts as local."),
+        ("metrics_public", "true", "Serve /metrics without an API key (false: it needs one when keys are set)."),
     ]),
     ("cluster", "Cluster membership secret.", [
         ("secret_file", "null", "The cluster secret (default: $OMX_HOME/cluster/secret, mode 0600)."),

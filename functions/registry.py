@@ -74,7 +74,9 @@ class HandlerSpec:
     """How one endpoint is served.
 
     ``model_field`` names the request field that holds a model name; a
-    ``model_routed`` handler runs on a node holding that model.
+    ``model_routed`` handler runs on a node holding that model. ``max_body``
+    caps the bytes the adapter reads before the handler runs (None: the
+    adapter's default for the body kind and auth, small for peer handlers).
     """
 
     name: str
@@ -90,6 +92,7 @@ class HandlerSpec:
     headers: Mapping[str, str] = field(default_factory=dict)
     summary: str = ""
     tags: tuple[str, ...] = ()
+    max_body: int | None = None
 
     @property
     def path_params(self) -> tuple[str, ...]:
@@ -135,6 +138,7 @@ class FunctionRegistry:
         model_routed: bool = False,
         headers: Mapping[str, str] | None = None,
         tags: tuple[str, ...] = (),
+        max_body: int | None = None,
     ) -> Callable[[HandlerFunc], HandlerFunc]:
         """Decorator registering ``func`` as the handler of ``methods path``."""
 
@@ -154,6 +158,7 @@ class FunctionRegistry:
                     headers=dict(headers or {}),
                     summary=(func.__doc__ or "").strip().splitlines()[0] if func.__doc__ else "",
                     tags=tags,
+                    max_body=max_body,
                 )
             )
             return func

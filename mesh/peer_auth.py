@@ -86,9 +86,14 @@ class Verifier:
         self._seen: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._floor = -1  # timestamps <= floor may have had their nonce evicted
 
-    def verify(self, method: str, path: str, headers: Mapping[str, str], body: bytes = b"", *,
-               digest: str | None = None) -> str:
-        """Authenticate a request; ``headers`` may be any case-insensitive or plain mapping."""
+    def precheck(self, headers: Mapping[str, str]) -> None:
+        """Refuse a request whose signature headers are missing, malformed or stale.
+
+        Needs no body: a receiver runs it before reading one, then :meth:`verify`.
+        """
+        self._headers(headers)
+
+    def _headers(self, headers: Mapping[str, str]) -> tuple[str, str, str, str, float]:
         lower = {k.lower(): v for k, v in headers.items()}
         node = lower.get(HEADER_NODE.lower())
         ts_text = lower.get(HEADER_TIMESTAMP.lower())
@@ -98,10 +103,20 @@ class Verifier:
             raise Unauthorized("peer request is not signed")
         if not _NODE_RE.match(node) or not _NONCE_RE.match(nonce) or not ts_text.isdigit():
             raise Unauthorized("peer request signature headers are malformed")
-        timestamp = int(ts_text)
         now = self._clock()
-        if abs(now - timestamp) > self.window_s:
+        if abs(now - int(ts_text)) > self.window_s:
             raise Unauthorized("peer request timestamp is outside the allowed window (check clocks)")
+        return node, ts_text, nonce, signature, now
+
+    def verify(self, method: str, path: str, headers: Mapping[str, str], body: bytes = b"", *,
+               digest: str | None = None) -> str:
+        """Authenticate a request; ``headers`` may be any case-insensitive or plain mapping.
+
+        ``digest`` (:func:`body_digest` of the body, computed while it was read)
+        replaces ``body``.
+        """
+        node, ts_text, nonce, signature, now = self._headers(headers)
+        timestamp = int(ts_text)
         digest = digest or (body_digest(body) if body else _EMPTY_DIGEST)
         expected = _mac(self._key, string_to_sign(method, path, node, ts_text, nonce, digest))
         if not hmac.compare_digest(expected, signature.lower()):

@@ -1,16 +1,20 @@
 """The one adapter between the function registry and Starlette.
 
 Every route of the HTTP app comes from a :class:`HandlerSpec`: the adapter
-reads and validates the body, builds the :class:`Call`, asks the dispatcher
-to run the handler, and writes the result as JSON, NDJSON or SSE, or (for
-``response="websocket"``) sends each item of the handler's stream as one JSON
-text message. Errors are mapped to ``{"error": "..."}`` here and nowhere else.
+builds the :class:`Call` from the request line and headers, has the
+dispatcher check its credentials *before* any body byte is read (a refused
+caller never makes the node read or parse a body), reads and validates the
+body within its size limit, asks the dispatcher to run the handler, and
+writes the result as JSON, NDJSON or SSE, or (for ``response="websocket"``)
+sends each item of the handler's stream as one JSON text message. Errors are
+mapped to ``{"error": "..."}`` here and nowhere else.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -35,6 +39,8 @@ __all__ = ["build_app", "error_response", "json_response"]
 log = logging.getLogger("omx.runtime")
 
 MAX_JSON_BODY = 256 * 2**20
+PEER_MAX_BODY = 2**20
+"""Peer handlers take small JSON bodies; one needing more declares ``max_body`` on its spec."""
 _NDJSON = "application/x-ndjson"
 _SSE = "text/event-stream"
 
@@ -80,14 +86,39 @@ def _describe_validation(exc: ValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-async def _read_json(request: Request, spec: HandlerSpec) -> tuple[Any, bytes]:
-    raw = b""
+def _too_large(limit: int) -> InvalidRequest:
+    return InvalidRequest(f"request body too large (the limit is {limit} bytes)", status=413)
+
+
+def _check_length(request: Request, limit: int) -> None:
+    """413 from the declared ``Content-Length`` alone, before reading anything."""
+    declared = request.headers.get("content-length")
+    if declared is None:
+        return
+    try:
+        length = int(declared)
+    except ValueError as exc:
+        raise InvalidRequest("invalid Content-Length header") from exc
+    if length > limit:
+        raise _too_large(limit)
+
+
+async def _read_body(request: Request, limit: int, digest: Any = None) -> bytearray:
+    """The body, at most ``limit`` bytes (else 413), fed to ``digest`` (a hashlib object) as it arrives."""
+    _check_length(request, limit)
+    body = bytearray()
     async for piece in request.stream():
-        raw += piece
-        if len(raw) > MAX_JSON_BODY:
-            raise InvalidRequest("request body too large", status=413)
+        if len(body) + len(piece) > limit:
+            raise _too_large(limit)
+        body += piece
+        if digest is not None:
+            digest.update(piece)
+    return body
+
+
+def _parse_json(raw: bytearray, spec: HandlerSpec) -> Any:
     if spec.request is None:
-        return None, raw
+        return None
     if not raw.strip():
         data: Any = {}
     else:
@@ -98,7 +129,7 @@ async def _read_json(request: Request, spec: HandlerSpec) -> tuple[Any, bytes]:
     if not isinstance(data, dict):
         raise InvalidRequest("request body must be a JSON object")
     try:
-        return spec.request.model_validate(data), raw
+        return spec.request.model_validate(data)
     except ValidationError as exc:
         raise InvalidRequest(_describe_validation(exc)) from exc
 
@@ -201,10 +232,47 @@ def _render(spec: HandlerSpec, result: Any) -> Response:
     return json_response(result, 200, dict(spec.headers) or None)
 
 
+def _client(conn: Request | WebSocket, dispatcher: Dispatcher) -> str | None:
+    direct = conn.client.host if conn.client else None
+    return dispatcher.client_address(direct, conn.headers.getlist("x-forwarded-for"))
+
+
 def _raw_path(scope: Any) -> str:
     path: bytes = scope.get("raw_path") or scope["path"].encode()
     query: bytes = scope.get("query_string") or b""
     return (path + (b"?" + query if query else b"")).decode("latin-1")
+
+
+def _bounded_stream(request: Request, limit: int) -> Callable[[], AsyncIterator[bytes]]:
+    """``request.stream`` that fails with 413 past ``limit`` bytes (for raw bodies a handler streams)."""
+
+    async def stream() -> AsyncIterator[bytes]:
+        seen = 0
+        async for piece in request.stream():
+            seen += len(piece)
+            if seen > limit:
+                raise _too_large(limit)
+            yield piece
+
+    return stream
+
+
+async def _replay(body: bytes) -> AsyncIterator[bytes]:
+    if body:
+        yield body
+
+
+async def _read_peer_body(request: Request, spec: HandlerSpec, call: Call, dispatcher: Dispatcher) -> Any:
+    """Read a peer handler's body (tightly bounded, hashed while read), check the signature, then parse."""
+    digest = hashlib.sha256()
+    raw = await _read_body(request, spec.max_body or PEER_MAX_BODY, digest)
+    dispatcher.authorize(spec, call, digest.hexdigest())
+    if spec.body == "raw":
+        call.stream_body = lambda: _replay(bytes(raw))
+        return None
+    if spec.body == "json":
+        return _parse_json(raw, spec)
+    return None
 
 
 def _endpoint(spec: HandlerSpec, services: Services, dispatcher: Dispatcher) -> Callable[[Request], Any]:
@@ -231,12 +299,6 @@ def _endpoint(spec: HandlerSpec, services: Services, dispatcher: Dispatcher) -> 
 
     async def _serve(request: Request, on_stream_end: Callable[[], None]) -> Response:
         try:
-            raw = b""
-            body: Any = None
-            if spec.body == "json" and request.method not in ("GET", "HEAD"):
-                body, raw = await _read_json(request, spec)
-            elif spec.body == "json" and spec.request is not None:
-                body = spec.request.model_validate({})
             call = Call(
                 services=services,
                 spec=spec,
@@ -244,12 +306,22 @@ def _endpoint(spec: HandlerSpec, services: Services, dispatcher: Dispatcher) -> 
                 path_params={k: str(v) for k, v in request.path_params.items()},
                 query=dict(request.query_params),
                 headers={k.lower(): v for k, v in request.headers.items()},
-                client=request.client.host if request.client else None,
+                client=_client(request, dispatcher),
                 stream_body=request.stream,
                 is_disconnected=request.is_disconnected,
                 path=_raw_path(request.scope),
             )
-            dispatcher.authorize(spec, call, raw)
+            dispatcher.precheck(spec, call)  # headers only: nothing is read for a caller who will be refused
+            body: Any = None
+            if spec.auth == "peer":
+                body = await _read_peer_body(request, spec, call, dispatcher)
+            elif spec.body == "json" and request.method not in ("GET", "HEAD"):
+                body = _parse_json(await _read_body(request, spec.max_body or MAX_JSON_BODY), spec)
+            elif spec.body == "json" and spec.request is not None:
+                body = spec.request.model_validate({})
+            elif spec.max_body is not None:
+                _check_length(request, spec.max_body)
+                call.stream_body = _bounded_stream(request, spec.max_body)
             result = await dispatcher.invoke(spec, body, call)
             if is_stream(result):
                 return _streaming(spec, result, await _first_item(result), on_stream_end)
@@ -302,7 +374,7 @@ def _ws_endpoint(spec: HandlerSpec, services: Services, dispatcher: Dispatcher) 
                 path_params={k: str(v) for k, v in ws.path_params.items()},
                 query=dict(ws.query_params),
                 headers={k.lower(): v for k, v in ws.headers.items()},
-                client=ws.client.host if ws.client else None,
+                client=_client(ws, dispatcher),
                 path=_raw_path(ws.scope),
             )
             try:

@@ -8,6 +8,7 @@ nesting (``OMX_API__PORT=9000``), then explicit overrides (CLI flags).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from contextvars import ContextVar
@@ -161,6 +162,21 @@ class EngineConfig(_Section):
 
 class SecurityConfig(_Section):
     api_keys: list[str] = Field(default_factory=list)
+    admin_keys: list[str] = Field(
+        default_factory=list, description="API keys that may also administer the cluster (/api/cluster/*).")
+    trusted_proxies: list[str] = Field(
+        default_factory=list, description="Reverse proxies (IPs or CIDRs) whose X-Forwarded-For is believed.")
+    metrics_public: bool = True
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{entry!r} is not an IP address or CIDR network") from exc
+        return value
 
 
 class ClusterConfig(_Section):

@@ -67,8 +67,10 @@ class Node:
             default_keep_alive=engine_cfg.keep_alive,
         )
         self.registry_transport = HttpxRegistryTransport()
-        self.registry = builtin_registry()
-        self.dispatcher = Dispatcher(api_keys=settings.security.api_keys)
+        security = settings.security
+        self.registry = builtin_registry(metrics_public=security.metrics_public)
+        self.dispatcher = Dispatcher(api_keys=security.api_keys, admin_keys=security.admin_keys,
+                                     trusted_proxies=security.trusted_proxies)
         # Resolves the cluster secret now: a bad token or a join without a secret fails before binding.
         # OMX_SERF_BINARY (like OMX_HOME, a flat variable) names another serf executable; troubleshoot reads it too.
         self.cluster = ClusterService(settings, self.node_id, self.store, self.scheduler, self.dispatcher,

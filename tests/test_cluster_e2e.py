@@ -171,7 +171,8 @@ def test_metrics_parse_and_count_requests(cluster3: Cluster) -> None:  # noqa: F
 
 
 def test_api_keys_guard_client_endpoints(cluster3: Cluster) -> None:  # noqa: F811
-    node = cluster3.add_node("keys", how="alone", env={"OMX_SECURITY__API_KEYS": '["k1"]'})
+    node = cluster3.add_node("keys", how="alone", env={"OMX_SECURITY__API_KEYS": '["k1"]',
+                                                        "OMX_SECURITY__ADMIN_KEYS": '["a1"]'})
     try:
         for path in ("/api/tags", "/api/distributed/nodes", "/api/distributed/status"):
             assert httpx.get(node.url + path).status_code == 401
@@ -180,7 +181,9 @@ def test_api_keys_guard_client_endpoints(cluster3: Cluster) -> None:  # noqa: F8
         assert httpx.get(node.url + "/health").status_code == 200
         assert httpx.get(node.url + "/").status_code == 200
         assert httpx.get(node.url + "/api/cluster/token").status_code == 401
-        token = httpx.get(node.url + "/api/cluster/token", headers={"Authorization": "Bearer k1"})
+        not_admin = httpx.get(node.url + "/api/cluster/token", headers={"Authorization": "Bearer k1"})
+        assert not_admin.status_code == 403 and "admin key" in not_admin.json()["error"]
+        token = httpx.get(node.url + "/api/cluster/token", headers={"Authorization": "Bearer a1"})
         assert token.status_code == 200 and token.json()["token"].startswith("omx1.")
         omx = [sys.executable, "-c", "from omx.cli.main import main; main()", "--host", node.url, "list", "--json"]
         env = {k: v for k, v in os.environ.items() if k != "OMX_API_KEY"}

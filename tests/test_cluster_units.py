@@ -120,10 +120,12 @@ def test_admin_auth_is_loopback_only_without_keys_and_key_with_keys() -> None:
     open_.authorize(spec, _call(spec, "::1"))
     with pytest.raises(Forbidden):
         open_.authorize(spec, _call(spec, "10.1.2.3"))
-    keyed = Dispatcher(api_keys=["k1"])
+    keyed = Dispatcher(api_keys=["k1"], admin_keys=["a1"])
     with pytest.raises(Unauthorized):
         keyed.authorize(spec, _call(spec, "127.0.0.1"))
-    keyed.authorize(spec, _call(spec, "10.1.2.3", {"authorization": "Bearer k1"}))
+    with pytest.raises(Forbidden, match="admin key"):
+        keyed.authorize(spec, _call(spec, "127.0.0.1", {"authorization": "Bearer k1"}))
+    keyed.authorize(spec, _call(spec, "10.1.2.3", {"authorization": "Bearer a1"}))
 
 
 def test_peer_verifier_checks_the_raw_path_and_records_the_peer() -> None:

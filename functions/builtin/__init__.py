@@ -9,10 +9,11 @@ from omx.functions.registry import FunctionRegistry
 __all__ = ["builtin_registry"]
 
 
-def builtin_registry() -> FunctionRegistry:
-    """A registry holding every built-in handler."""
+def builtin_registry(*, metrics_public: bool = True) -> FunctionRegistry:
+    """A registry holding every built-in handler; ``/metrics`` needs an API key unless ``metrics_public``."""
     registry = FunctionRegistry()
-    for module in (models, generate, embed, openai, pull, cluster, cluster_admin):
+    for module in (models, generate, embed, openai, pull, cluster_admin):
         module.register(registry)
+    cluster.register(registry, metrics_public=metrics_public)
     register_openapi(registry)
     return registry

@@ -198,7 +198,7 @@ async def prometheus(_body: None, call: Call) -> Reply:
     return Reply(body, media_type=content_type)
 
 
-def register(registry: FunctionRegistry) -> None:
+def register(registry: FunctionRegistry, *, metrics_public: bool = True) -> None:
     h = registry.handler
     tags = ("cluster",)
     h("/health", methods=("GET",), auth="public", name="health", tags=tags)(health)
@@ -207,4 +207,5 @@ def register(registry: FunctionRegistry) -> None:
     h("/api/distributed/metrics", methods=("GET",), name="distributed_metrics", tags=tags)(metrics)
     h("/api/distributed/events", methods=("GET",), response="websocket", name="distributed_events",
       tags=tags)(events)
-    h("/metrics", methods=("GET",), response="text", auth="public", name="prometheus_metrics", tags=tags)(prometheus)
+    h("/metrics", methods=("GET",), response="text", auth="public" if metrics_public else "apikey",
+      name="prometheus_metrics", tags=tags)(prometheus)
