@@ -16,8 +16,8 @@ import click
 import yaml
 
 from omx.cli.client import CliFailure, NodeClient, config_failure, discover_url, pid_alive, read_node_file
-from omx.cli.config_cmd import write_atomic
 from omx.errors import ConfigError
+from omx.fsutil import atomic_write
 from omx.runtime.config import Settings, default_config_path, load_settings
 
 __all__ = ["cluster_group", "local_token", "running_node", "set_join_seeds"]
@@ -168,7 +168,7 @@ def _join_offline(token_text: str, config_path: Path | None, force: bool) -> tup
     path = config_path or default_config_path()
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     seeds = list(dict.fromkeys([*settings.p2p.join, *token.seeds]))
-    write_atomic(path, set_join_seeds(text, seeds))
+    atomic_write(path, set_join_seeds(text, seeds), mode=0o600)  # a config may hold API keys
     _settings(path)  # the file must still load
     return list(token.seeds), path
 

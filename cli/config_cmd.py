@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import click
@@ -13,30 +11,10 @@ import yaml
 from omx.cli.client import CliFailure, config_failure
 from omx.cli.config_template import PROFILES, render_config
 from omx.errors import ConfigError
+from omx.fsutil import atomic_write
 from omx.runtime.config import default_config_path, load_settings
 
-__all__ = ["config_group", "write_atomic"]
-
-
-def write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
-    """Write a file whole or not at all (temp + fsync + rename); 0600 as it may hold API keys."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fchmod(handle.fileno(), mode)
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+__all__ = ["config_group"]
 
 
 @click.group("config")
@@ -57,7 +35,7 @@ def init_cmd(profile: str, force: bool, target: Path | None) -> None:
         raise CliFailure(f"Error: {path} already exists (use --force to overwrite it)")
     text = render_config(profile)
     try:
-        write_atomic(path, text)
+        atomic_write(path, text, mode=0o600)  # it may hold API keys
     except OSError as exc:
         raise CliFailure(f"Error: cannot write {path}: {exc.strerror}") from exc
     click.echo(f"✅ Wrote {profile} configuration to {path}")

@@ -19,7 +19,6 @@ the omx store, and a running node sees config changes after a restart.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from omx.cli.client import CliFailure, config_failure, normalize_url, pid_alive,
 from omx.cli.format import human_bytes, short_digest
 from omx.cli.output import console, echo_json, plain_table
 from omx.errors import ConfigError, OmxError
+from omx.fsutil import atomic_write
 from omx.runtime.config import Settings, default_config_path, load_settings
 from omx.storage.blobs import BlobStore
 from omx.storage.ollama_import import (
@@ -123,26 +123,8 @@ def edit_extra_stores(
     if kept == current:
         return [Path(p) for p in kept]
     models["extra_stores"] = kept
-    config.parent.mkdir(parents=True, exist_ok=True)
     mode = config.stat().st_mode & 0o777 if config.exists() else 0o600
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{config.name}.", suffix=".yaml", dir=config.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            yaml.safe_dump(data, handle, sort_keys=False)
-            handle.flush()
-            os.fchmod(handle.fileno(), mode)
-            os.fsync(handle.fileno())
-        load_settings(tmp)
-        os.replace(tmp, config)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(config.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write(config, yaml.safe_dump(data, sort_keys=False), mode=mode, check=load_settings)
     return [Path(p) for p in kept]
 
 

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import ctypes
 import ipaddress
 import json
 import logging
 import os
 import re
-import secrets
 import shutil
 import signal
 import socket
@@ -28,6 +26,7 @@ from types import MappingProxyType
 from typing import Literal
 
 from omx.errors import ConfigError
+from omx.fsutil import atomic_write
 from omx.mesh.tags import check_node_name, encode_tags, split_host_port
 
 __all__ = ["DEFAULT_GOSSIP_PORT", "AgentConfig", "AgentState", "serf_available"]
@@ -142,20 +141,9 @@ def _free_loopback_port() -> int:
 
 
 def _write_private_json(path: Path, data: Mapping[str, object]) -> None:
-    """Write JSON with mode 0600 atomically (temp + fsync + rename)."""
+    """Write JSON atomically, created with mode 0600 (it carries the RPC token and gossip key)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, json.dumps(data, indent=2), mode=0o600)
 
 
 def _die_with_parent(parent_pid: int) -> None:

@@ -13,12 +13,12 @@ import base64
 import contextlib
 import hashlib
 import hmac
-import os
 import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from omx.fsutil import atomic_write
 from omx.mesh.errors import InvalidSecret
 
 __all__ = [
@@ -126,31 +126,11 @@ def write_secret(path: Path, secret: ClusterSecret, *, overwrite: bool = False) 
     Without ``overwrite`` an existing file is left alone and :class:`InvalidSecret` raised.
     """
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(secret.value)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # fails if the file exists: no clobbering a racing writer
-            except FileExistsError as exc:
-                raise InvalidSecret(f"cluster secret file {path} already exists") from exc
-            finally:
-                os.unlink(tmp)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        # Without overwrite the file is linked into place: a racing writer's secret is never clobbered.
+        atomic_write(path, secret.value, mode=0o600, exclusive=not overwrite)
+    except FileExistsError as exc:
+        raise InvalidSecret(f"cluster secret file {path} already exists") from exc
 
 
 def load_or_create_secret(path: Path) -> tuple[ClusterSecret, bool]:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
-import tempfile
 from pathlib import Path
 
+from omx.fsutil import atomic_write
 from omx.types import NodeId
 
 __all__ = ["load_or_create_node_id"]
@@ -24,16 +23,6 @@ def load_or_create_node_id(home: Path) -> NodeId:
             return NodeId(text)
     except (OSError, UnicodeDecodeError):
         pass
-    home.mkdir(parents=True, exist_ok=True)
     node_id = "omx-" + secrets.token_hex(4)
-    fd, tmp = tempfile.mkstemp(dir=home, prefix=".node_id.")
-    try:
-        with os.fdopen(fd, "w", encoding="ascii") as out:
-            out.write(node_id + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, node_id + "\n")
     return NodeId(node_id)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import omx
+from omx.fsutil import atomic_write
 from omx.functions.builtin import builtin_registry, pull
 from omx.functions.call import EngineDefaults, NodeInfo, Services
 from omx.functions.cluster_view import CLUSTER_KEY, USAGE_KEY
@@ -120,7 +121,6 @@ class Node:
     def _write_node_json(self) -> Path:
         """Write ``run/node.json`` (pid, ports, gossip address, agent pid) for the CLI."""
         run_dir = self.settings.run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
         ready = self.ready
         agent = self.cluster.agent()
         info = {"pid": os.getpid(), "url": ready.url, "host": self.settings.api.host,
@@ -128,9 +128,7 @@ class Node:
                 "p2p_address": agent.gossip_address, "serf": agent.running, "serf_pid": agent.pid,
                 "node_id": ready.node_id}
         path = run_dir / "node.json"
-        tmp = run_dir / f".node.json.{os.getpid()}"
-        tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(info, indent=2) + "\n")
         return path
 
     async def serve(self, stop: asyncio.Event, *, on_ready: Callable[[NodeReady], None] | None = None) -> None:

@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from omx.errors import BlobNotFound, IntegrityError, InvalidDigest
+from omx.fsutil import atomic_write, publish, temp_path
 from omx.types import BlobDigest
 
-from ._fsutil import atomic_write_bytes, publish, temp_path
 from .chunks import DEFAULT_CHUNK_SIZE, BlobHasher, ChunkIndex, index_file
+from .health import store_tmp
 from .names import blob_filename, parse_digest
 
 if TYPE_CHECKING:
@@ -157,7 +158,7 @@ class BlobStore:
     def put_index(self, idx: ChunkIndex) -> None:
         """Store an index (atomically). Used before a blob is published, and by replicas."""
         idx.validate()
-        atomic_write_bytes(self.root, self.index_path(idx.blob), idx.to_json())
+        atomic_write(self.index_path(idx.blob), idx.to_json(), tmp_dir=store_tmp(self.root))
 
     # ------------------------------------------------------------ writes
 
@@ -178,7 +179,7 @@ class BlobStore:
                     pass
                 path = await asyncio.to_thread(self.path, expected)
                 return BlobInfo(expected, path.stat().st_size, path, created=False)
-        tmp = await asyncio.to_thread(temp_path, self.root, "blob")
+        tmp = await asyncio.to_thread(temp_path, store_tmp(self.root), "blob")
         sink = await asyncio.to_thread(_Sink, tmp, self.chunk_size)
         pending: asyncio.Future[None] | None = None
         try:
@@ -230,7 +231,7 @@ class BlobStore:
             idx = h.finish()
         if self.has(idx.blob):
             return BlobInfo(idx.blob, idx.size, self.path(idx.blob), created=False, index=idx)
-        tmp = temp_path(self.root, "blob")
+        tmp = temp_path(store_tmp(self.root), "blob")
         try:
             with open(tmp, "wb") as f:
                 f.write(data)

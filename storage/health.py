@@ -10,16 +10,23 @@ from typing import TYPE_CHECKING
 from omx.errors import IntegrityError
 from omx.types import BlobDigest
 
-from ._fsutil import TMP_DIR
 from .chunks import ChunkIndex, index_file
 
 if TYPE_CHECKING:
     from .store import ModelStore
 
-__all__ = ["check", "recover", "stale_temp_files"]
+__all__ = ["TMP_DIR", "check", "recover", "stale_temp_files", "store_tmp"]
+
+TMP_DIR = "tmp"
+"""Temp files of store writes live here (same filesystem as the store); ``recover`` sweeps it."""
 
 _STALE_TMP_SECONDS = 24 * 3600
 _ORPHAN_GRACE_SECONDS = 600.0
+
+
+def store_tmp(root: Path) -> Path:
+    """The folder for temp files of writes under the store ``root``."""
+    return root / TMP_DIR
 
 
 def _pid_alive(pid: int) -> bool:
@@ -69,7 +76,7 @@ def _rehash(store: ModelStore, digest: BlobDigest) -> ChunkIndex | None:
 def stale_temp_files(store: ModelStore) -> list[Path]:
     stale = []
     now = time.time()
-    folder = store.root / TMP_DIR
+    folder = store_tmp(store.root)
     for p in folder.iterdir() if folder.is_dir() else ():
         parts = p.name.split(".")
         pid = int(parts[-3]) if len(parts) >= 4 and parts[-3].isdigit() else None

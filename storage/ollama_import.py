@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Literal
 
 from omx.errors import IntegrityError, NotFound, StoreError
+from omx.fsutil import atomic_write, fsync_dir, publish, temp_path
 from omx.types import BlobDigest
 
-from ._fsutil import atomic_write_bytes, fsync_dir, publish, temp_path
 from ._lock import store_lock
 from .blobs import BlobStore
 from .chunks import BlobHasher, ChunkIndex, index_file
+from .health import store_tmp
 from .manifests import manifest_digest
 from .names import ModelName, blob_filename
 from .ollama_scan import (
@@ -136,7 +137,7 @@ def import_blob(
         raise NotFound(f"blob {digest} is missing from the Ollama store ({source})") from e
     if actual != size:
         raise IntegrityError(f"blob {digest} in the Ollama store is {actual} bytes, its manifest says {size}")
-    tmp = temp_path(blobs.root, "import")
+    tmp = temp_path(store_tmp(blobs.root), "import")
     try:
         action: BlobAction = "copied"
         if link and _try_link(source, tmp):
@@ -249,7 +250,7 @@ def _migrate_one(
                     blobs.delete(b.digest)
             return ModelOutcome(model.name, "failed", tuple(done), error=str(e))
         if existing is None:
-            atomic_write_bytes(blobs.root, dest, data)
+            atomic_write(dest, data, tmp_dir=store_tmp(blobs.root))
         return ModelOutcome(model.name, "imported" if existing is None else "present", tuple(done))
 
 

@@ -33,11 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from omx.errors import IntegrityError, InvalidRequest
+from omx.fsutil import atomic_write, publish
 from omx.types import BlobDigest, ChunkDigest
 
-from ._fsutil import atomic_write_bytes, publish
 from .blobs import BlobInfo, BlobStore
 from .chunks import ChunkIndex, index_file, verify_chunk
+from .health import store_tmp
 from .names import blob_filename, parse_digest
 
 __all__ = ["PartialBlob"]
@@ -123,7 +124,7 @@ class PartialBlob:
             "have": base64.b64encode(bytes(self._have)).decode(),
             "chunks": list(self.chunks) if self.chunks is not None else None,
         }
-        atomic_write_bytes(self.store.root, self.state_path, json.dumps(doc).encode())
+        atomic_write(self.state_path, json.dumps(doc), tmp_dir=store_tmp(self.store.root))
 
     # ------------------------------------------------------------ chunks
 

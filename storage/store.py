@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from omx.errors import Forbidden, IntegrityError, InvalidModelName, InvalidRequest, ModelNotFound, NotFound
+from omx.fsutil import atomic_write, fsync_dir
 from omx.types import BlobDigest
 
 from . import health
-from ._fsutil import atomic_write_bytes, fsync_dir
 from ._lock import store_lock
 from .blobs import BlobStore
 from .chunks import DEFAULT_CHUNK_SIZE
@@ -302,7 +302,7 @@ class ModelStore:
             if missing:
                 raise InvalidRequest(f"blob {missing[0]} not found: upload it with POST /api/blobs first")
             target = self._existing_spelling(name)
-            atomic_write_bytes(self.root, target.manifest_path(self.root), data)
+            atomic_write(target.manifest_path(self.root), data, tmp_dir=health.store_tmp(self.root))
         return manifest_digest(data)
 
     def _existing_spelling(self, name: ModelName) -> ModelName:
@@ -320,7 +320,8 @@ class ModelStore:
             missing = [d for d in manifest.blobs if not self.blobs.has(d)]
             if missing:
                 raise IntegrityError(f"cannot copy: blob {missing[0]} is missing")
-            atomic_write_bytes(self.root, self._existing_spelling(target).manifest_path(self.root), data)
+            atomic_write(self._existing_spelling(target).manifest_path(self.root), data,
+                         tmp_dir=health.store_tmp(self.root))
 
     async def copy(self, src: ModelName | str, dst: ModelName | str) -> None:
         """Give ``src``'s manifest (byte for byte, so the same digest) the name ``dst``."""

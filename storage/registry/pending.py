@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Protocol
 
 from omx.errors import ModelNotFound, OmxError
+from omx.fsutil import atomic_write, fsync_dir
 from omx.types import BlobDigest
 
-from .._fsutil import atomic_write_bytes, fsync_dir
 from .._lock import store_lock
 from ..blobs import BlobStore
+from ..health import store_tmp
 from ..manifests import Manifest
 from ..names import ModelName, blob_filename
 
@@ -59,7 +60,7 @@ class FileManifests:
         with store_lock(self.root):
             existing = _find_casefold(self.root, name)
             dest = existing if existing is not None else name.manifest_path(self.root)
-            atomic_write_bytes(self.root, dest, data)
+            atomic_write(dest, data, tmp_dir=store_tmp(self.root))
 
 
 def _find_casefold(root: Path, name: ModelName) -> Path | None:
@@ -105,7 +106,7 @@ class PendingPulls:
     def record(self, name: ModelName, manifest: bytes) -> None:
         doc = {"name": name.full, "manifest": json.loads(manifest)}
         self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.root, self._path(name), json.dumps(doc).encode())
+        atomic_write(self._path(name), json.dumps(doc), tmp_dir=store_tmp(self.root))
 
     def forget(self, name: ModelName) -> None:
         path = self._path(name)
