@@ -9,6 +9,7 @@ nesting (``OMX_API__PORT=9000``), then explicit overrides (CLI flags).
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from contextvars import ContextVar
@@ -67,12 +68,18 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 5m")
     if isinstance(value, int | float):
+        if math.isnan(value):
+            raise ValueError("a duration must be a number of seconds, not NaN")
         return float(value)
     text = str(value).strip()
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        if math.isnan(seconds):
+            raise ValueError(f"invalid duration {value!r} (use e.g. 30s, 5m, 1h)")
+        return seconds
     sign = -1.0 if text.startswith("-") else 1.0
     body = text.lstrip("+-")
     parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)", body)
@@ -126,7 +133,10 @@ class ModelsConfig(_Section):
     @field_validator("download_timeout", mode="before")
     @classmethod
     def _duration(cls, value: object) -> float:
-        return parse_duration(value)
+        seconds = parse_duration(value)
+        if not 0 < seconds < math.inf:
+            raise ValueError("download_timeout must be a positive, finite duration (e.g. 30m)")
+        return seconds
 
     @field_validator("chunk_size")
     @classmethod
@@ -145,9 +155,9 @@ class EngineConfig(_Section):
     num_parallel: int = Field(default=1, ge=1, le=64)
     max_loaded_models: int = Field(default=3, ge=1, le=64)
     keep_alive: float = 300.0
-    max_queue: int = Field(default=512, ge=0)
-    num_thread: int | None = Field(default=None, ge=1)
-    num_ctx: int = Field(default=4096, ge=64)
+    max_queue: int = Field(default=512, ge=1)
+    num_thread: int | None = Field(default=None, ge=1, le=1024)
+    num_ctx: int = Field(default=4096, ge=64, le=2**24)
 
     @field_validator("backend", mode="before")
     @classmethod

@@ -116,3 +116,51 @@ def test_show_bad_config_exits_2(home: Path) -> None:
     (home / "config.yaml").write_text("replication:\n  factor: 99\n")
     result = CliRunner().invoke(cli, ["config", "show"])
     assert result.exit_code == 2 and "replication.factor" in result.stderr
+
+
+@pytest.mark.parametrize("text,key", [
+    ("engine:\n  max_queue: 0\n", "engine.max_queue"),
+    ("engine:\n  max_loaded_models: 0\n", "engine.max_loaded_models"),
+    ("engine:\n  num_thread: 0\n", "engine.num_thread"),
+    ("engine:\n  num_ctx: 32\n", "engine.num_ctx"),
+    ("engine:\n  num_ctx: 100000000000\n", "engine.num_ctx"),
+    ("engine:\n  keep_alive: nan\n", "engine.keep_alive"),
+    ("models:\n  download_timeout: 0\n", "models.download_timeout"),
+    ("models:\n  download_timeout: -5m\n", "models.download_timeout"),
+    ("models:\n  download_timeout: inf\n", "models.download_timeout"),
+    ("models:\n  concurrency: 0\n", "models.concurrency"),
+    ("models:\n  chunk_size: 1KB\n", "models.chunk_size"),
+    ("models:\n  max_cache_size: -1\n", "models.max_cache_size"),
+    ("api:\n  port: 70000\n", "api.port"),
+    ("p2p:\n  port: -1\n", "p2p.port"),
+    ("replication:\n  factor: 0\n", "replication.factor"),
+])
+def test_out_of_bounds_values_exit_2_naming_the_key(tmp_path: Path, text: str, key: str) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    result = CliRunner().invoke(cli, ["config", "validate", str(bad)])
+    assert result.exit_code == 2, result.output
+    assert key in result.stderr and "Traceback" not in result.stderr
+
+
+def test_start_with_a_queue_the_scheduler_rejects_exits_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("engine:\n  max_queue: 0\n")
+    result = CliRunner().invoke(cli, ["start", "--config", str(bad)])
+    assert result.exit_code == 2 and "engine.max_queue" in result.stderr and "Traceback" not in result.stderr
+    monkeypatch.setenv("OMX_ENGINE__MAX_QUEUE", "0")
+    result = CliRunner().invoke(cli, ["start"])
+    assert result.exit_code == 2 and "engine.max_queue" in result.stderr
+
+
+def test_the_smallest_accepted_engine_values_build_a_scheduler(tmp_path: Path) -> None:
+    from omx.runtime.engine._fake import FakeEngine
+    from omx.runtime.scheduler import ModelScheduler
+
+    low = tmp_path / "low.yaml"
+    low.write_text("engine:\n  max_queue: 1\n  max_loaded_models: 1\n  num_parallel: 1\n  keep_alive: -1\n")
+    engine = load_settings(low).engine
+    scheduler = ModelScheduler(FakeEngine(), max_loaded_models=engine.max_loaded_models,
+                               num_parallel=engine.num_parallel, max_queue=engine.max_queue,
+                               default_keep_alive=engine.keep_alive)
+    assert scheduler.max_queue == 1
