@@ -15,8 +15,9 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import TypeAlias, cast
+from typing import TypeAlias
 
+from omx.fanout import Fanout, Subscription
 from omx.mesh.agent import SerfAgent
 from omx.mesh.errors import MeshError, SerfConnectionError, SerfRPCError
 from omx.mesh.records import MemberEvent, UserEvent
@@ -28,56 +29,6 @@ log = logging.getLogger(__name__)
 
 MembershipEvent: TypeAlias = MemberChanged | UserEvent
 _STREAM_FILTER = "member-join,member-leave,member-failed,member-update,member-reap,user"
-_CLOSED = object()
-
-
-class Subscription:
-    """An async iterator of :data:`MembershipEvent`; ``close()`` ends it.
-
-    A subscriber that falls ``maxsize`` events behind is cut off
-    (iteration raises :class:`MeshError`) rather than slowing everyone.
-    """
-
-    def __init__(self, owner: Membership, maxsize: int) -> None:
-        self._owner = owner
-        self._queue: asyncio.Queue[object] = asyncio.Queue()
-        self._maxsize = maxsize
-        self._error: Exception | None = None
-        self.closed = False
-
-    def _push(self, event: MembershipEvent) -> None:
-        if self.closed:
-            return
-        if self._queue.qsize() >= self._maxsize:
-            self._error = MeshError("membership subscriber fell behind; resubscribe and read the view")
-            self._end()
-            return
-        self._queue.put_nowait(event)
-
-    def _end(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self._queue.put_nowait(_CLOSED)
-            self._owner._subscribers.discard(self)
-
-    def close(self) -> None:
-        self._end()
-
-    def __aiter__(self) -> Subscription:
-        return self
-
-    async def __anext__(self) -> MembershipEvent:
-        item = await self._queue.get()
-        if item is _CLOSED:
-            self._queue.put_nowait(_CLOSED)
-            if self._error is not None:
-                raise self._error
-            raise StopAsyncIteration
-        return cast(MembershipEvent, item)
-
-    async def next(self, timeout_s: float) -> MembershipEvent:
-        """The next event, or :class:`TimeoutError` after ``timeout_s``."""
-        return await asyncio.wait_for(self.__anext__(), timeout_s)
 
 
 class Membership:
@@ -92,7 +43,8 @@ class Membership:
         self._clock = clock
         self._resync_timeout_s = resync_timeout_s
         self._view = MembershipView()
-        self._subscribers: set[Subscription] = set()
+        self._fanout: Fanout[MembershipEvent] = Fanout(lag_error=lambda: MeshError(
+            "membership subscriber fell behind; resubscribe and read the view"))
         self._task: asyncio.Task[None] | None = None
         self._synced = asyncio.Event()
 
@@ -105,11 +57,12 @@ class Membership:
         """Every known member, sorted by name."""
         return tuple(m for _, m in sorted(self._view.members.items()))
 
-    def subscribe(self, maxsize: int = 1024) -> Subscription:
-        """Receive every change from now on (read :attr:`view` for the state so far)."""
-        sub = Subscription(self, maxsize)
-        self._subscribers.add(sub)
-        return sub
+    def subscribe(self, maxsize: int = 1024) -> Subscription[MembershipEvent]:
+        """Receive every change from now on (read :attr:`view` for the state so far).
+
+        A subscriber that falls ``maxsize`` events behind is cut off: iteration raises :class:`MeshError`.
+        """
+        return self._fanout.subscribe(maxsize)
 
     async def start(self, timeout_s: float = 30.0) -> None:
         """Start the agent if needed and wait until the first snapshot is in the view."""
@@ -130,8 +83,7 @@ class Membership:
                 await self._task
             self._task = None
         await self.agent.stop(graceful=leave)
-        for sub in list(self._subscribers):
-            sub.close()
+        self._fanout.end_subscriptions()
 
     async def join(self, addrs: Sequence[str]) -> int:
         """Join the cluster through ``addrs``; returns how many answered."""
@@ -159,8 +111,7 @@ class Membership:
             self._publish(change)
 
     def _publish(self, event: MembershipEvent) -> None:
-        for sub in list(self._subscribers):
-            sub._push(event)
+        self._fanout.publish(event)
 
     async def _run(self) -> None:
         while True:
