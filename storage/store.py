@@ -49,6 +49,7 @@ from .manifests import (
 from .modelfile import format_modelfile, format_parameters
 from .models import ModelDetails, ModelEntry, ResolvedModel
 from .names import ModelName
+from .verified import BlobVerifier
 
 __all__ = ["ModelStore"]
 
@@ -65,10 +66,13 @@ class ModelStore:
         self.extra_roots = tuple(Path(r) for r in extra_roots)
         (self.root / "manifests").mkdir(parents=True, exist_ok=True)
         self.blobs = BlobStore(self.root, self.extra_roots, chunk_size=chunk_size)
+        self.verifier = BlobVerifier(self.root)
+        """Hash-once checks of the blobs served in place from the extra roots."""
         self._gguf_cache: dict[BlobDigest, GGUFInfo | None] = {}
         # Resolved models by manifest path, valid while the manifest file is unchanged
         # (a manifest is only ever replaced by rename, which changes its inode).
-        self._resolved: dict[str, tuple[tuple[int, int, int], tuple[str, ...], ResolvedModel]] = {}
+        self._resolved: dict[str, tuple[tuple[int, int, int], tuple[str, ...], tuple[tuple[BlobDigest, Path], ...],
+                                        ResolvedModel]] = {}
         self._manifest_paths: dict[str, tuple[str, ...]] = {}
         """Request model name -> its manifest path in each root (names are parsed once)."""
         self._cache_lock = threading.Lock()
@@ -192,8 +196,9 @@ class ModelStore:
             with self._cache_lock:
                 entry = self._resolved.get(path)
             if entry is not None:
-                signature, blob_paths, resolved = entry
-                if self._signature(path) == signature and all(os.path.exists(p) for p in blob_paths):
+                signature, own_paths, extra_blobs, resolved = entry
+                if (self._signature(path) == signature and all(os.path.exists(p) for p in own_paths)
+                        and all(self.verifier.known_good(d, p) for d, p in extra_blobs)):
                     return resolved
                 return None
         return None
@@ -203,9 +208,11 @@ class ModelStore:
         signature = self._signature(path)
         resolved = self._resolve_at(stored, path)
         if signature is not None and self._signature(path) == signature:
-            blob_paths = tuple(str(self.blobs.path(d)) for d in resolved.manifest.blobs)
+            located = [(d, self.blobs.path(d)) for d in resolved.manifest.blobs]
+            own_paths = tuple(str(p) for _d, p in located if self._is_own(p))
+            extra_blobs = tuple((d, p) for d, p in located if not self._is_own(p))
             with self._cache_lock:
-                self._resolved[str(path)] = (signature, blob_paths, resolved)
+                self._resolved[str(path)] = (signature, own_paths, extra_blobs, resolved)
         return resolved
 
     def _resolve_at(self, stored: ModelName, path: Path) -> ResolvedModel:
@@ -217,6 +224,7 @@ class ModelStore:
         missing = [d for d in manifest.blobs if not self.blobs.has(d)]
         if missing:
             raise IntegrityError(f"model '{stored.display}' is incomplete: blob {missing[0]} is missing")
+        self._verify_extra(manifest)
 
         def text(media: str) -> str | None:
             layer = manifest.first(media)
@@ -249,11 +257,23 @@ class ModelStore:
             size=manifest.total_size,
         )
 
+    def _is_own(self, blob: Path) -> bool:
+        return blob.parent == self.root / "blobs"
+
+    def _verify_extra(self, manifest: Manifest) -> None:
+        """Hash, once, each blob served in place from an extra root; a corrupt one is refused."""
+        for d in manifest.blobs:
+            blob = self.blobs.path(d)
+            if not self._is_own(blob):
+                self.verifier.verify(d, blob)
+
     async def resolve(self, name: ModelName | str) -> ResolvedModel:
         """Everything about one model; :class:`ModelNotFound` (``model 'x' not found``) if absent.
 
         A model whose manifest is unchanged since it was last read is answered from
-        memory: the hot path of every inference request costs one ``stat``.
+        memory: the hot path of every inference request costs a ``stat`` per file.
+        Blobs of an extra root are verified (hashed in a worker thread) on first use;
+        see :mod:`omx.storage.verified`.
         """
         cached = self._cached(name)
         if cached is not None:
