@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
 from omx.errors import OmxError
+from omx.timefmt import iso_time
 
 __all__ = [
     "CLUSTER_KEY",
@@ -31,7 +31,6 @@ __all__ = [
     "Resources",
     "UsageSink",
     "cluster_view",
-    "iso_time",
     "node_json",
     "resources_json",
 ]
@@ -43,11 +42,6 @@ USAGE_KEY = "usage"
 """``services.extras`` key of the node's :class:`UsageSink` (optional)."""
 
 MembershipMode = Literal["serf", "standalone"]
-
-
-def iso_time(ts: float) -> str:
-    """Unix time -> ISO-8601 UTC with microseconds and ``Z``."""
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from omx.errors import InvalidRequest, UnsupportedCapability
@@ -23,25 +22,14 @@ from omx.functions.options import (
 from omx.functions.registry import ACCEPTED, Accepted
 from omx.protocols import Completion, CompletionChunk, CompletionDone, ModelSpec, Runner, SamplingOptions
 from omx.storage import ResolvedModel
+from omx.timefmt import iso_time
 
 __all__ = ["Prepare", "Target", "Timings", "created_at", "resolve_target", "run_completion"]
 
 
-_second: list[Any] = [None, ""]
-"""The last whole second formatted by :func:`created_at`, and its text."""
-
-
 def created_at() -> str:
-    """Ollama's ``created_at``: RFC 3339 UTC with sub-second precision.
-
-    Every streamed chunk carries one, so the date part is formatted once a second.
-    """
-    now = time.time_ns()
-    second, micros = divmod(now // 1000, 1_000_000)
-    if second != _second[0]:
-        _second[1] = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        _second[0] = second
-    return f"{_second[1]}.{micros:06d}Z"
+    """Ollama's ``created_at`` of a reply or streamed chunk: now, RFC 3339 UTC with microseconds."""
+    return iso_time()
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from .manifests import (
     manifest_digest,
 )
 from .modelfile import Modelfile, ModelfileError, format_modelfile, format_parameters, parse_modelfile
-from .models import ModelDetails, ModelEntry, ResolvedModel
+from .models import ModelDetails, ModelEntry, ResolvedModel, model_row
 from .names import DEFAULT_HOST, DEFAULT_NAMESPACE, DEFAULT_TAG, ModelName, blob_filename, parse_digest
 from .partial import PartialBlob
 from .store import ModelStore
@@ -78,6 +78,7 @@ __all__ = [
     "index_file",
     "is_gguf",
     "manifest_digest",
+    "model_row",
     "parse_digest",
     "parse_modelfile",
     "read_gguf_info",

@@ -8,13 +8,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from omx.timefmt import iso_time
 from omx.types import BlobDigest
 
 from .gguf_meta import GGUFInfo
 from .manifests import Manifest, ModelConfig
 from .names import ModelName
 
-__all__ = ["ModelDetails", "ModelEntry", "ResolvedModel"]
+__all__ = ["ModelDetails", "ModelEntry", "ResolvedModel", "model_row"]
 
 
 @dataclass(frozen=True)
@@ -58,15 +59,23 @@ class ModelEntry:
     """True when the model lives in an extra (read-only) root."""
 
     def to_dict(self) -> dict[str, Any]:
-        """Ollama's wire shape (``model`` repeats the display name and ``digest`` is bare hex, as Ollama's)."""
-        return {
-            "name": self.name,
-            "model": self.name,
-            "modified_at": self.modified_at.isoformat(),
-            "size": self.size,
-            "digest": self.digest.removeprefix("sha256:"),
-            "details": self.details.to_dict(),
-        }
+        """This model's row of ``/api/tags`` (see :func:`model_row`)."""
+        return model_row(self.name, size=self.size, digest=self.digest, details=self.details,
+                         modified_at=self.modified_at)
+
+
+def model_row(name: str, *, size: int, digest: str, details: ModelDetails | None,
+              modified_at: datetime | None = None) -> dict[str, Any]:
+    """A model in Ollama's list shape, shared by ``/api/tags`` and ``/api/ps`` rows.
+
+    ``model`` repeats the display name and ``digest`` is bare hex, as Ollama's; endpoints add
+    their own fields after these (``expires_at``, ``size_vram``…).
+    """
+    row: dict[str, Any] = {"name": name, "model": name}
+    if modified_at is not None:
+        row["modified_at"] = iso_time(modified_at)
+    row.update(size=size, digest=digest.removeprefix("sha256:"), details=details.to_dict() if details else {})
+    return row
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from typing import Any
 
 from omx.errors import Forbidden, IntegrityError, InvalidModelName, InvalidRequest, ModelNotFound, NotFound
 from omx.fsutil import atomic_write, fsync_dir
+from omx.timefmt import iso_time
 from omx.types import BlobDigest
 
 from . import health
@@ -305,7 +306,7 @@ class ModelStore:
             out["messages"] = list(m.messages)
         out["model_info"] = model_info
         out["capabilities"] = m.capabilities
-        out["modified_at"] = m.modified_at.isoformat()
+        out["modified_at"] = iso_time(m.modified_at)
         return out
 
     async def show(self, name: ModelName | str, *, verbose: bool = False) -> dict[str, Any]:

@@ -16,8 +16,9 @@ from typing import Any
 import omx
 from omx.errors import InvalidRequest
 from omx.functions.call import Call
-from omx.functions.cluster_view import ClusterView, cluster_view, iso_time, node_json, resources_json
+from omx.functions.cluster_view import ClusterView, cluster_view, node_json, resources_json
 from omx.functions.registry import FunctionRegistry, Reply
+from omx.timefmt import iso_time
 
 __all__ = ["register"]
 

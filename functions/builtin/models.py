@@ -12,52 +12,26 @@ from omx.errors import InvalidRequest
 from omx.functions.call import Call
 from omx.functions.registry import FunctionRegistry, Reply
 from omx.functions.schemas import CopyRequest, CreateRequest, DeleteRequest, ShowRequest
-from omx.storage import ModelDetails, parse_digest
+from omx.storage import ModelDetails, model_row, parse_digest
+from omx.timefmt import iso_time
 
 __all__ = ["register"]
 
-
-def _iso(value: Any) -> str:
-    if isinstance(value, datetime):
-        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-    return str(value)
-
-
-def _details(details: ModelDetails | dict[str, Any] | None) -> dict[str, Any]:
-    if details is None:
-        return {}
-    if isinstance(details, dict):
-        return details
-    return details.to_dict()
-
-
-def model_entry(entry: Any) -> dict[str, Any]:
-    """One row of ``/api/tags`` in Ollama's shape, plus the docs' ``status``."""
-    return {
-        "name": entry.name,
-        "model": entry.name,
-        "modified_at": _iso(entry.modified_at),
-        "size": entry.size,
-        "digest": entry.digest.removeprefix("sha256:"),
-        "details": _details(entry.details),
-        "status": "ready",
-    }
+_NEVER = datetime(2318, 1, 1, tzinfo=UTC)
+"""``expires_at`` of a model kept loaded for ever (Ollama's far-future date)."""
 
 
 async def tags(_body: None, call: Call) -> dict[str, Any]:
     """List the models held in this node's store."""
     entries = await call.services.store.list_models()
-    return {"models": [model_entry(e) for e in entries]}
+    return {"models": [{**e.to_dict(), "status": "ready"} for e in entries]}  # the docs' status beside Ollama's
 
 
 async def show(body: ShowRequest, call: Call) -> dict[str, Any]:
     """Show a model's modelfile, parameters, template, details and GGUF metadata."""
     if not body.model:
         raise InvalidRequest("model is required")
-    info = await call.services.store.show(body.model, verbose=body.verbose)
-    if "modified_at" in info:
-        info["modified_at"] = _iso(info["modified_at"])
-    return info
+    return await call.services.store.show(body.model, verbose=body.verbose)
 
 
 async def create(body: CreateRequest, call: Call) -> Any:
@@ -119,18 +93,12 @@ async def ps(_body: None, call: Call) -> dict[str, Any]:
     rows = []
     for loaded in call.services.scheduler.loaded():
         try:
-            details = _details((await store.resolve(loaded.name)).details)
+            details: ModelDetails | None = (await store.resolve(loaded.name)).details
         except Exception:  # noqa: BLE001 - a model deleted while loaded still shows
-            details = {}
-        expires = (datetime.fromtimestamp(loaded.expires_at, UTC) if loaded.expires_at is not None
-                   else datetime(2318, 1, 1, tzinfo=UTC))
+            details = None
         rows.append({
-            "name": loaded.name,
-            "model": loaded.name,
-            "size": loaded.size,
-            "digest": loaded.digest.removeprefix("sha256:"),
-            "details": details,
-            "expires_at": _iso(expires),
+            **model_row(loaded.name, size=loaded.size, digest=loaded.digest, details=details),
+            "expires_at": iso_time(loaded.expires_at if loaded.expires_at is not None else _NEVER),
             "size_vram": 0,
             "context_length": loaded.context_length,
         })

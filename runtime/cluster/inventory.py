@@ -24,9 +24,10 @@ from typing import Any
 
 import httpx
 
-from omx.functions.cluster_view import Resources, iso_time
+from omx.functions.cluster_view import Resources
 from omx.mesh import sign
 from omx.storage import ModelStore
+from omx.timefmt import iso_time
 
 __all__ = ["LocalInventory", "PeerInventories", "PeerInventory", "inventory_version"]
 
@@ -86,7 +87,7 @@ class LocalInventory:
             entries = await self.store.list_models()
             self._signature = signature
             self.models = [{"name": e.name, "digest": e.digest, "size": e.size,
-                            "modified_at": iso_time(e.modified_at.timestamp())} for e in entries]
+                            "modified_at": iso_time(e.modified_at)} for e in entries]
             version = inventory_version([(e.name, e.digest) for e in entries])
             changed, self.version = version != self.version, version
             return changed

@@ -7,10 +7,11 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from omx.functions.cluster_view import NodeRecord, Resources, iso_time, node_json
+from omx.functions.cluster_view import NodeRecord, Resources, node_json
 from omx.mesh import MemberState, NodeTags
 from omx.runtime.cluster.inventory import PeerInventory
 from omx.runtime.events import Event, MemberUpdate, NodeStateChanged
+from omx.timefmt import iso_time
 
 __all__ = ["member_record", "message", "node_label", "public_status", "snapshot_message"]
 
