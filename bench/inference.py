@@ -46,6 +46,9 @@ PROMPT = "<start_of_turn>user\nWhy is the sky blue? Explain it in detail.<end_of
 def _bare_worker(conn: Any, model: str, threads: int, batch: int, ctx: int) -> None:
     import llama_cpp
 
+    from omx.runtime.engine.cpu_quirks import avoid_broken_amx
+
+    avoid_broken_amx()  # as the node's runner does
     llm = llama_cpp.Llama(model_path=model, n_ctx=ctx, n_threads=threads, n_batch=batch, seed=1, verbose=False)
     while True:
         job = conn.recv()

@@ -12,6 +12,7 @@ import llama_cpp
 import ollama
 import pytest
 
+from omx.runtime.engine.cpu_quirks import avoid_broken_amx
 from tests.support.node import NodeProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -49,6 +50,7 @@ def test_gemma_created_with_cli_and_chats_like_bare_llama_cpp(node: NodeProcess,
     reply = client.chat(model="gemma3:270m", messages=[{"role": "user", "content": question}], options=OPTIONS)
     assert reply.message.content.strip()
 
+    avoid_broken_amx()  # as the runner does, so both sides run the same kernels
     bare = llama_cpp.Llama(model_path=str(gemma), n_ctx=512, n_threads=2, n_batch=128, seed=5, verbose=False)
     prompt = f"<start_of_turn>user\n{question}<end_of_turn>\n<start_of_turn>model\n"
     expected = bare.create_completion(prompt, max_tokens=24, temperature=0, top_k=64, top_p=0.95,

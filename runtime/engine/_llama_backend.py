@@ -25,6 +25,7 @@ from llama_cpp.llama_grammar import LlamaGrammar
 
 from omx.runtime.engine._textstream import TextStream
 from omx.runtime.engine._wire import ERR_CANCELLED, ERR_INVALID, ERR_UNSUPPORTED, RequestError
+from omx.runtime.engine.cpu_quirks import avoid_broken_amx
 
 __all__ = ["LlamaBackend"]
 
@@ -96,6 +97,7 @@ class LlamaBackend:
 
     def __init__(self, config: dict[str, Any]) -> None:
         self._config = config
+        avoid_broken_amx()
         adapters = config.get("adapters") or []
         if len(adapters) > 1:
             raise RequestError(ERR_UNSUPPORTED, "llama-cpp-python applies at most one LoRA adapter")
