@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ from omx.cli.client import (
     split_host_port,
 )
 from omx.errors import ConfigError, OmxError
+from omx.processes import start_ticks
 
 __all__ = ["banner", "start_cmd", "start_overrides", "stop_cmd"]
 
@@ -138,22 +142,80 @@ def stop_cmd(home: str | None, deadline: float) -> None:
     ensure_home_env(home)
     info = read_node_file()
     pid = info.get("pid") if info else None
-    if not isinstance(pid, int) or pid <= 0:
+    if info is None or not isinstance(pid, int) or pid <= 0:
         raise CliFailure(f"omx: no node is running (no {node_file()})")
-    label = f"{info.get('node_id') or 'node'} (pid {pid})" if info else f"pid {pid}"
-    if not pid_alive(pid):
-        node_file().unlink(missing_ok=True)
-        raise CliFailure(f"omx: no node is running (pid {pid} from {node_file()} has exited; removed it)")
+    label = f"{info.get('node_id') or 'node'} (pid {pid})"
+    # A pidfd names this process even if it exits and its pid is reused while we check and signal.
+    with _pidfd(pid) as pidfd:
+        if not pid_alive(pid):
+            node_file().unlink(missing_ok=True)
+            raise CliFailure(f"omx: no node is running (pid {pid} from {node_file()} has exited; removed it)")
+        stranger = _not_the_node(pid, info)
+        if stranger is not None:
+            node_file().unlink(missing_ok=True)
+            raise CliFailure(f"omx: no node is running: pid {pid} from {node_file()} is now another process "
+                             f"({stranger}); left it alone and removed the stale file")
+        try:
+            if pidfd is not None:
+                signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+            else:
+                os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            click.echo(f"Node {label} already exited.")
+            return
+        except PermissionError as exc:
+            raise CliFailure(f"omx: not allowed to signal pid {pid}: {exc.strerror}") from exc
+        if not _wait_exit(pid, pidfd, deadline):
+            raise CliFailure(f"omx: node {label} did not exit within {deadline:g} s")
+    click.echo(f"Stopped node {label}.")
+
+
+def _not_the_node(pid: int, info: dict[str, Any]) -> str | None:
+    """Why live process ``pid`` is not the node that wrote ``info``; None when it is."""
+    recorded = info.get("start_ticks")
+    if isinstance(recorded, int):
+        started = start_ticks(pid)
+        if started is None or started == recorded:
+            return None  # unreadable: it exited meanwhile, and the signal will say so
+        return "it started after the node that wrote the file"
+    # A file without a start time (written by an older omx): only an omx process qualifies.
+    import psutil
+
     try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        click.echo(f"Node {label} already exited.")
+        command = " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return "its command line cannot be read"
+    if "omx" in command or "ollama-distributed" in command:
+        return None
+    return f"its command is {command[:80]!r}"
+
+
+@contextlib.contextmanager
+def _pidfd(pid: int) -> Iterator[int | None]:
+    """A pidfd for ``pid`` (Linux 5.3+), or None where there is none."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        yield None
         return
-    except PermissionError as exc:
-        raise CliFailure(f"omx: not allowed to signal pid {pid}: {exc.strerror}") from exc
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _wait_exit(pid: int, pidfd: int | None, deadline: float) -> bool:
+    """Wait up to ``deadline`` seconds for the process to exit; True once it has."""
     end = time.monotonic() + deadline
+    if pidfd is not None:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)  # readable once the process has exited
+        while not poller.poll(max(0.0, end - time.monotonic()) * 1000):
+            if time.monotonic() >= end:
+                return False
+        return True
     while pid_alive(pid):
         if time.monotonic() > end:
-            raise CliFailure(f"omx: node {label} did not exit within {deadline:g} s")
+            return False
         time.sleep(0.1)
-    click.echo(f"Stopped node {label}.")
+    return True

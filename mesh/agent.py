@@ -1,9 +1,11 @@
 """Supervise a real ``serf agent`` child process.
 
-The child gets its own process group and ``PR_SET_PDEATHSIG`` so it dies with
-the node. A crash is answered by a restart with exponential backoff (the
-snapshot file lets the new agent rejoin the members it knew); an intended
-:meth:`SerfAgent.leave` or :meth:`SerfAgent.stop` is not.
+The child gets its own session (so its own process group), an environment of
+its own (nothing of the node's, see :func:`omx.processes.child_env`) and
+``PR_SET_PDEATHSIG`` so it dies with the node. A crash is answered by a
+restart with exponential backoff (the snapshot file lets the new agent rejoin
+the members it knew); an intended :meth:`SerfAgent.leave` or
+:meth:`SerfAgent.stop` is not.
 """
 
 from __future__ import annotations
@@ -14,24 +16,38 @@ import contextlib
 import logging
 import os
 import secrets
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from omx.mesh.agent_config import (
-    AgentConfig,
-    AgentState,
-    _die_with_parent,
-    _free_loopback_port,
-    _write_private_json,
-)
+from omx.mesh.agent_config import AgentConfig, AgentState, _free_loopback_port, _write_private_json
 from omx.mesh.errors import SerfAgentError, SerfConnectionError, SerfRPCError
 from omx.mesh.serf_rpc import SerfRPC
 from omx.mesh.tags import encode_tags
+from omx.processes import child_env
 
 __all__ = ["SerfAgent"]
 
 log = logging.getLogger(__name__)
+
+# Exits when the node died before setpriv armed PR_SET_PDEATHSIG, else becomes the agent (same pid).
+_EXEC_IF_PARENT = 'test "$PPID" = "$1" || exit 70; shift; exec "$@"'
+
+
+def _die_with_parent_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` behind ``setpriv --pdeathsig KILL`` (util-linux), so the agent dies with the node.
+
+    This replaces a ``preexec_fn``, which Python documents as unsafe in a
+    threaded process. Linux sends the signal when the parent *thread* exits:
+    agents are spawned from the event loop's thread, which lives as long as the
+    node. Without setpriv the agent still runs, but outlives a killed node.
+    """
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        log.warning("setpriv (util-linux) not found: the serf agent will outlive this node if it is killed")
+        return list(argv)
+    return [setpriv, "--pdeathsig", "KILL", "--", "/bin/sh", "-c", _EXEC_IF_PARENT, "sh", str(os.getpid()), *argv]
 
 
 class SerfAgent:
@@ -116,13 +132,14 @@ class SerfAgent:
         if not self.config.rpc_port:
             self.rpc_port = _free_loopback_port()
         await self._write_config()
-        parent = os.getpid()
+        binary = shutil.which(self.binary)
+        if binary is None:
+            raise SerfAgentError(f"cannot run {self.binary!r}: no such executable")
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                self.binary, "agent", f"-config-file={self.config_path}",
+                *_die_with_parent_argv([binary, "agent", f"-config-file={self.config_path}"]),
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, process_group=0,
-                preexec_fn=lambda: _die_with_parent(parent))
+                stderr=asyncio.subprocess.STDOUT, start_new_session=True, env=child_env())
         except OSError as exc:
             raise SerfAgentError(f"cannot run {self.binary!r}: {exc.strerror or exc}") from exc
         self._log_task = asyncio.create_task(self._drain_logs(self._proc))

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ctypes
 import ipaddress
 import json
 import logging
-import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 from collections.abc import Mapping
@@ -28,13 +25,13 @@ from typing import Literal
 from omx.errors import ConfigError
 from omx.fsutil import atomic_write
 from omx.mesh.tags import check_node_name, encode_tags, split_host_port
+from omx.processes import child_env
 
 __all__ = ["DEFAULT_GOSSIP_PORT", "AgentConfig", "AgentState", "serf_available"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GOSSIP_PORT = 4001
-_PR_SET_PDEATHSIG = 1
 
 
 def serf_available(binary: str = "serf") -> tuple[bool, str | None]:
@@ -46,7 +43,8 @@ def serf_available(binary: str = "serf") -> tuple[bool, str | None]:
     if path is None:
         return False, None
     try:
-        out = subprocess.run([path, "version"], capture_output=True, text=True, timeout=10, check=False)
+        out = subprocess.run([path, "version"], capture_output=True, text=True, timeout=10, check=False,
+                             env=child_env())
     except (OSError, subprocess.SubprocessError):
         return False, None
     match = re.search(r"(\d+\.\d+\.\d+[\w.-]*)", out.stdout)
@@ -144,14 +142,6 @@ def _write_private_json(path: Path, data: Mapping[str, object]) -> None:
     """Write JSON atomically, created with mode 0600 (it carries the RPC token and gossip key)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     atomic_write(path, json.dumps(data, indent=2), mode=0o600)
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Runs in the child before exec: SIGTERM when the parent thread dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 AgentState = Literal["stopped", "starting", "running", "restarting", "leaving", "left", "failed"]

@@ -22,6 +22,7 @@ from omx.functions.builtin import builtin_registry, pull
 from omx.functions.call import EngineDefaults, NodeInfo, Services
 from omx.functions.cluster_view import CLUSTER_KEY, USAGE_KEY
 from omx.functions.dispatch import Dispatcher
+from omx.processes import start_ticks
 from omx.runtime.app import build_app
 from omx.runtime.cluster import ClusterService
 from omx.runtime.config import Settings
@@ -119,11 +120,15 @@ class Node:
                          web_port=None, p2p_port=topo.p2p_port if topo else None, config_path=self.config_path)
 
     def _write_node_json(self) -> Path:
-        """Write ``run/node.json`` (pid, ports, gossip address, agent pid) for the CLI."""
+        """Write ``run/node.json`` (pid and its start time, ports, gossip address, agent pid) for the CLI.
+
+        ``start_ticks`` lets ``omx stop`` tell this process from a later one that reuses its pid.
+        """
         run_dir = self.settings.run_dir
         ready = self.ready
         agent = self.cluster.agent()
-        info = {"pid": os.getpid(), "url": ready.url, "host": self.settings.api.host,
+        info = {"pid": os.getpid(), "start_ticks": start_ticks(os.getpid()),
+                "url": ready.url, "host": self.settings.api.host,
                 "api_port": ready.api_port, "web_port": ready.web_port, "p2p_port": ready.p2p_port,
                 "p2p_address": agent.gossip_address, "serf": agent.running, "serf_pid": agent.pid,
                 "node_id": ready.node_id}

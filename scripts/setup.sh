@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 extras="demo"
 [ "${1:-}" = "--test" ] && extras="demo,test"
 
-apt_packages=(serf docker-registry cmake build-essential python3-venv python3-dev curl)
+# util-linux: setpriv, with which the serf agent dies with its node.
+apt_packages=(serf util-linux docker-registry cmake build-essential python3-venv python3-dev curl)
 missing=()
 for pkg in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 from omx.cli.client import discover_url
 from omx.cli.main import cli
+from omx.processes import start_ticks
 from tests.support.fake_ollama_api import FakeOllamaApi
 
 OMX = str(Path(sys.executable).parent / "omx")
@@ -45,10 +46,10 @@ def _dead_pid() -> int:
     return child.pid
 
 
-def _write_node_json(home: Path, pid: int, url: str) -> None:
+def _write_node_json(home: Path, pid: int, url: str, **extra: Any) -> None:
     (home / "run" / "node.json").write_text(json.dumps(
         {"pid": pid, "url": url, "api_port": 1, "web_port": None, "p2p_port": None, "node_id": "omx-0000abcd",
-         "host": "127.0.0.1"}))
+         "host": "127.0.0.1", **extra}))
 
 
 # ------------------------------------------------------------------ discovery
@@ -88,7 +89,7 @@ def test_broken_config_exits_2_on_client_commands(home: Path) -> None:
 def test_stop_signals_pid_and_waits(home: Path) -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
-        _write_node_json(home, child.pid, "http://127.0.0.1:1")
+        _write_node_json(home, child.pid, "http://127.0.0.1:1", start_ticks=start_ticks(child.pid))
         result = CliRunner().invoke(cli, ["stop"])
         assert result.exit_code == 0, result.output
         assert result.stdout == f"Stopped node omx-0000abcd (pid {child.pid}).\n"
@@ -96,6 +97,27 @@ def test_stop_signals_pid_and_waits(home: Path) -> None:
     finally:
         child.kill()
         child.wait(timeout=20)
+
+
+@pytest.mark.parametrize("recorded", ["earlier start", "no start time"])
+def test_stop_leaves_a_process_that_reused_the_pid_alone(home: Path, recorded: str) -> None:
+    # The node crashed; its pid now belongs to an unrelated process.
+    stranger = subprocess.Popen(["sleep", "120"])
+    try:
+        ticks = start_ticks(stranger.pid)
+        assert ticks is not None
+        extra = {"start_ticks": ticks - 100} if recorded == "earlier start" else {}
+        _write_node_json(home, stranger.pid, "http://127.0.0.1:1", **extra)
+        result = CliRunner().invoke(cli, ["stop"])
+        assert result.exit_code == 1
+        assert result.stderr.startswith(f"omx: no node is running: pid {stranger.pid} from ")
+        assert "is now another process" in result.stderr and result.stderr.count("\n") == 1
+        assert stranger.poll() is None
+        assert not (home / "run" / "node.json").exists()
+    finally:
+        stranger.kill()
+        stranger.wait(timeout=20)
+    assert stranger.returncode == -signal.SIGKILL  # alive until our own kill
 
 
 def test_stop_without_node(home: Path) -> None:
@@ -207,6 +229,7 @@ def test_real_start_then_stop(real_node: tuple[subprocess.Popen[str], Path, int]
         time.sleep(0.05)
     info = json.loads(node_json.read_text())
     assert info["pid"] == proc.pid and info["api_port"] == port
+    assert info["start_ticks"] == start_ticks(proc.pid)  # what lets `omx stop` recognise it
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("OMX_")}, "OMX_HOME": str(home)}
     listed = subprocess.run([OMX, "list", "--json"], env=env, capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0, listed.stderr

@@ -142,7 +142,14 @@ async def test_agent_dies_with_its_parent(serf: None, tmp_path: Path) -> None:
         line = await asyncio.wait_for(parent.stdout.readline(), DEADLINE_S)
         serf_pid = int(line)
         assert serf_pids(str(tmp_path)) == [serf_pid]
+        assert os.getsid(serf_pid) == serf_pid  # its own session: no hangup reaches it when the parent dies
+        # Stopped, it cannot notice its closed pipe either: only the death signal can end it.
+        os.kill(serf_pid, signal.SIGSTOP)
     finally:
         parent.kill()
         await parent.wait()
-    await eventually(lambda: not serf_pids(str(tmp_path)), "serf died with its parent")
+    try:
+        await eventually(lambda: not serf_pids(str(tmp_path)), "serf died with its parent")
+    finally:
+        for pid in serf_pids(str(tmp_path)):
+            os.kill(pid, signal.SIGKILL)

@@ -22,12 +22,31 @@ from dataclasses import fields
 from typing import Any
 
 from omx.errors import EngineError, InvalidRequest, OmxError, RunnerCrashed, UnsupportedCapability
+from omx.processes import child_env
 from omx.protocols import Completion, CompletionChunk, CompletionDone, EmbedResult, ModelSpec, SamplingOptions
 from omx.runtime.engine import _wire
 
-__all__ = ["ProcessRunner"]
+__all__ = ["ProcessRunner", "runner_env"]
 
 _CLOSE_GRACE = 5.0
+
+# What llama.cpp (or ctransformers) may need from the node's environment: where shared libraries
+# are (LD_LIBRARY_PATH, LLAMA_CPP_LIB_PATH), thread settings (OpenMP, BLAS), ggml's and llama's own
+# switches, and GPU selection (CUDA, ROCm, Vulkan, oneAPI).
+_RUNNER_KEEP = ("LD_LIBRARY_PATH",)
+_RUNNER_PREFIXES = ("LLAMA_", "GGML_", "OMP_", "GOMP_", "KMP_", "OPENBLAS_", "MKL_", "CUDA_", "NVIDIA_", "HIP_",
+                    "ROCR_", "HSA_", "GPU_", "VK_", "ZE_", "ONEAPI_", "SYCL_")
+
+
+def runner_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """A runner's whole environment: :func:`omx.processes.child_env` with the variables above.
+
+    ``PYTHONPATH`` is the node's own ``sys.path``, so a runner imports the omx
+    the node runs (a source checkout, a user site, a ``PYTHONPATH``) although
+    none of the node's ``PYTHON*`` variables or its ``HOME`` is passed.
+    """
+    path = os.pathsep.join(dict.fromkeys(entry or os.getcwd() for entry in sys.path))
+    return child_env(keep=_RUNNER_KEEP, keep_prefixes=_RUNNER_PREFIXES, extra={"PYTHONPATH": path, **(extra or {})})
 
 
 def _request_error(kind: str, message: str) -> Exception:
@@ -88,12 +107,8 @@ class _Generation:
             await stream.event.wait()
         item = items.popleft()
         if type(item) is str:
-            # Pieces that arrived together go out as one chunk.
-            if items and type(items[0]) is str:
-                parts = [item]
-                while items and type(items[0]) is str:
-                    parts.append(items.popleft())
-                item = "".join(parts)
+            # One chunk per piece the runner sent, even when several arrived together:
+            # clients count and time the lines of a stream (Ollama sends one per token).
             return CompletionChunk(item)
         self._end()
         if type(item) is dict:
@@ -183,13 +198,20 @@ class ProcessRunner:
     async def spawn(cls, spec: ModelSpec, config: dict[str, Any], *, python: str | None = None,
                     load_timeout: float = 300.0, token_timeout: float = 600.0,
                     env: dict[str, str] | None = None) -> ProcessRunner:
-        """Start ``python -m omx.runtime.engine.runner`` and wait until the model is loaded."""
+        """Start ``python -m omx.runtime.engine.runner`` and wait until the model is loaded.
+
+        The runner gets :func:`runner_env` plus ``env``, nothing else of the
+        node's environment. It asks Linux to kill it when its parent dies
+        (``PR_SET_PDEATHSIG``), and Linux means the parent *thread*: the event
+        loop's thread forks it here, and that thread lives as long as the node.
+        """
         loop = asyncio.get_running_loop()
         transport, pipes = await loop.subprocess_exec(
             lambda: _RunnerPipes(limit=2**16, loop=loop),
-            python or sys.executable, "-m", "omx.runtime.engine.runner",
+            # -P: imports come from the node's own path (runner_env's PYTHONPATH), not the working directory.
+            python or sys.executable, "-P", "-m", "omx.runtime.engine.runner", "--parent", str(os.getpid()),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, **(env or {})},
+            env=runner_env(env),
             # Its own session: a Ctrl-C meant for the node must not kill runners behind the node's back.
             start_new_session=True,
         )

@@ -6,7 +6,8 @@ so anything native code prints can never corrupt the frame stream. The first
 frame says what to load; then each generation runs in its own thread on a free
 slot, and one-shot requests run on a small thread pool, so the reading loop
 always sees ``cancel`` frames promptly. End of stdin (the node closed the
-runner or died) ends the process.
+runner or died) ends the process; so does the node's death mid native call
+(``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
@@ -25,15 +26,29 @@ from omx.runtime.engine._wire import ERR_ENGINE, RequestError
 __all__ = ["main"]
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to kill this process when the node dies, even mid native call."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
+def _die_with_parent(parent: int | None) -> None:
+    """Ask Linux to kill this process when the node dies, even mid native call.
 
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    Set here rather than in a ``preexec_fn`` (unsafe in the node's threaded
+    process). If the node died before this took effect, the runner has been
+    handed to another parent already: it exits now. ``parent`` is the node's
+    pid (``--parent``); None skips that check (a runner started by hand).
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if parent is not None and os.getppid() != parent:
+        os._exit(3)
+
+
+def _parent_arg(argv: list[str]) -> int | None:
+    """The node's pid from ``--parent PID``, if given."""
+    if "--parent" in argv[:-1]:
+        return int(argv[argv.index("--parent") + 1])
+    return None
 
 
 class _Channel:
@@ -145,7 +160,7 @@ def _frames(fd: int) -> Any:
 
 def main() -> int:
     """Serve frames until stdin closes."""
-    _die_with_parent()
+    _die_with_parent(_parent_arg(sys.argv))
     out_fd = os.dup(1)
     os.dup2(2, 1)
     channel = _Channel(out_fd)
