@@ -29,6 +29,7 @@ import base64
 import json
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from .chunks import ChunkIndex, index_file, verify_chunk
 from .health import store_tmp
 from .names import blob_filename, parse_digest
 
-__all__ = ["PartialBlob"]
+__all__ = ["PartialBlob", "PartialState", "read_partial_state"]
 
 
 class PartialBlob:
@@ -230,3 +231,48 @@ def partial_files(store_root: Path) -> list[Path]:
     """Every file under ``partial/`` (used by recovery and fsck)."""
     folder = store_root / "partial"
     return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+
+
+@dataclass(frozen=True)
+class PartialState:
+    """A read-only look at a partial blob on disk (what a swarm peer may serve from it)."""
+
+    digest: BlobDigest
+    size: int
+    chunk_size: int
+    have: bytes
+    """Bitmap of held chunks: bit ``i & 7`` of byte ``i >> 3`` is chunk ``i``."""
+    chunks: tuple[ChunkDigest, ...] | None
+    data_path: Path
+
+    @property
+    def chunk_count(self) -> int:
+        return -(-self.size // self.chunk_size)
+
+    def has_chunk(self, i: int) -> bool:
+        return 0 <= i < self.chunk_count and bool(self.have[i >> 3] & (1 << (i & 7)))
+
+    def held(self) -> list[int]:
+        return [i for i in range(self.chunk_count) if self.has_chunk(i)]
+
+
+def read_partial_state(store: BlobStore, digest: BlobDigest) -> PartialState | None:
+    """The saved state of ``digest``'s partial blob, without opening (or changing) it. Blocking.
+
+    None when there is no partial blob or its state is unreadable or inconsistent.
+    """
+    digest = parse_digest(digest)
+    base = store.root / "partial" / blob_filename(digest)
+    try:
+        doc = json.loads(base.with_name(base.name + ".state.json").read_bytes())
+        if doc.get("digest") != digest:
+            return None
+        size, chunk_size = int(doc["size"]), int(doc["chunk_size"])
+        have = base64.b64decode(doc["have"])
+        chunks = tuple(ChunkDigest(str(c)) for c in doc["chunks"]) if doc.get("chunks") else None
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
+    count = -(-size // chunk_size) if chunk_size > 0 else -1
+    if size < 0 or count < 0 or len(have) != -(-count // 8) or (chunks is not None and len(chunks) != count):
+        return None
+    return PartialState(digest, size, chunk_size, have, chunks, base.with_name(base.name + ".data"))
