@@ -6,14 +6,16 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from omx.protocols import Scheduler
 from omx.types import NodeId
 
 if TYPE_CHECKING:
+    from omx.functions.cluster_view import ClusterView, ServedBytes, UsageSink
     from omx.functions.registry import HandlerSpec
     from omx.storage import ModelStore
+    from omx.storage.registry import RegistryClient
 
 __all__ = ["Call", "EngineDefaults", "NodeInfo", "Services"]
 
@@ -42,16 +44,22 @@ class EngineDefaults:
 class Services:
     """The node's parts that handlers reach, injected by the runtime.
 
-    ``extras`` lets later layers (membership, registry client, replicator)
-    hand their services to the handlers that use them without widening
-    this class for every addition.
+    The optional parts are None on a node (or a test harness) built without them;
+    the handlers that need one answer with a clear error then.
     """
 
     store: ModelStore
     scheduler: Scheduler
     node: NodeInfo
     defaults: EngineDefaults = field(default_factory=EngineDefaults)
-    extras: dict[str, Any] = field(default_factory=dict)
+    cluster: ClusterView | None = None
+    """The node's cluster service (membership, inventory, metrics, join and leave)."""
+    usage: UsageSink | None = None
+    """Told about every model request served (token counts, per-model request counts)."""
+    registry: RegistryClient | None = None
+    """The registry client behind pull and push."""
+    transfer_stats: ServedBytes | None = None
+    """Told how many chunk bytes each peer response sent."""
 
 
 async def _no_body() -> AsyncIterator[bytes]:

@@ -1,15 +1,16 @@
 """What the cluster handlers see of the node's cluster service.
 
-The runtime implements :class:`ClusterView` and puts it in
-``services.extras[CLUSTER_KEY]``; the handlers in
+The runtime implements :class:`ClusterView` and hands it over as
+``Services.cluster``; the handlers in
 :mod:`omx.functions.builtin.cluster` only ever see this protocol and the
 frozen facts below, never the Serf agent or the runtime. The wire shapes of
 the cluster endpoints are built here from those facts (pure functions), so the
 runtime and the handlers agree on them in one place.
 
-``services.extras[USAGE_KEY]`` optionally holds a :class:`UsageSink` that the
-inference path tells about every model request it served (token counts feed
-``/metrics``, per-model request counts feed ``/api/distributed/status``).
+``Services.usage`` optionally holds a :class:`UsageSink` that the inference
+path tells about every model request it served (token counts feed
+``/metrics``, per-model request counts feed ``/api/distributed/status``), and
+``Services.transfer_stats`` a :class:`ServedBytes` told about peer transfers.
 """
 
 from __future__ import annotations
@@ -22,24 +23,17 @@ from omx.errors import OmxError
 from omx.timefmt import iso_time
 
 __all__ = [
-    "CLUSTER_KEY",
-    "USAGE_KEY",
     "AgentFacts",
     "ClusterView",
     "Counters",
     "NodeRecord",
     "Resources",
+    "ServedBytes",
     "UsageSink",
     "cluster_view",
     "node_json",
     "resources_json",
 ]
-
-CLUSTER_KEY = "cluster"
-"""``services.extras`` key of the node's :class:`ClusterView`."""
-
-USAGE_KEY = "usage"
-"""``services.extras`` key of the node's :class:`UsageSink` (optional)."""
 
 MembershipMode = Literal["serf", "standalone"]
 
@@ -146,6 +140,13 @@ class UsageSink(Protocol):
         ...
 
 
+class ServedBytes(Protocol):
+    """Told how many chunk bytes each peer response actually sent."""
+
+    def bytes_served(self, n: int) -> None:
+        ...
+
+
 class ClusterView(Protocol):
     """The node's cluster service as the handlers use it."""
 
@@ -200,9 +201,8 @@ class ClusterView(Protocol):
         ...
 
 
-def cluster_view(extras: Mapping[str, Any]) -> ClusterView:
-    """The :class:`ClusterView` in ``extras`` or an error saying the node has none."""
-    view = extras.get(CLUSTER_KEY)
+def cluster_view(view: ClusterView | None) -> ClusterView:
+    """``view`` (a node's ``Services.cluster``), or an error saying the node has none."""
     if view is None:
         raise OmxError("this node runs without a cluster service", status=503)
-    return view  # type: ignore[no-any-return]
+    return view

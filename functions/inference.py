@@ -11,7 +11,6 @@ from typing import Any
 
 from omx.errors import InvalidRequest, UnsupportedCapability
 from omx.functions.call import Services
-from omx.functions.cluster_view import USAGE_KEY
 from omx.functions.options import (
     LOAD_OPTIONS,
     json_grammar,
@@ -157,7 +156,7 @@ async def run_completion(
                     timings.done = item
         finally:
             await stream.aclose()
-    sink = services.extras.get(USAGE_KEY)
+    sink = services.usage
     if sink is not None and timings.done is not None:
         sink.model_request(target.spec.name, prompt_tokens=timings.done.prompt_eval_count,
                            generated_tokens=timings.done.eval_count)

@@ -201,7 +201,34 @@ class LoadedModel:
 
 
 class Scheduler(Protocol):
-    """Loads models on demand and hands out runner slots."""
+    """Loads models on demand and hands out runner slots.
+
+    Its limits and queue length are read by the status handlers.
+    """
+
+    @property
+    def engine(self) -> Engine:
+        """The backend that starts its runners."""
+        ...
+
+    @property
+    def max_loaded_models(self) -> int:
+        ...
+
+    @property
+    def num_parallel(self) -> int:
+        """Concurrent requests per loaded model."""
+        ...
+
+    @property
+    def max_queue(self) -> int:
+        """Requests that may wait for a slot before new ones get 503."""
+        ...
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a slot now."""
+        ...
 
     def lease(self, spec: ModelSpec, *, keep_alive: float | None) -> AbstractAsyncContextManager[Runner]:
         """Wait (bounded) for a slot on a runner of ``spec``, loading it if needed.

@@ -20,7 +20,6 @@ import omx
 from omx.fsutil import atomic_write
 from omx.functions.builtin import builtin_registry, pull
 from omx.functions.call import EngineDefaults, NodeInfo, Services
-from omx.functions.cluster_view import CLUSTER_KEY, USAGE_KEY
 from omx.functions.dispatch import Dispatcher
 from omx.processes import start_ticks
 from omx.runtime.app import build_app
@@ -95,10 +94,10 @@ class Node:
                 num_parallel=self.settings.engine.num_parallel,
             ),
         )
-        self.services.extras[CLUSTER_KEY] = self.cluster
-        self.services.extras[USAGE_KEY] = self.cluster
+        self.services.cluster = self.cluster
+        self.services.usage = self.cluster
         models = self.settings.models
-        self.services.extras[pull.REGISTRY_KEY] = pull.make_registry_client(
+        self.services.registry = pull.make_registry_client(
             self.store, self.registry_transport, default_registry=models.registry, insecure=models.insecure,
             concurrency=models.concurrency, download_timeout=models.download_timeout)
         self.app = build_app(self.registry, self.services, self.dispatcher, lifespan=self._lifespan)

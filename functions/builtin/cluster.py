@@ -26,7 +26,7 @@ CONSENSUS_NOTE = "omx has no consensus log or leader: membership is Serf (SWIM) 
 
 
 def _view(call: Call) -> ClusterView:
-    return cluster_view(call.services.extras)
+    return cluster_view(call.services.cluster)
 
 
 def _uptime(call: Call) -> float:
@@ -71,23 +71,22 @@ def _scheduler_stats(call: Call, requests_processed: int) -> dict[str, Any]:
     return {
         "loaded_models": len(loaded),
         "active_requests": sum(m.active_requests for m in loaded),
-        "queued_requests": int(getattr(sched, "queued", 0)),
-        "max_queue": int(getattr(sched, "max_queue", 0)),
-        "num_parallel": int(getattr(sched, "num_parallel", call.services.defaults.num_parallel)),
-        "max_loaded_models": int(getattr(sched, "max_loaded_models", 0)),
+        "queued_requests": sched.queued,
+        "max_queue": sched.max_queue,
+        "num_parallel": sched.num_parallel,
+        "max_loaded_models": sched.max_loaded_models,
         "requests_processed": requests_processed,
     }
 
 
 def _runner_stats(call: Call) -> dict[str, Any]:
     sched = call.services.scheduler
-    engine = getattr(sched, "engine", None)
     runners = [{
         "model": m.name, "pid": m.pid, "context_length": m.context_length, "active_requests": m.active_requests,
         "requests_served": m.requests_served, "cancelled_generations": m.cancelled_generations,
         "expires_at": iso_time(m.expires_at) if m.expires_at is not None else None,
     } for m in sched.loaded()]
-    return {"backend": str(getattr(engine, "name", "llama_cpp")).replace("-", "_"), "runners": runners}
+    return {"backend": sched.engine.name.replace("-", "_"), "runners": runners}
 
 
 async def status(_body: None, call: Call) -> dict[str, Any]:

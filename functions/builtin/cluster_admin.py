@@ -29,22 +29,22 @@ class JoinRequest(BaseModel):
 
 async def join(body: JoinRequest, call: Call) -> dict[str, Any]:
     """Join the cluster of a join token (the node's secret is replaced and its agent restarted)."""
-    return await cluster_view(call.services.extras).join(body.token)
+    return await cluster_view(call.services.cluster).join(body.token)
 
 
 async def leave(_body: None, call: Call) -> dict[str, Any]:
     """Leave the cluster gracefully; the node keeps serving on its own."""
-    return await cluster_view(call.services.extras).leave()
+    return await cluster_view(call.services.cluster).leave()
 
 
 async def token(_body: None, call: Call) -> dict[str, Any]:
     """A join token for this node's cluster (it contains the cluster secret)."""
-    return {"token": cluster_view(call.services.extras).join_token()}
+    return {"token": cluster_view(call.services.cluster).join_token()}
 
 
 async def inventory(_body: None, call: Call) -> dict[str, Any]:
     """What this node holds (models with digests and sizes), with a version, and its resources."""
-    return await cluster_view(call.services.extras).inventory()
+    return await cluster_view(call.services.cluster).inventory()
 
 
 def register(registry: FunctionRegistry) -> None:

@@ -8,7 +8,6 @@ from typing import Any
 
 from omx.errors import InvalidRequest
 from omx.functions.call import Call
-from omx.functions.cluster_view import USAGE_KEY
 from omx.functions.inference import Target, resolve_target
 from omx.functions.registry import FunctionRegistry
 from omx.functions.schemas import EmbeddingsRequest, EmbedRequest
@@ -24,7 +23,7 @@ async def embed_texts(call: Call, target: Target, texts: Sequence[str], *, norma
     async with call.services.scheduler.lease(target.spec, keep_alive=target.keep_alive) as runner:
         load = time.perf_counter_ns() - before
         result = await runner.embed(texts, normalize=normalize, truncate=truncate)
-    sink = call.services.extras.get(USAGE_KEY)
+    sink = call.services.usage
     if sink is not None:
         sink.model_request(target.spec.name, prompt_tokens=result.prompt_eval_count, generated_tokens=0)
     return result, load

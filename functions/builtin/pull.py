@@ -1,7 +1,7 @@
 """Registry transfers: ``POST /api/pull``, ``POST /api/push`` and ``GET /api/pulls``.
 
-The runtime puts a :class:`~omx.storage.registry.RegistryClient` under
-``services.extras["registry"]`` (build it with :func:`make_registry_client`).
+The runtime hands a :class:`~omx.storage.registry.RegistryClient` over as
+``Services.registry`` (build it with :func:`make_registry_client`).
 Pull and push stream Ollama's progress lines; with ``"stream": false`` only
 the final status is returned. ``GET /api/pulls`` (an omx addition) lists the
 models being downloaded here, for ``omx proxy list``.
@@ -22,9 +22,7 @@ from omx.storage import ModelStore
 from omx.storage.registry import Credentials, ProgressEvent, RegistryClient, RegistryOptions
 from omx.storage.registry.pending import FileManifests
 
-__all__ = ["REGISTRY_KEY", "make_registry_client", "register"]
-
-REGISTRY_KEY = "registry"
+__all__ = ["make_registry_client", "register"]
 
 
 def make_registry_client(
@@ -49,8 +47,8 @@ def make_registry_client(
 
 
 def _client(call: Call) -> RegistryClient:
-    client = call.services.extras.get(REGISTRY_KEY)
-    if not isinstance(client, RegistryClient):
+    client = call.services.registry
+    if client is None:
         raise OmxError("this node has no registry client configured")
     return client
 

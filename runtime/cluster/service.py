@@ -33,6 +33,7 @@ from omx.mesh import (
     serf_available,
 )
 from omx.mesh.membership import Membership
+from omx.protocols import Scheduler
 from omx.runtime.cluster.inventory import LocalInventory, PeerInventories
 from omx.runtime.cluster.keys import persist_secret, resolve_secret
 from omx.runtime.cluster.metrics import LiveFacts, NodeMetrics
@@ -56,7 +57,7 @@ STORE_CHANGING_HANDLERS = frozenset({"create", "copy", "delete", "pull", "blob_u
 class ClusterService:
     """Membership and observability of one node (see the module docstring)."""
 
-    def __init__(self, settings: Settings, node_id: str, store: ModelStore, scheduler: Any,
+    def __init__(self, settings: Settings, node_id: str, store: ModelStore, scheduler: Scheduler,
                  dispatcher: Dispatcher, *, serf_binary: str = "serf",
                  env: dict[str, str] | None = None) -> None:
         self.settings = settings
@@ -391,7 +392,7 @@ class ClusterService:
             counts[record.status] = counts.get(record.status, 0) + 1
         facts = self.agent()
         self.metrics.set_live(LiveFacts(
-            in_flight=self.dispatcher.in_flight, queued=int(getattr(self.scheduler, "queued", 0)),
+            in_flight=self.dispatcher.in_flight, queued=self.scheduler.queued,
             active=sum(m.active_requests for m in loaded), loaded_models=len(loaded), members=counts,
             agent_up=facts.running, agent_restarts=facts.restarts, websocket_connections=self._ws,
             inventory_models=len(self.local.models)))

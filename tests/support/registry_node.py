@@ -40,7 +40,7 @@ async def api_node(root: Path, registry: str, **client_options: Any) -> AsyncIte
     pull.register(handlers)
     services = Services(store=store, scheduler=None,  # type: ignore[arg-type] - no model is loaded here
                         node=NodeInfo(node_id=NodeId("omx-test0001"), version="0"),
-                        extras={pull.REGISTRY_KEY: client})
+                        registry=client)
     app = build_app(handlers, services, Dispatcher())
     listener = bind_tcp("127.0.0.1", 0)
     stop = asyncio.Event()
