@@ -19,7 +19,6 @@ from omx.functions.registry import FunctionRegistry, HandlerSpec
 from omx.mesh import ClusterSecret, JoinToken, Verifier, read_secret, sign, write_secret
 from omx.runtime.app import build_app
 from omx.runtime.cluster import resolve_secret
-from omx.runtime.cluster.inventory import inventory_version
 from omx.runtime.cluster.records import node_label, public_status
 from omx.runtime.events import EventBus, NodeStateChanged, SubscriberLagged
 from tests.support.node import wait_until
@@ -63,13 +62,6 @@ def test_bad_token_and_bad_env_secret_are_config_errors(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ pure helpers
-
-
-def test_inventory_version_is_order_free_and_changes_with_content() -> None:
-    a = inventory_version([("x:latest", "sha256:1"), ("y:latest", "sha256:2")])
-    assert a == inventory_version([("y:latest", "sha256:2"), ("x:latest", "sha256:1")])
-    assert a != inventory_version([("x:latest", "sha256:1")])
-    assert inventory_version([]) == "0" and len(a) == 16
 
 
 def test_status_and_label_mapping() -> None:

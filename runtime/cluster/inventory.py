@@ -1,95 +1,106 @@
 """Inventories: what this node holds (with a version) and what its peers hold.
 
-:class:`LocalInventory` recomputes this node's model list when the store's
-manifests change (a cheap stat walk of the manifest trees, polled and also
-poked after create/copy/delete/pull) and derives a short version string from
-the (name, manifest digest) pairs: the version gossiped in the ``inv`` tag.
+:class:`LocalInventory` keeps this node's :class:`~omx.storage.holdings.Holdings`
+(models with origins, complete and partial blobs, transfers under way, factor
+overrides, free space) up to date: a cheap stat walk of the store
+(:meth:`HoldingsScanner.signature <omx.storage.holdings_scan.HoldingsScanner.signature>`),
+polled and also poked after create/copy/delete/pull, triggers a rescan in a
+thread. The holdings' version is the one gossiped in the ``inv`` tag; it ignores
+last-use times and free space, so :meth:`LocalInventory.current` adds those fresh
+whenever the holdings are served.
 
 :class:`PeerInventories` fetches a peer's ``/api/peer/inventory`` over HTTP,
 HMAC-signed, when the peer's ``inv`` tag differs from the cached version
-(and periodically, for its resources), and caches the answer.
+(and periodically, for its resources and free space), parses its holdings
+strictly, and caches the answer. :func:`snapshot_of` turns the members and the
+cache into the :class:`~omx.storage.placement.ClusterSnapshot` placement reads.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import json
 import logging
-import os
+import shutil
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
 
+from omx.errors import PeerError
 from omx.functions.cluster_view import Resources
-from omx.mesh import sign
+from omx.mesh import MemberState, sign
 from omx.storage import ModelStore
-from omx.timefmt import iso_time
+from omx.storage.holdings import Holdings
+from omx.storage.holdings_meta import HoldingsMeta
+from omx.storage.holdings_scan import HoldingsScanner
+from omx.storage.holdings_wire import holdings_from_json, holdings_to_json
+from omx.storage.placement import ClusterSnapshot, NodeView
+from omx.types import NodeId
 
-__all__ = ["LocalInventory", "PeerInventories", "PeerInventory", "inventory_version"]
+__all__ = ["LocalInventory", "PeerInventories", "PeerInventory", "snapshot_of"]
 
 log = logging.getLogger(__name__)
 
 INVENTORY_PATH = "/api/peer/inventory"
-
-
-def inventory_version(pairs: list[tuple[str, str]]) -> str:
-    """A 16-hex version of a set of (model name, manifest digest) pairs; ``0`` when empty."""
-    if not pairs:
-        return "0"
-    h = hashlib.sha256()
-    for name, digest in sorted(pairs):
-        h.update(f"{name}\0{digest}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def _manifest_signature(roots: tuple[Path, ...]) -> str:
-    """A digest of every manifest file's path, size and mtime (blocking; a handful of stats)."""
-    h = hashlib.sha256()
-    for root in roots:
-        base = root / "manifests"
-        for dirpath, dirnames, filenames in os.walk(base):
-            dirnames.sort()
-            for name in sorted(filenames):
-                try:
-                    st = os.stat(os.path.join(dirpath, name))
-                except OSError:
-                    continue
-                h.update(f"{dirpath}/{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
+MAX_INVENTORY_BYTES = 64 << 20
 
 
 class LocalInventory:
-    """This node's models and their version; :meth:`refresh` after store changes."""
+    """This node's holdings and their version; :meth:`refresh` after store changes."""
 
-    def __init__(self, store: ModelStore) -> None:
+    def __init__(self, store: ModelStore, meta: HoldingsMeta, *, cache_limit: int | None = None) -> None:
         self.store = store
-        self.version = "0"
-        self.models: list[dict[str, Any]] = []
+        self.meta = meta
+        self.scanner = HoldingsScanner(store, cache_limit=cache_limit)
+        self.holdings = Holdings()
         self._signature: str | None = None
         self._poke = asyncio.Event()
         self._lock = asyncio.Lock()
+
+    @property
+    def version(self) -> str:
+        """The holdings' version (the ``inv`` tag)."""
+        return self.holdings.version
+
+    @property
+    def models(self) -> list[dict[str, Any]]:
+        """The models held: name, manifest digest and size of each."""
+        return [{"name": m.name, "digest": m.digest, "size": m.size} for m in self.holdings.models]
+
+    def to_json(self) -> dict[str, Any]:
+        """:meth:`current` holdings as peers read them (``/api/peer/inventory`` adds node id and resources)."""
+        return holdings_to_json(self.current())
+
+    def current(self) -> Holdings:
+        """The holdings with the latest use times and free space (neither changes the version)."""
+        state = self.meta.state()
+        models = []
+        for m in self.holdings.models:
+            rec = state.record_for(m.name, m.digest)
+            models.append(replace(m, last_used=rec.last_used) if rec and rec.last_used > m.last_used else m)
+        try:
+            free = shutil.disk_usage(self.store.root).free
+        except OSError:
+            free = self.holdings.free_bytes
+        return replace(self.holdings, models=tuple(models), free_bytes=free)
 
     def poke(self) -> None:
         """Ask the poll loop to look now (after a handler changed the store)."""
         self._poke.set()
 
     async def refresh(self) -> bool:
-        """Re-read the store if its manifests changed; True when the version changed."""
+        """Rescan the store if anything it holds changed; True when the version changed."""
         async with self._lock:
-            roots = (self.store.root, *self.store.extra_roots)
-            signature = await asyncio.to_thread(_manifest_signature, roots)
+            signature = await asyncio.to_thread(self.scanner.signature)
             if signature == self._signature:
                 return False
-            entries = await self.store.list_models()
+            holdings = await asyncio.to_thread(self.scanner.scan, self.meta.state())
             self._signature = signature
-            self.models = [{"name": e.name, "digest": e.digest, "size": e.size,
-                            "modified_at": iso_time(e.modified_at)} for e in entries]
-            version = inventory_version([(e.name, e.digest) for e in entries])
-            changed, self.version = version != self.version, version
+            changed = holdings.version != self.holdings.version
+            self.holdings = holdings
             return changed
 
     async def watch(self, on_change: Callable[[], Any], poll_s: float = 2.0) -> None:
@@ -111,7 +122,11 @@ class LocalInventory:
 
 @dataclass(frozen=True)
 class PeerInventory:
-    """A peer's last fetched inventory (``error`` set when the last fetch failed)."""
+    """A peer's last fetched inventory (``error`` set when the last fetch failed).
+
+    ``holdings`` is the last inventory that parsed (kept through a failed fetch);
+    ``models`` and ``sizes`` are derived from it for the node records.
+    """
 
     version: str
     models: tuple[str, ...]
@@ -120,6 +135,7 @@ class PeerInventory:
     error: str | None = None
     sizes: Mapping[str, int] = field(default_factory=dict)
     """Bytes of each model held, by name."""
+    holdings: Holdings | None = None
 
 
 def _resources(raw: Any) -> Resources | None:
@@ -159,24 +175,52 @@ class PeerInventories:
         headers = sign(self._key(), self.node_id, "GET", INVENTORY_PATH)
         previous = self.cache.get(node)
         try:
-            response = await self._client.get(f"http://{api}{INVENTORY_PATH}", headers=headers)
-            response.raise_for_status()
-            body = response.json()
-            rows = body.get("models", [])
-            models = tuple(str(m["name"]) for m in rows)
-            sizes = {str(m["name"]): int(m.get("size") or 0) for m in rows}
-            inv = PeerInventory(version=str(body.get("version", "0")), models=models,
-                                resources=_resources(body.get("resources")), fetched_at=time.time(), sizes=sizes)
-        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            body = await self._get_json(f"http://{api}{INVENTORY_PATH}", headers)
+            holdings = holdings_from_json(body)
+            version = body.get("version")
+            if not isinstance(version, str) or not 0 < len(version) <= 64:
+                raise PeerError("peer inventory has no valid version")
+            inv = PeerInventory(version=version, models=tuple(m.name for m in holdings.models),
+                                resources=_resources(body.get("resources")), fetched_at=time.time(),
+                                sizes={m.name: m.size for m in holdings.models}, holdings=holdings)
+        except (httpx.HTTPError, ValueError, PeerError) as exc:
             log.info("inventory of %s at %s not fetched: %s", node, api, exc)
             inv = PeerInventory(version=previous.version if previous else "", models=previous.models
                                 if previous else (), resources=None, fetched_at=time.time(), error=str(exc),
-                                sizes=previous.sizes if previous else {})
+                                sizes=previous.sizes if previous else {},
+                                holdings=previous.holdings if previous else None)
         self.cache[node] = inv
         return inv
+
+    async def _get_json(self, url: str, headers: Mapping[str, str]) -> Any:
+        body = bytearray()
+        async with self._client.stream("GET", url, headers=headers) as response:
+            response.raise_for_status()
+            async for piece in response.aiter_bytes():
+                body += piece
+                if len(body) > MAX_INVENTORY_BYTES:
+                    raise PeerError(f"peer inventory is larger than {MAX_INVENTORY_BYTES} bytes")
+        return json.loads(body)
 
     async def aclose(self) -> None:
         for task in self._inflight.values():
             task.cancel()
         await asyncio.gather(*self._inflight.values(), return_exceptions=True)
         await self._client.aclose()
+
+
+def snapshot_of(self_id: str, self_holdings: Holdings, members: Iterable[MemberState],
+                peers: Mapping[str, PeerInventory]) -> ClusterSnapshot:
+    """This node (alive, ``self_holdings``) plus every other member with its last parsed holdings.
+
+    A member counts as alive only in Serf's ``alive`` state; a peer whose
+    inventory never parsed has holdings ``None`` (placement neither counts it nor
+    places on it).
+    """
+    nodes = {self_id: NodeView(NodeId(self_id), True, self_holdings)}
+    for state in members:
+        if state.name not in nodes:
+            inv = peers.get(state.name)
+            nodes[state.name] = NodeView(NodeId(state.name), state.status == "alive",
+                                         inv.holdings if inv is not None else None)
+    return ClusterSnapshot.of(nodes.values())

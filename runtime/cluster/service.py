@@ -34,7 +34,7 @@ from omx.mesh import (
 )
 from omx.mesh.membership import Membership
 from omx.protocols import Scheduler
-from omx.runtime.cluster.inventory import LocalInventory, PeerInventories
+from omx.runtime.cluster.inventory import LocalInventory, PeerInventories, snapshot_of
 from omx.runtime.cluster.keys import persist_secret, resolve_secret
 from omx.runtime.cluster.metrics import LiveFacts, NodeMetrics
 from omx.runtime.cluster.records import member_record
@@ -44,6 +44,8 @@ from omx.runtime.cluster.topology import Topology, topology
 from omx.runtime.config import Settings
 from omx.runtime.events import EventBus, MemberUpdate, NodeStateChanged
 from omx.storage import ModelStore
+from omx.storage.holdings_meta import HoldingsMeta
+from omx.storage.placement import ClusterSnapshot
 
 __all__ = ["ClusterService"]
 
@@ -73,7 +75,8 @@ class ClusterService:
         self.seeds = tuple(dict.fromkeys((*settings.p2p.join, *resolution.seeds)))
         self.bus = EventBus()
         self.metrics = NodeMetrics(store.root)
-        self.local = LocalInventory(store)
+        self.meta = HoldingsMeta(store.root)
+        self.local = LocalInventory(store, self.meta, cache_limit=settings.models.max_cache_size)
         self.sampler = ResourceSampler(settings.store_path)
         self.secret = resolution.secret
         self.peers = PeerInventories(node_id, key=lambda: self.secret.peer_auth_key())
@@ -382,8 +385,14 @@ class ClusterService:
 
     async def inventory(self) -> dict[str, Any]:
         res = self.sampler.latest
-        return {"node_id": self.node_id, "version": self.local.version, "models": list(self.local.models),
+        return {"node_id": self.node_id, **self.local.to_json(),
                 "resources": {"cpu": res.cpu, "memory": res.memory, "disk": res.disk}}
+
+    def cluster_snapshot(self) -> ClusterSnapshot:
+        """Every known member with its last known holdings, this node first-hand (cheap, no I/O but a statvfs)."""
+        membership = self.membership
+        members = membership.members() if membership is not None and membership.agent.running else []
+        return snapshot_of(self.node_id, self.local.current(), members, self.peers.cache)
 
     async def prometheus(self) -> tuple[bytes, str]:
         loaded = self.scheduler.loaded()
