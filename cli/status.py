@@ -46,7 +46,7 @@ def status_cmd(ctx: click.Context, verbose: bool, watch: bool, interval: float, 
     if watch:
         from omx.cli.watch import watch_status
 
-        watch_status(client, interval=interval, verbose=verbose)
+        watch_status(client, fetch_snapshot, interval=interval, verbose=verbose)
         return
     with client:
         snap = fetch_snapshot(client)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+from collections.abc import Callable
 from datetime import datetime
 
 from rich.console import Group
@@ -19,11 +20,14 @@ from rich.text import Text
 
 from omx.cli.client import CliFailure, NodeClient, auth_headers
 from omx.cli.output import console
-from omx.cli.status_view import status_lines
+from omx.cli.status_view import ClusterSnapshot, status_lines
 
 __all__ = ["EventFeed", "events_url", "watch_status"]
 
 _OPEN_TIMEOUT_S = 5.0
+
+Fetch = Callable[[NodeClient], ClusterSnapshot]
+"""Reads the node's state for one frame."""
 
 
 def events_url(base_url: str) -> str:
@@ -100,19 +104,18 @@ def _footer(feed: EventFeed, interval: float, refreshes: int) -> str:
     return f"⟳ {mode} · updated {now} (#{refreshes}){last} · Ctrl+C to exit"
 
 
-def _frame(client: NodeClient, feed: EventFeed, interval: float, verbose: bool, refreshes: int) -> Group:
-    from omx.cli.status import fetch_snapshot
-
+def _frame(client: NodeClient, fetch: Fetch, feed: EventFeed, interval: float, verbose: bool,
+           refreshes: int) -> Group:
     try:
-        lines = status_lines(fetch_snapshot(client), verbose=verbose)
+        lines = status_lines(fetch(client), verbose=verbose)
     except CliFailure as exc:
         lines = ["• OllamaMax Cluster Status", "━" * 25, f"❌ {exc.format_message()}",
                  f"   Retrying every {interval:g}s..."]
     return Group(*(Text(line) for line in lines), Text(""), Text(_footer(feed, interval, refreshes), style="dim"))
 
 
-def watch_status(client: NodeClient, *, interval: float, verbose: bool) -> None:
-    """Redraw ``status`` until Ctrl+C (which returns normally)."""
+def watch_status(client: NodeClient, fetch: Fetch, *, interval: float, verbose: bool) -> None:
+    """Redraw ``status`` (from ``fetch(client)``) until Ctrl+C (which returns normally)."""
     wake = threading.Event()
     feed = EventFeed(events_url(client.url), wake, retry_s=interval)
     feed.start()
@@ -121,7 +124,7 @@ def watch_status(client: NodeClient, *, interval: float, verbose: bool) -> None:
         with Live(console=console(), auto_refresh=False, transient=False) as live:
             while True:
                 refreshes += 1
-                live.update(_frame(client, feed, interval, verbose, refreshes), refresh=True)
+                live.update(_frame(client, fetch, feed, interval, verbose, refreshes), refresh=True)
                 wake.wait(interval)
                 wake.clear()
     except KeyboardInterrupt:

@@ -22,7 +22,6 @@ import os
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from omx.errors import BlobNotFound, IntegrityError, InvalidDigest
 from omx.fsutil import atomic_write, publish, temp_path
@@ -31,9 +30,6 @@ from omx.types import BlobDigest
 from .chunks import DEFAULT_CHUNK_SIZE, BlobHasher, ChunkIndex, index_file
 from .health import store_tmp
 from .names import blob_filename, parse_digest
-
-if TYPE_CHECKING:
-    from .partial import PartialBlob
 
 __all__ = ["BlobInfo", "BlobStore"]
 
@@ -241,14 +237,6 @@ class BlobStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-
-    def open_partial(
-        self, digest: BlobDigest, size: int, chunk_size: int | None = None, *, index: ChunkIndex | None = None
-    ) -> PartialBlob:
-        """Start or resume a :class:`~omx.storage.partial.PartialBlob` in this store. Blocking."""
-        from .partial import PartialBlob
-
-        return PartialBlob.open(self, digest, size, chunk_size, index=index)
 
     def delete(self, digest: BlobDigest) -> bool:
         """Remove a blob of the writable root, then its index. Never touches extra roots."""

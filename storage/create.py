@@ -20,13 +20,14 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from omx.errors import InvalidModelName, InvalidRequest
 from omx.types import BlobDigest
 
+from .blobs import BlobStore
 from .gguf_meta import GGUFInfo, human_number
 from .manifests import (
     CONFIG_MEDIA_TYPE,
@@ -43,13 +44,23 @@ from .manifests import (
     ModelConfig,
 )
 from .modelfile import MESSAGE_ROLES, coerce_parameters, parse_modelfile
+from .models import ResolvedModel
 from .names import ModelName, parse_digest
 
-if TYPE_CHECKING:
-    from .models import ResolvedModel
-    from .store import ModelStore
+__all__ = ["CreateMessage", "CreateRequest", "CreateTarget", "run_create"]
 
-__all__ = ["CreateMessage", "CreateRequest", "run_create"]
+
+class CreateTarget(Protocol):
+    """What the create pipeline uses of the model store (:class:`~omx.storage.store.ModelStore`)."""
+
+    @property
+    def blobs(self) -> BlobStore: ...
+
+    def resolve_sync(self, name: ModelName | str) -> ResolvedModel: ...
+
+    def gguf_info(self, digest: BlobDigest) -> GGUFInfo | None: ...
+
+    def write_manifest(self, name: ModelName, manifest: Manifest) -> BlobDigest: ...
 
 
 class CreateMessage(BaseModel):
@@ -180,7 +191,7 @@ class _Inputs:
     adapters: tuple[tuple[BlobDigest, int], ...]
 
 
-def _gather(store: ModelStore, spec: _Spec) -> _Inputs:
+def _gather(store: CreateTarget, spec: _Spec) -> _Inputs:
     """Check that everything named exists and is GGUF (blocking)."""
     base = store.resolve_sync(spec.from_name) if spec.from_name is not None else None
     files = []
@@ -206,7 +217,7 @@ def _kind(info: GGUFInfo) -> str:
     return MEDIA_MODEL
 
 
-async def run_create(store: ModelStore, name: ModelName | str, request: CreateRequest | Mapping[str, Any]
+async def run_create(store: CreateTarget, name: ModelName | str, request: CreateRequest | Mapping[str, Any]
                      ) -> AsyncIterator[str]:
     """The create pipeline (see :meth:`ModelStore.create`)."""
     target = ModelName.parse(name) if isinstance(name, str) else name

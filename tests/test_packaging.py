@@ -56,6 +56,29 @@ def test_import_direction_is_enforced(tmp_path: Path) -> None:
     assert "KEPT" in result.stdout and "BROKEN" not in result.stdout
 
 
+_FIND_CYCLES = """
+import grimp
+
+# Imports under TYPE_CHECKING name types only; every other import, at the top or in a function, counts.
+graph = grimp.build_graph("omx", exclude_type_checking_imports=True)
+for module in sorted(graph.modules):
+    for imported in sorted(graph.find_modules_directly_imported_by(module)):
+        back = graph.find_shortest_chain(importer=imported, imported=module)
+        if back:
+            print(" -> ".join((module, *back)))
+"""
+
+
+def test_no_import_cycles(tmp_path: Path) -> None:
+    """No module imports one that (directly or not) imports it back, not even from inside a function."""
+    _mirror_package(tmp_path / "src")
+    result = subprocess.run([sys.executable, "-c", _FIND_CYCLES], cwd=tmp_path,
+                            env={"PYTHONPATH": str(tmp_path / "src"), "PATH": "/usr/bin:/bin"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "", "import cycles:\n" + result.stdout
+
+
 def test_mypy_strict_passes(tmp_path: Path) -> None:
     root = _mirror_package(tmp_path)
     mypy = Path(sys.executable).with_name("mypy")

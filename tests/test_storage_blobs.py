@@ -181,5 +181,5 @@ def test_partial_state_of_other_size_restarts(tmp_path: Path) -> None:
     digest = parse_digest("sha256:" + "3" * 64)
     part = PartialBlob.open(store, digest, 3 * CS)
     part.write_chunk(0, os.urandom(CS))
-    other = store.open_partial(digest, 2 * CS)
+    other = PartialBlob.open(store, digest, 2 * CS)
     assert other.missing() == [0, 1] and other.data_path.stat().st_size == 2 * CS
