@@ -6,7 +6,7 @@ Layout under the writable root (Ollama's, plus two folders Ollama ignores)::
     chunks/sha256-<hex>.json    the chunk index of each blob (outside blobs/,
                                 which Ollama prunes of unknown files)
     partial/                    partial blobs being fetched (see partial.py)
-    tmp/                        temp files, swept on open
+    tmp/                        temp files, swept by ModelStore.recover at node start
 
 Invariant: a blob in the writable root's ``blobs/`` has a valid index beside
 it, because the index is published (atomically) before the blob is renamed

@@ -58,7 +58,10 @@ _GC_GRACE_SECONDS = 3600.0
 
 
 class ModelStore:
-    """Models under ``root`` (writable) and ``extra_roots`` (read-only). Opening runs :meth:`recover`."""
+    """Models under ``root`` (writable) and ``extra_roots`` (read-only).
+
+    Opening touches nothing: the node runs :meth:`recover` once at start, in a worker thread.
+    """
 
     def __init__(
         self, root: Path, *, chunk_size: int = DEFAULT_CHUNK_SIZE, extra_roots: Sequence[Path] = ()
@@ -77,7 +80,6 @@ class ModelStore:
         self._manifest_paths: dict[str, tuple[str, ...]] = {}
         """Request model name -> its manifest path in each root (names are parsed once)."""
         self._cache_lock = threading.Lock()
-        self.recover()
 
     # ================================================================ manifests
 

@@ -42,6 +42,7 @@ def _run_child(root: Path, scratch: Path, *, crash_at: int | None, seed: int) ->
 
 def _assert_consistent(root: Path, *, deep: bool = False) -> int:
     store = ModelStore(root, chunk_size=CS)
+    store.recover()  # as a node does when it starts
     assert store.check_sync(deep=deep) == []
     models = store.list_models_sync()
     for entry in models:
@@ -71,5 +72,5 @@ def test_sigkill_at_every_write_step_leaves_a_consistent_store(tmp_path: Path) -
         assert rc == -signal.SIGKILL
         _assert_consistent(root)
     assert _assert_consistent(root, deep=True) > 0
-    # Leftovers of the killed writers were swept on open.
+    # Leftovers of the killed writers were swept by recover.
     assert list((root / "tmp").iterdir()) == []

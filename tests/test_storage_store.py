@@ -240,7 +240,9 @@ async def test_recover_removes_crash_leftovers(tmp_path: Path) -> None:
     fresh_index = tmp_path / "chunks" / ("sha256-" + "8" * 64 + ".json")
     fresh_index.write_text("{}")
     assert any("stale temp file" in p for p in store.check_sync())
-    done = ModelStore(tmp_path, chunk_size=CS).recover() + store.recover()
+    reopened = ModelStore(tmp_path, chunk_size=CS)
+    assert dead_tmp.exists()  # opening touches nothing: a node recovers once, when it starts
+    done = reopened.recover() + store.recover()
     assert not dead_tmp.exists() and own_tmp.exists()
     assert not orphan_index.exists() and fresh_index.exists()  # a writer may be about to publish its blob
     assert json.loads(fresh_index.read_text()) == {}
