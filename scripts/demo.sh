@@ -29,5 +29,6 @@ if ! omx show gemma3:270m >/dev/null 2>&1; then
 fi
 url=$(python -c 'import json,os,sys; print(json.load(open(sys.argv[1]))["url"])' "${OMX_HOME:-$HOME/.ollamamax}/run/node.json")
 echo "demo: serving gemma3:270m at $url"
-echo "demo: try  .venv/bin/omx run gemma3:270m \"Why is the sky blue?\"   or   curl $url/api/tags"
+echo "demo: gemma3:270m is a base model: it continues text rather than answering questions"
+echo "demo: try  .venv/bin/omx run gemma3:270m \"Once upon a time, a little robot\"   or   curl $url/api/tags"
 wait $node

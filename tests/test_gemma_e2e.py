@@ -1,5 +1,5 @@
-"""The real Gemma 3 270M model, end to end: created with the CLI from a Modelfile,
-then chatted with through the official ``ollama`` client."""
+"""The real Gemma 3 270M model, end to end: created with the CLI from the demo Modelfile,
+then prompted through the official ``ollama`` client as the base model it is."""
 
 from __future__ import annotations
 
@@ -46,16 +46,21 @@ def test_gemma_created_with_cli_and_chats_like_bare_llama_cpp(node: NodeProcess,
     assert info.modelinfo["general.architecture"] == "gemma3"
     assert info.details.quantization_level == "Q4_K_M"
 
-    question = "Why is the sky blue?"
-    reply = client.chat(model="gemma3:270m", messages=[{"role": "user", "content": question}], options=OPTIONS)
-    assert reply.message.content.strip()
+    # The packaged model is the base one: the demo Modelfile passes the prompt through and
+    # caps the reply (num_predict), and a chat of one message is that same completion.
+    assert info.parameters and "num_predict" in info.parameters and "64" in info.parameters
+    assert info.template.strip().endswith("{{ .Prompt }}")
+    opening = "Once upon a time, a little robot"
+    reply = client.generate(model="gemma3:270m", prompt=opening, options=OPTIONS)
+    assert reply.response.strip()
+    chat = client.chat(model="gemma3:270m", messages=[{"role": "user", "content": opening}], options=OPTIONS)
+    assert chat.message.content.strip() and chat.prompt_eval_count == reply.prompt_eval_count
 
     avoid_broken_amx()  # as the runner does, so both sides run the same kernels
     bare = llama_cpp.Llama(model_path=str(gemma), n_ctx=512, n_threads=2, n_batch=128, seed=5, verbose=False)
-    prompt = f"<start_of_turn>user\n{question}<end_of_turn>\n<start_of_turn>model\n"
-    expected = bare.create_completion(prompt, max_tokens=24, temperature=0, top_k=64, top_p=0.95,
-                                      repeat_penalty=1.1, seed=5, stop=["<end_of_turn>"])
-    assert reply.message.content == expected["choices"][0]["text"]
+    expected = bare.create_completion(opening, max_tokens=24, temperature=0, top_k=64, top_p=0.95,
+                                      repeat_penalty=1.1, seed=5)
+    assert reply.response == expected["choices"][0]["text"]
     assert reply.eval_count == expected["usage"]["completion_tokens"]
     assert reply.prompt_eval_count == expected["usage"]["prompt_tokens"]
 
