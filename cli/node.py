@@ -90,7 +90,8 @@ def banner(url: str, web_port: int | None, config_path: Path | None) -> list[str
 @click.option("--home", type=click.Path(file_okay=False), help="Root of every omx file (sets OMX_HOME).")
 @click.option("--host", "bind", metavar="HOST[:PORT]", help="Address for the API to bind (default 127.0.0.1).")
 @click.option("--api-port", type=click.IntRange(0, 65535), help="API port (default 8080).")
-@click.option("--web-port", type=click.IntRange(0, 65535), help="Web dashboard port (default 8081).")
+@click.option("--web-port", type=click.IntRange(0, 65535),
+              help="Port kept for the web dashboard, which is not served yet (default 8081).")
 @click.option("--p2p-port", type=click.IntRange(0, 65535), help="Gossip port (default 4001).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help="Config file.")
 @click.option("--join", multiple=True, metavar="HOST:PORT", help="Peer to join (repeatable).")
