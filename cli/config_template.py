@@ -29,6 +29,8 @@ SECTIONS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
                               "first non-loopback one)."),
         ("profile", "lan", "Serf timing profile: lan, wan or local (local shortens every timer)."),
         ("join", "[]", "Peers to join at start, as host:port (the cluster secret is needed to join)."),
+        ("transfer_port", "0", "TCP port serving model chunks to peers with sendfile, on the API address "
+                               "(0: any free port; peers learn it from the gossip tags)."),
     ]),
     ("models", "The content-addressed model store.", [
         ("store_path", "null", "Where models live (default: $OMX_HOME/data/models)."),
@@ -44,6 +46,8 @@ SECTIONS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
     ]),
     ("replication", "How many nodes should hold each model.", [
         ("factor", "2", "Desired replicas per model (1-16); the last replica is never removed."),
+        ("max_bandwidth", "0", "Most bytes per second received from peers, all transfers together, "
+                               "e.g. 10MB/s (0: unlimited)."),
     ]),
     ("engine", "Inference.", [
         ("backend", "llama_cpp", "llama_cpp (llama-cpp-python) or ctransformers."),

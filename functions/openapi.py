@@ -11,7 +11,8 @@ from omx.functions.registry import FunctionRegistry, HandlerSpec
 __all__ = ["openapi_document", "register"]
 
 _MEDIA = {"json": "application/json", "ndjson": "application/x-ndjson", "sse": "text/event-stream",
-          "text": "text/plain", "raw": "application/octet-stream", "websocket": "application/json"}
+          "text": "text/plain", "raw": "application/octet-stream", "file": "application/octet-stream",
+          "websocket": "application/json"}
 
 
 def _operation(spec: HandlerSpec, components: dict[str, Any]) -> dict[str, Any]:

@@ -4,14 +4,16 @@ A handler has one shape::
 
     async def handler(body: RequestModel | None, call: Call) -> Result
 
-where ``Result`` is a JSON-able value, a :class:`Reply`, or an async iterator
-of JSON-able values (streamed as NDJSON or SSE, per the spec's ``response``).
+where ``Result`` is a JSON-able value, a :class:`Reply`, a :class:`FileRange`
+(a byte range of a file, sent zero-copy where the server allows), or an async
+iterator of JSON-able values (streamed as NDJSON or SSE, per the spec's ``response``).
 The runtime builds its HTTP app from the registry in one adapter; nothing here
 knows about Starlette.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ __all__ = [
     "Accepted",
     "Auth",
     "BodyKind",
+    "FileRange",
     "FunctionRegistry",
     "HandlerFunc",
     "HandlerSpec",
@@ -37,7 +40,7 @@ __all__ = [
 Auth = Literal["public", "apikey", "peer", "admin"]
 """``admin``: like ``apikey`` when API keys are set, else loopback clients only."""
 BodyKind = Literal["json", "raw", "none"]
-ResponseKind = Literal["json", "ndjson", "sse", "text", "raw", "websocket"]
+ResponseKind = Literal["json", "ndjson", "sse", "text", "raw", "file", "websocket"]
 HandlerFunc = Callable[[Any, "Call"], Awaitable[Any]]
 
 _PATH_PARAM = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*)(?::[a-z]+)?}")
@@ -67,6 +70,40 @@ class Reply:
     headers: Mapping[str, str] = field(default_factory=dict)
     media_type: str | None = None
     """None: JSON for dicts and models; set for raw bytes or text."""
+
+
+@dataclass(eq=False)
+class FileRange:
+    """``length`` bytes at ``offset`` of an open file, as a response body (``response="file"``).
+
+    The adapter sends it without copying the bytes through Python where the
+    server can (the ASGI zero-copy send extension: ``sendfile``), else in
+    large pieces read straight from the file; either way it closes ``fd``
+    once done, and calls ``on_sent`` with the bytes actually sent. A handler
+    opens the file itself (:meth:`open`), so a file renamed or replaced after
+    the handler returned is still the one it chose.
+    """
+
+    fd: int
+    offset: int
+    length: int
+    headers: Mapping[str, str] = field(default_factory=dict)
+    media_type: str = "application/octet-stream"
+    status: int = 200
+    on_sent: Callable[[int], None] | None = None
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], offset: int, length: int, **fields: Any) -> FileRange:
+        """Open ``path`` read-only and describe ``[offset, offset + length)`` of it."""
+        if offset < 0 or length < 0:
+            raise ValueError("a file range needs a non-negative offset and length")
+        return cls(os.open(path, os.O_RDONLY | os.O_CLOEXEC), offset, length, **fields)
+
+    def close(self) -> None:
+        """Release the file (idempotent)."""
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
 
 
 @dataclass(frozen=True)

@@ -109,15 +109,17 @@ class NodeTags:
     """What an omx node gossips about itself.
 
     ``api`` is the HTTP API address (``ip:port``; never a wildcard), ``h3_port``
-    the HTTP/3 UDP port if enabled, ``inventory`` a short version string that
-    changes whenever the node's inventory does, ``label`` an optional human
-    name. Every field is bounded so the encoded tags always fit.
+    the HTTP/3 UDP port if enabled, ``transfer_port`` the transfer listener's TCP
+    port, ``inventory`` a short version string that changes whenever the node's
+    inventory does, ``label`` an optional human name. Every field is bounded so the encoded tags always fit.
     """
 
     api: str
     h3_port: int | None = None
     inventory: str = "0"
     label: str = ""
+    transfer_port: int | None = None
+    """TCP port of the transfer listener (peer chunk endpoints with sendfile), on the API's host."""
 
     def __post_init__(self) -> None:
         host, port = split_host_port(self.api)
@@ -130,6 +132,8 @@ class NodeTags:
         object.__setattr__(self, "api", _join_host_port(str(ipaddress.ip_address(host)), port))
         if self.h3_port is not None and not 0 < self.h3_port < 65536:
             raise ConfigError(f"invalid HTTP/3 port {self.h3_port}", key="api.h3_port")
+        if self.transfer_port is not None and not 0 < self.transfer_port < 65536:
+            raise ConfigError(f"invalid transfer port {self.transfer_port}", key="p2p.transfer_port")
         if not _VERSION_RE.match(self.inventory):
             raise ConfigError(f"invalid inventory version {self.inventory!r}")
         if not _LABEL_RE.match(self.label):
@@ -141,6 +145,8 @@ class NodeTags:
         tags = {"omx": "1", "api": self.api, "inv": self.inventory}
         if self.h3_port is not None:
             tags["h3"] = str(self.h3_port)
+        if self.transfer_port is not None:
+            tags["xf"] = str(self.transfer_port)
         if self.label:
             tags["label"] = self.label
         encode_tags(tags)
@@ -152,14 +158,16 @@ class NodeTags:
         if tags.get("omx") != "1" or "api" not in tags:
             return None
         try:
-            h3 = tags.get("h3")
+            h3, xf = tags.get("h3"), tags.get("xf")
             return cls(api=tags["api"], h3_port=int(h3) if h3 else None,
-                       inventory=tags.get("inv", "0"), label=tags.get("label", ""))
+                       inventory=tags.get("inv", "0"), label=tags.get("label", ""),
+                       transfer_port=int(xf) if xf else None)
         except (ConfigError, ValueError):
             return None
 
 
 NODE_TAGS_WORST_CASE = len(encode_tags(NodeTags(
     api="[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535", h3_port=65535, inventory="v" * 64, label="L" * 63,
+    transfer_port=65535,
 ).to_tags()))
 """Encoded size of the largest possible :class:`NodeTags` (well under 512)."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
-from omx.types import BlobDigest, ChunkDigest
+from omx.types import BlobDigest, ChunkDigest, NodeId
 
 __all__ = [
     "ChunkSource",
@@ -26,6 +26,8 @@ __all__ = [
     "Engine",
     "LoadedModel",
     "ModelSpec",
+    "PeerBlobState",
+    "PeerTransport",
     "RegistryResponse",
     "RegistryTransport",
     "Runner",
@@ -257,6 +259,51 @@ class ChunkSource(Protocol):
     """Somewhere chunks can be read from by their BLAKE3 digest (a peer, a file)."""
 
     async def read_chunk(self, blob: BlobDigest, chunk: ChunkDigest, offset: int, length: int) -> bytes:
+        ...
+
+
+@dataclass(frozen=True)
+class PeerBlobState:
+    """What a peer holds of one blob (``GET /api/peer/blobs/{digest}/index``).
+
+    ``have`` is the bitmap of held chunks of a partial blob (bit ``i & 7`` of
+    byte ``i >> 3``), None when the blob is complete there; ``index_json`` the
+    peer's chunk index document (parse it with ``ChunkIndex.from_json``), None
+    while a partial blob's index is unknown.
+    """
+
+    digest: BlobDigest
+    size: int
+    chunk_size: int
+    complete: bool
+    have: bytes | None
+    index_json: bytes | None
+
+    def has_chunk(self, i: int) -> bool:
+        if self.have is None:
+            return self.complete
+        return 0 <= i >> 3 < len(self.have) and bool(self.have[i >> 3] & (1 << (i & 7)))
+
+
+class PeerTransport(Protocol):
+    """Reading blobs and manifests from peers (implemented in ``runtime/peer``).
+
+    Errors: :class:`omx.errors.NotFound` when the peer does not hold (or will not
+    serve: damaged) what was asked, :class:`omx.errors.InvalidRequest` with status
+    416 for chunks out of range or not held yet, :class:`omx.errors.PeerError`
+    for every network, protocol or server failure (worth retrying elsewhere).
+    """
+
+    async def blob_state(self, peer: NodeId, digest: BlobDigest) -> PeerBlobState:
+        ...
+
+    async def read_chunks(self, peer: NodeId, digest: BlobDigest, start: int, count: int,
+                          length: int) -> bytes | bytearray:
+        """The ``length`` bytes of chunks ``[start, start + count)`` of ``digest``."""
+        ...
+
+    async def manifest(self, peer: NodeId, name: str) -> bytes:
+        """The exact manifest bytes of model ``name`` (a full ``host/namespace/model:tag`` name)."""
         ...
 
 

@@ -32,7 +32,8 @@ from starlette.websockets import WebSocket
 from omx.errors import InvalidRequest, OmxError, ServiceBusy
 from omx.functions.call import Call, Services
 from omx.functions.dispatch import Dispatcher
-from omx.functions.registry import Accepted, FunctionRegistry, HandlerSpec, Reply, is_stream
+from omx.functions.registry import Accepted, FileRange, FunctionRegistry, HandlerSpec, Reply, is_stream
+from omx.runtime.file_response import FileRangeResponse
 
 __all__ = ["build_app", "error_response", "json_response"]
 
@@ -220,6 +221,8 @@ def _streaming(spec: HandlerSpec, stream: AsyncIterator[Any], first: tuple[bool,
 def _render(spec: HandlerSpec, result: Any) -> Response:
     if isinstance(result, Response):
         return result
+    if isinstance(result, FileRange):
+        return FileRangeResponse(result, spec.headers)
     if isinstance(result, Reply):
         headers = {**spec.headers, **result.headers}
         if result.media_type is not None or isinstance(result.body, bytes | str):

@@ -112,6 +112,9 @@ class P2PConfig(_Section):
     advertise: str | None = None
     profile: Literal["lan", "wan", "local"] = "lan"
     join: list[str] = Field(default_factory=list)
+    transfer_port: int = Field(default=0, ge=0, le=65535, description=(
+        "TCP port of the transfer listener serving chunks to peers (0: any free port, told to peers "
+        "in the gossip tags)."))
 
 
 class ModelsConfig(_Section):
@@ -148,6 +151,15 @@ class ModelsConfig(_Section):
 
 class ReplicationConfig(_Section):
     factor: int = Field(default=2, ge=1, le=16)
+    max_bandwidth: int = Field(default=0, ge=0, description=(
+        "Bytes per second this node receives from peers, all transfers together (0: unlimited)."))
+
+    @field_validator("max_bandwidth", mode="before")
+    @classmethod
+    def _rate(cls, value: object) -> int:
+        if isinstance(value, str):
+            value = value.strip().removesuffix("/s").removesuffix("ps")
+        return parse_size(value)
 
 
 class EngineConfig(_Section):

@@ -27,9 +27,10 @@ from omx.runtime.cluster import ClusterService
 from omx.runtime.config import Settings
 from omx.runtime.engine import make_engine
 from omx.runtime.identity import load_or_create_node_id
+from omx.runtime.peer import Bandwidth, HttpPeerTransport, Transfers, TransferSettings
 from omx.runtime.registry_http import HttpxRegistryTransport
 from omx.runtime.scheduler import ModelScheduler
-from omx.runtime.server import Listener, bind_tcp, serve_app
+from omx.runtime.server import Listener, bind_tcp, serve_app, serve_transfers
 from omx.storage import ModelStore
 
 __all__ = ["Node", "NodeReady", "run_node"]
@@ -77,11 +78,21 @@ class Node:
         self.cluster = ClusterService(settings, self.node_id, self.store, self.scheduler, self.dispatcher,
                                       serf_binary=os.environ.get("OMX_SERF_BINARY") or "serf")
         self.listener: Listener | None = None
+        self.transfer_listener: Listener | None = None
         self.services: Services | None = None
         self.app: Any = None
+        self.peer_transport = HttpPeerTransport(self.node_id, key=lambda: self.cluster.secret.peer_auth_key(),
+                                                resolve=self.cluster.peer_address)
+        self.transfers = Transfers(self.store.blobs, self.peer_transport,
+                                   settings=TransferSettings(concurrency=settings.models.concurrency),
+                                   bandwidth=Bandwidth(settings.replication.max_bandwidth),
+                                   observer=self.cluster.metrics)
+        """Blob transfers from peers (one per digest), for the replicator and pull."""
 
     def bind(self) -> Listener:
         self.listener = bind_tcp(self.settings.api.host, self.settings.api.port)
+        self.transfer_listener = bind_tcp(self.settings.api.host, self.settings.p2p.transfer_port,
+                                          what="transfer", key="p2p.transfer_port")
         self.services = Services(
             store=self.store,
             scheduler=self.scheduler,
@@ -96,10 +107,12 @@ class Node:
         )
         self.services.cluster = self.cluster
         self.services.usage = self.cluster
+        self.services.transfer_stats = self.cluster.metrics
         models = self.settings.models
         self.services.registry = pull.make_registry_client(
             self.store, self.registry_transport, default_registry=models.registry, insecure=models.insecure,
-            concurrency=models.concurrency, download_timeout=models.download_timeout)
+            concurrency=models.concurrency, download_timeout=models.download_timeout,
+            on_bytes=self.cluster.metrics.registry_bytes)
         self.app = build_app(self.registry, self.services, self.dispatcher, lifespan=self._lifespan)
         return self.listener
 
@@ -130,7 +143,8 @@ class Node:
                 "url": ready.url, "host": self.settings.api.host,
                 "api_port": ready.api_port, "web_port": ready.web_port, "p2p_port": ready.p2p_port,
                 "p2p_address": agent.gossip_address, "serf": agent.running, "serf_pid": agent.pid,
-                "node_id": ready.node_id}
+                "node_id": ready.node_id,
+                "transfer_port": self.transfer_listener.port if self.transfer_listener else None}
         path = run_dir / "node.json"
         atomic_write(path, json.dumps(info, indent=2) + "\n")
         return path
@@ -138,7 +152,9 @@ class Node:
     async def serve(self, stop: asyncio.Event, *, on_ready: Callable[[NodeReady], None] | None = None) -> None:
         listener = self.listener or self.bind()
         await asyncio.to_thread(self.store.recover)
-        await self.cluster.start(listener.host, listener.port)
+        transfer = self.transfer_listener
+        assert transfer is not None
+        await self.cluster.start(listener.host, listener.port, transfer.port)
         path = self._write_node_json()
         self.cluster.on_agent_change = self._write_node_json
         if on_ready is not None:
@@ -149,9 +165,14 @@ class Node:
             self.cluster.bus.close()  # ends event streams so open WebSockets do not hold the shutdown
 
         try:
-            await serve_app(self.app, listener, shutdown)
+            async with asyncio.TaskGroup() as servers:
+                servers.create_task(serve_transfers(self.app, transfer, stop.wait), name="transfer-listener")
+                await serve_app(self.app, listener, shutdown)
         finally:
             self.cluster.on_agent_change = None
+            await self.transfers.aclose()
+            await self.peer_transport.aclose()
+            transfer.sock.close()
             await self.cluster.stop(leave=True)
             with contextlib.suppress(OSError):
                 if json.loads(path.read_text()).get("pid") == os.getpid():

@@ -2,8 +2,9 @@
 
 Sockets are bound here, before Hypercorn starts, so the node knows its real
 ports (``port: 0`` picks a free one) and a port already taken fails fast with
-a clear message. Later listeners (HTTP/3 over QUIC, a zero-copy chunk
-listener) are added beside the TCP one.
+a clear message. Beside the API's TCP listener (Hypercorn) runs the transfer
+listener (:class:`~omx.runtime.peer.server.PeerServer`: the peer endpoints with
+``sendfile``); HTTP/3 over QUIC is added here too.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
 from omx.errors import ConfigError
+from omx.runtime.peer.server import PeerServer
 
-__all__ = ["Listener", "bind_tcp", "serve_app"]
+__all__ = ["Listener", "bind_tcp", "serve_app", "serve_transfers"]
 
 log = logging.getLogger("omx.runtime.server")
 
@@ -43,7 +45,7 @@ class Listener:
         return f"http://{host}:{self.port}"
 
 
-def bind_tcp(host: str, port: int, *, what: str = "API") -> Listener:
+def bind_tcp(host: str, port: int, *, what: str = "API", key: str = "api.port") -> Listener:
     """Bind and listen on ``host:port``; raise ConfigError if it is taken."""
     try:
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
@@ -57,7 +59,7 @@ def bind_tcp(host: str, port: int, *, what: str = "API") -> Listener:
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
-            raise ConfigError(f"{what} port {port} on {host} is already in use", key="api.port") from exc
+            raise ConfigError(f"{what} port {port} on {host} is already in use", key=key) from exc
         raise ConfigError(f"cannot bind {what} to {host}:{port}: {exc.strerror}", key="api.host") from exc
     sock.listen(1024)
     sock.set_inheritable(True)
@@ -80,4 +82,9 @@ def hypercorn_config(listener: Listener) -> Config:
 async def serve_app(app: Any, listener: Listener, shutdown: Callable[[], Awaitable[Any]]) -> None:
     """Serve ``app`` on ``listener`` until ``shutdown`` returns."""
     await serve(app, hypercorn_config(listener), shutdown_trigger=shutdown, mode="asgi")
+
+
+async def serve_transfers(app: Any, listener: Listener, shutdown: Callable[[], Awaitable[Any]]) -> None:
+    """Serve the peer endpoints of ``app`` on the transfer ``listener`` (``sendfile`` for chunk ranges)."""
+    await PeerServer(app).serve(listener.sock, shutdown)
 

@@ -10,8 +10,9 @@ cd "$(dirname "$0")/.."
 extras="demo"
 [ "${1:-}" = "--test" ] && extras="demo,test"
 
-# util-linux: setpriv, with which the serf agent dies with its node.
-apt_packages=(serf util-linux docker-registry cmake build-essential python3-venv python3-dev curl)
+# util-linux: setpriv, with which the serf agent dies with its node. b3sum and curl: the baselines
+# bench/peer_transfer.py measures against.
+apt_packages=(serf util-linux docker-registry cmake build-essential python3-venv python3-dev curl b3sum)
 missing=()
 for pkg in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

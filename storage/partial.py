@@ -58,7 +58,10 @@ class PartialBlob:
         self.chunk_size = chunk_size
         self.chunks = chunks
         self._have = have
+        self._unsynced: set[int] = set()
+        """Chunks written with ``durable=False`` and not yet recorded by :meth:`sync`."""
         self._lock = threading.Lock()
+        self._sync_lock = threading.Lock()
         base = store.root / "partial" / blob_filename(digest)
         self.data_path = base.with_name(base.name + ".data")
         self.state_path = base.with_name(base.name + ".state.json")
@@ -141,7 +144,8 @@ class PartialBlob:
         return off, min(self.chunk_size, self.size - off)
 
     def has_chunk(self, i: int) -> bool:
-        return bool(self._have[i >> 3] & (1 << (i & 7)))
+        """Whether chunk ``i`` is in the data file (recorded in the bitmap, or written and awaiting :meth:`sync`)."""
+        return bool(self._have[i >> 3] & (1 << (i & 7))) or i in self._unsynced
 
     def missing(self) -> list[int]:
         return [i for i in range(self.chunk_count) if not self.has_chunk(i)]
@@ -154,8 +158,14 @@ class PartialBlob:
     def complete(self) -> bool:
         return not self.missing()
 
-    def write_chunk(self, i: int, data: bytes | memoryview) -> None:
-        """Write chunk ``i`` (verified first when its digest is known) and record it."""
+    def write_chunk(self, i: int, data: bytes | memoryview, *, durable: bool = True) -> None:
+        """Write chunk ``i`` (verified first when its digest is known) and record it.
+
+        ``durable=False`` skips the per-chunk fsync and bitmap write: the chunk can be
+        read back at once but is recorded on disk only by the next :meth:`sync` (or
+        :meth:`finish`), so a crash before that loses it (it is fetched again) and the
+        bitmap never claims bytes that are not on disk.
+        """
         off, length = self.chunk_range(i)
         if len(data) != length:
             raise IntegrityError(f"chunk {i} of {self.digest} must be {length} bytes, got {len(data)}")
@@ -167,12 +177,36 @@ class PartialBlob:
             written = 0
             while written < length:
                 written += os.pwrite(fd, view[written:], off + written)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         with self._lock:
-            self._have[i >> 3] |= 1 << (i & 7)
-            self._save_state()
+            if durable:
+                self._have[i >> 3] |= 1 << (i & 7)
+                self._save_state()
+            else:
+                self._unsynced.add(i)
+
+    def sync(self) -> int:
+        """Record the chunks written with ``durable=False``: one fsync of the data file, then one
+        bitmap write. Returns how many chunks it recorded. Blocking."""
+        with self._sync_lock:
+            with self._lock:
+                pending = set(self._unsynced)
+            if not pending:
+                return 0
+            fd = os.open(self.data_path, os.O_WRONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            with self._lock:
+                for i in pending:
+                    self._have[i >> 3] |= 1 << (i & 7)
+                self._unsynced -= pending
+                self._save_state()
+            return len(pending)
 
     def read_chunk(self, i: int) -> bytes:
         """Bytes of a held chunk."""
@@ -194,6 +228,7 @@ class PartialBlob:
         missing = self.missing()
         if missing:
             raise IntegrityError(f"blob {self.digest} is missing {len(missing)} chunk(s)")
+        self.sync()
         idx = index_file(self.data_path, self.chunk_size)
         if idx.blob != self.digest or (self.chunks is not None and idx.chunks != self.chunks):
             self.abort()
@@ -215,6 +250,7 @@ class PartialBlob:
         if idx.blob != self.digest or idx.size != self.size or idx.chunk_size != self.chunk_size:
             self.abort()
             raise IntegrityError(f"digest mismatch, expected {self.digest}, got {idx.blob}")
+        self.sync()  # chunks written without fsync become durable before the blob is renamed into place
         if not self.store.has(self.digest):
             self.store.put_index(idx)
             publish(self.data_path, self.store.own_path(self.digest))

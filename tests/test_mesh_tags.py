@@ -20,7 +20,7 @@ from omx.mesh.tags import MAX_NODE_NAME, check_node_name
 
 def test_worst_case_node_tags_fit() -> None:
     longest = NodeTags(api="[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535", h3_port=65535,
-                       inventory="v" * 64, label="L" * 63)
+                       inventory="v" * 64, label="L" * 63, transfer_port=65535)
     encoded = encode_tags(longest.to_tags())
     assert len(encoded) == NODE_TAGS_WORST_CASE < SERF_META_LIMIT
     # The longest node name and these tags are accepted together by the agent config.

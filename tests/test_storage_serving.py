@@ -119,3 +119,25 @@ async def test_local_chunks_are_found_by_digest_and_verified_reads_detect_rot(bl
     await asyncio.to_thread(blobs.path(first.digest).unlink)
     with pytest.raises(NotFound):
         await source.read_chunk(target.digest, target.index.chunks[1], CHUNK, CHUNK)
+
+
+def test_chunks_written_without_fsync_are_claimed_only_after_sync(blobs: BlobStore) -> None:
+    data = _data(9, 3 * CHUNK)
+    idx = blobs.write_bytes(data).index
+    assert idx is not None
+    other = BlobStore(blobs.root.parent / "other", chunk_size=CHUNK)
+    part = PartialBlob.open(other, idx.blob, idx.size, index=idx)
+    part.write_chunk(0, data[:CHUNK], durable=False)
+    part.write_chunk(1, data[CHUNK:2 * CHUNK], durable=False)
+    assert part.has_chunk(0) and part.read_chunk(1) == data[CHUNK:2 * CHUNK]
+    state = read_partial_state(other, idx.blob)
+    assert state is not None and state.held() == []  # the bitmap on disk claims nothing yet
+    # A crash now: a fresh open sees only what the bitmap claims.
+    assert PartialBlob.open(other, idx.blob, idx.size, index=idx).held() == []
+    part.write_chunk(0, data[:CHUNK], durable=False)
+    assert part.sync() == 2 and part.sync() == 0
+    state = read_partial_state(other, idx.blob)
+    assert state is not None and state.held() == [0, 1]
+    part.write_chunk(2, data[2 * CHUNK:], durable=False)
+    info = part.finish_with_index(idx)  # records and flushes the last chunk before publishing
+    assert info.path.read_bytes() == data

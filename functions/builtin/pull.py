@@ -10,7 +10,7 @@ models being downloaded here, for ``omx proxy list``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from omx.errors import InvalidRequest, OmxError
@@ -33,17 +33,19 @@ def make_registry_client(
     insecure: bool = False,
     concurrency: int = 3,
     download_timeout: float = 1800.0,
+    on_bytes: Callable[[int], None] | None = None,
     **tuning: Any,
 ) -> RegistryClient:
     """The registry client of a node: pulls into ``store``'s writable root, pushes from any root.
 
-    ``tuning`` sets the other :class:`RegistryOptions` fields (``stall_timeout``,
+    ``on_bytes`` is told the size of every chunk downloaded (metrics). ``tuning`` sets the other
+    :class:`RegistryOptions` fields (``stall_timeout``,
     ``max_retries``, ``backoff``…).
     """
     options = RegistryOptions(default_registry=default_registry, insecure=insecure,
                               concurrency=concurrency, download_timeout=download_timeout, **tuning)
     manifests = FileManifests(store.root, store.extra_roots)
-    return RegistryClient(store.blobs, transport, options, manifests=manifests)
+    return RegistryClient(store.blobs, transport, options, manifests=manifests, on_bytes=on_bytes)
 
 
 def _client(call: Call) -> RegistryClient:

@@ -72,6 +72,17 @@ class NodeMetrics:
         self.chunk_indexes = Gauge("omx_store_chunk_indexes", "Blob chunk indexes held", registry=r)
         self.chunks = Gauge("omx_store_chunks", "Chunks listed by the chunk indexes held", registry=r)
         self.partial_blobs = Gauge("omx_store_partial_blobs", "Partial blobs being fetched", registry=r)
+        self.replication_received = Counter(
+            "omx_replication_bytes_received", "Blob bytes received, by source (peer, registry, local copy)",
+            ("source",), registry=r)
+        for source in ("peer", "registry", "local"):
+            self.replication_received.labels(source)
+        self.replication_served = Counter("omx_replication_bytes_served", "Chunk bytes served to peers",
+                                          registry=r)
+        self.chunks_rejected = Counter("omx_replication_chunks_rejected",
+                                       "Chunks received that failed BLAKE3 verification", registry=r)
+        self.transfers_active = Gauge("omx_replication_transfers_active", "Blob transfers from peers under way",
+                                      registry=r)
         self._chunk_cache: dict[str, tuple[int, int]] = {}
 
     def request_done(self, done: RequestDone) -> None:
@@ -85,6 +96,27 @@ class NodeMetrics:
             self.prompt_tokens.labels(model).inc(prompt_tokens)
         if generated_tokens > 0:
             self.generated_tokens.labels(model).inc(generated_tokens)
+
+    # Replication traffic: a TransferObserver for peer transfers, a ServedBytes sink for the
+    # peer chunk endpoints, and the registry pull's byte hook.
+
+    def bytes_received(self, source: str, n: int) -> None:
+        self.replication_received.labels(source).inc(n)
+
+    def registry_bytes(self, n: int) -> None:
+        self.replication_received.labels("registry").inc(n)
+
+    def bytes_served(self, n: int) -> None:
+        self.replication_served.inc(n)
+
+    def chunk_rejected(self, source: str) -> None:
+        self.chunks_rejected.inc()
+
+    def transfer_started(self) -> None:
+        self.transfers_active.inc()
+
+    def transfer_finished(self) -> None:
+        self.transfers_active.dec()
 
     def set_live(self, facts: LiveFacts) -> None:
         self.in_flight.set(facts.in_flight)

@@ -43,6 +43,7 @@ from omx.runtime.cluster.stream import EventMessages
 from omx.runtime.cluster.topology import Topology, topology
 from omx.runtime.config import Settings
 from omx.runtime.events import EventBus, MemberUpdate, NodeStateChanged
+from omx.runtime.peer.transport import transfer_address
 from omx.storage import ModelStore
 from omx.storage.holdings_meta import HoldingsMeta
 from omx.storage.placement import ClusterSnapshot
@@ -101,9 +102,9 @@ class ClusterService:
 
     # ------------------------------------------------------------ lifecycle
 
-    async def start(self, api_host: str, api_port: int) -> None:
+    async def start(self, api_host: str, api_port: int, transfer_port: int | None = None) -> None:
         """Start sampling, the inventory and (when serf is installed) the agent; never fails on serf."""
-        self.topology = await asyncio.to_thread(topology, self.settings, api_host, api_port)
+        self.topology = await asyncio.to_thread(topology, self.settings, api_host, api_port, transfer_port)
         self.sampler.api_port = api_port
         self.sampler.start()
         await self.local.refresh()
@@ -367,6 +368,14 @@ class ClusterService:
 
     def resources(self) -> Resources:
         return self.sampler.latest
+
+    def peer_address(self, node_id: str) -> str | None:
+        """Where an alive member serves its peer endpoints (its transfer listener, else its API), from its tags."""
+        membership = self.membership
+        state = membership.view.get(node_id) if membership is not None else None
+        if state is None or state.status != "alive" or node_id == self.node_id:
+            return None
+        return transfer_address(state.tags)
 
     def counters(self) -> Counters:
         return Counters(self._requests, self._ws, dict(self._model_requests))

@@ -85,6 +85,7 @@ class RegistryClient:
         *,
         manifests: ManifestAccess | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        on_bytes: Callable[[int], None] | None = None,
     ) -> None:
         self.blobs = blobs
         self.transport = transport
@@ -92,6 +93,8 @@ class RegistryClient:
         self.manifests = manifests or FileManifests(blobs.root, blobs.extra_roots)
         self.pending = PendingPulls(blobs.root)
         self._sleep = sleep
+        self.on_bytes = on_bytes
+        """Told the size of every chunk downloaded from a registry (metrics)."""
         self._blob_locks: dict[BlobDigest, asyncio.Lock] = {}
 
     def parse(self, model: str) -> ModelName:
@@ -146,7 +149,7 @@ class RegistryClient:
             progressed = asyncio.Event()
             job = BlobDownload(auth, endpoint.blob_url(layer.digest), endpoint.pull_scope, self.blobs,
                                layer.digest, layer.size, self.options.download, on_progress=progressed.set,
-                               sleep=self._sleep)
+                               on_bytes=self.on_bytes, sleep=self._sleep)
 
             async def run() -> None:
                 try:

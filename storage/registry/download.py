@@ -118,7 +118,10 @@ class FrontierHasher:
 
 
 class BlobDownload:
-    """Fetches one blob into ``blobs``; ``completed`` counts the bytes held so far."""
+    """Fetches one blob into ``blobs``; ``completed`` counts the bytes held so far.
+
+    ``on_bytes`` is told the size of every chunk received from the registry (metrics).
+    """
 
     def __init__(
         self,
@@ -131,6 +134,7 @@ class BlobDownload:
         settings: DownloadSettings,
         *,
         on_progress: Callable[[], None] = lambda: None,
+        on_bytes: Callable[[int], None] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.auth = auth
@@ -142,6 +146,7 @@ class BlobDownload:
         self.settings = settings
         self.completed = 0
         self._on_progress = on_progress
+        self._on_bytes = on_bytes
         self._sleep = sleep
 
     async def run(self) -> BlobInfo:
@@ -228,6 +233,8 @@ class BlobDownload:
                     nxt += 1
                     cursor[0] = nxt
                     self.completed += length
+                    if self._on_bytes is not None:
+                        self._on_bytes(length)
                     self._on_progress()
         finally:
             await discard(response)

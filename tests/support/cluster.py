@@ -243,21 +243,25 @@ class Cluster:
         assert not leftover, f"serf agents survived their nodes: {leftover}"
 
 
-def start_cluster(root: Path, size: int = 3) -> Cluster:
-    """Start ``size`` nodes: A alone, B by address (``--join``), the rest by token (``--token``)."""
+def start_cluster(root: Path, size: int = 3, env: dict[str, str] | None = None) -> Cluster:
+    """Start ``size`` nodes: A alone, B by address (``--join``), the rest by token (``--token``).
+
+    ``env`` is added to every node's environment (e.g. ``OMX_MODELS__CHUNK_SIZE``).
+    """
     require_serf()
     cluster = Cluster(root)
+    extra = dict(env or {})
     try:
         labels = "ABCDEFGH"
         for i in range(size):
             node = ClusterNode(labels[i], root / labels[i], lease_host())
             cluster.nodes.append(node)
             if i == 0:
-                node.start()
+                node.start((), extra)
             elif i == 1:
-                node.start(("--join", cluster.nodes[0].p2p), {"OMX_CLUSTER_SECRET": cluster.secret_hex})
+                node.start(("--join", cluster.nodes[0].p2p), {"OMX_CLUSTER_SECRET": cluster.secret_hex, **extra})
             else:
-                node.start(("--token", cluster.token()))
+                node.start(("--token", cluster.token()), extra)
         cluster.wait_alive()
     except BaseException:
         cluster.close()

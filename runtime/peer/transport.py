@@ -1,0 +1,105 @@
+"""The HTTP/1.1 :class:`~omx.protocols.PeerTransport`: signed GETs to peers' transfer listeners.
+
+Every request is HMAC-signed as :mod:`omx.mesh.peer_auth` describes (the
+cluster's peer key, this node's id). ``resolve`` maps a peer's node id to the
+``host:port`` serving its peer endpoints: its transfer listener (the ``xf``
+Serf tag, see :func:`transfer_address`) or, failing that, its API address,
+which serves the same endpoints without zero-copy.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import quote
+
+from omx.errors import InvalidRequest, NotFound, OmxError, PeerError
+from omx.mesh import NodeTags, sign
+from omx.protocols import PeerBlobState
+from omx.runtime.peer.wire import WireClient, WireError, WireResponse
+from omx.types import BlobDigest, NodeId
+
+__all__ = ["HttpPeerTransport", "transfer_address"]
+
+_MAX_JSON = 64 << 20
+_MAX_MANIFEST = 4 << 20
+
+
+def transfer_address(tags: Mapping[str, str]) -> str | None:
+    """Where a member serves its peer endpoints, from its Serf tags: the transfer port, else the API."""
+    parsed = NodeTags.from_tags(tags)
+    if parsed is None:
+        return None
+    if parsed.transfer_port is not None:
+        return f"{parsed.api.rpartition(':')[0]}:{parsed.transfer_port}"
+    return parsed.api
+
+
+def _error_text(response: WireResponse) -> str:
+    try:
+        doc = json.loads(bytes(response.body))
+        return str(doc.get("error")) if isinstance(doc, dict) and doc.get("error") else f"status {response.status}"
+    except ValueError:
+        return f"status {response.status}"
+
+
+class HttpPeerTransport:
+    """Signed peer requests over pooled keep-alive connections."""
+
+    def __init__(self, node_id: str, key: Callable[[], bytes], resolve: Callable[[NodeId], str | None], *,
+                 timeout: float = 60.0, client: WireClient | None = None) -> None:
+        self.node_id = node_id
+        self._key = key
+        self._resolve = resolve
+        self.timeout = timeout
+        self.client = client or WireClient()
+
+    async def _get(self, peer: NodeId, target: str, *, max_body: int) -> WireResponse:
+        address = self._resolve(peer)
+        if address is None:
+            raise PeerError(f"peer {peer} has no known address")
+        headers = sign(self._key(), self.node_id, "GET", target)
+        try:
+            response = await self.client.get(address, target, headers, max_body=max_body, timeout=self.timeout)
+        except WireError as exc:
+            raise PeerError(f"peer {peer}: {exc}") from exc
+        if response.status == 200:
+            return response
+        text = f"peer {peer}: {_error_text(response)}"
+        if response.status == 404:
+            raise NotFound(text)
+        if response.status == 416:
+            raise InvalidRequest(text, status=416)
+        raise PeerError(text) if response.status >= 500 or response.status == 401 else OmxError(
+            text, status=response.status)
+
+    async def blob_state(self, peer: NodeId, digest: BlobDigest) -> PeerBlobState:
+        response = await self._get(peer, f"/api/peer/blobs/{digest}/index", max_body=_MAX_JSON)
+        try:
+            doc: Any = json.loads(bytes(response.body))
+            have = doc.get("have")
+            index = doc.get("index")
+            return PeerBlobState(
+                digest=BlobDigest(str(doc["digest"])), size=int(doc["size"]), chunk_size=int(doc["chunk_size"]),
+                complete=bool(doc["complete"]), have=base64.b64decode(have) if have else None,
+                index_json=json.dumps(index).encode() if index is not None else None)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise PeerError(f"peer {peer} sent a malformed blob state: {exc}") from exc
+
+    async def read_chunks(self, peer: NodeId, digest: BlobDigest, start: int, count: int,
+                          length: int) -> bytearray:
+        target = f"/api/peer/blobs/{digest}/chunks?start={start}&count={count}"
+        response = await self._get(peer, target, max_body=length)
+        if len(response.body) != length:
+            raise PeerError(f"peer {peer} sent {len(response.body)} bytes for chunks {start}+{count}, "
+                            f"expected {length}")
+        return response.body
+
+    async def manifest(self, peer: NodeId, name: str) -> bytes:
+        response = await self._get(peer, "/api/peer/manifests/" + quote(name, safe="/:"), max_body=_MAX_MANIFEST)
+        return bytes(response.body)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
