@@ -19,6 +19,7 @@ from omx.cli.models import copy_cmd, create_cmd, list_cmd, ps_cmd, rm_cmd, show_
 from omx.cli.node import start_cmd, stop_cmd
 from omx.cli.output import DocsGroup
 from omx.cli.pull import register as register_pull
+from omx.cli.replication import register as register_replication
 from omx.cli.run import run_cmd
 from omx.cli.status import nodes_cmd, status_cmd
 from omx.cli.troubleshoot import troubleshoot_cmd
@@ -99,6 +100,7 @@ cli.add_command(troubleshoot_cmd)
 cli.add_command(cluster_group)
 register_import_ollama(cli)
 register_pull(cli)
+register_replication(cli)
 
 
 def main() -> None:

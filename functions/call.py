@@ -14,6 +14,7 @@ from omx.types import NodeId
 if TYPE_CHECKING:
     from omx.functions.cluster_view import ClusterView, ServedBytes, UsageSink
     from omx.functions.registry import HandlerSpec
+    from omx.functions.replication_view import ReplicationView
     from omx.storage import ModelStore
     from omx.storage.registry import RegistryClient
 
@@ -52,6 +53,8 @@ class Services:
     scheduler: Scheduler
     node: NodeInfo
     defaults: EngineDefaults = field(default_factory=EngineDefaults)
+    replication: ReplicationView | None = None
+    """The replicator (placement, transfers, migrations, verify); None on nodes built without one."""
     cluster: ClusterView | None = None
     """The node's cluster service (membership, inventory, metrics, join and leave)."""
     usage: UsageSink | None = None

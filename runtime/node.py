@@ -29,6 +29,7 @@ from omx.runtime.engine import make_engine
 from omx.runtime.identity import load_or_create_node_id
 from omx.runtime.peer import Bandwidth, HttpPeerTransport, Transfers, TransferSettings
 from omx.runtime.registry_http import HttpxRegistryTransport
+from omx.runtime.replication import PeerCommands, ReplicationService, ReplicationSettings, Replicator
 from omx.runtime.scheduler import ModelScheduler
 from omx.runtime.server import Listener, bind_tcp, serve_app, serve_transfers
 from omx.storage import ModelStore
@@ -88,6 +89,15 @@ class Node:
                                    bandwidth=Bandwidth(settings.replication.max_bandwidth),
                                    observer=self.cluster.metrics)
         """Blob transfers from peers (one per digest), for the replicator and pull."""
+        self.replicator = Replicator(
+            node_id=self.node_id, store=self.store, meta=self.cluster.meta, link=self.cluster,
+            transfers=self.transfers,
+            commands=PeerCommands(self.node_id, key=lambda: self.cluster.secret.peer_auth_key(),
+                                  api_of=self.cluster.api_of),
+            settings=ReplicationSettings(
+                default_factor=settings.replication.factor, auto_cleanup=settings.models.auto_cleanup,
+                max_cache_size=settings.models.max_cache_size, max_bandwidth=settings.replication.max_bandwidth))
+        self.cluster.change_listeners.append(self.replicator.kick)
 
     def bind(self) -> Listener:
         self.listener = bind_tcp(self.settings.api.host, self.settings.api.port)
@@ -108,6 +118,7 @@ class Node:
         self.services.cluster = self.cluster
         self.services.usage = self.cluster
         self.services.transfer_stats = self.cluster.metrics
+        self.services.replication = ReplicationService(self.replicator)
         models = self.settings.models
         self.services.registry = pull.make_registry_client(
             self.store, self.registry_transport, default_registry=models.registry, insecure=models.insecure,
@@ -157,6 +168,7 @@ class Node:
         await self.cluster.start(listener.host, listener.port, transfer.port)
         path = self._write_node_json()
         self.cluster.on_agent_change = self._write_node_json
+        self.replicator.start()
         if on_ready is not None:
             on_ready(self.ready)
 
@@ -170,6 +182,7 @@ class Node:
                 await serve_app(self.app, listener, shutdown)
         finally:
             self.cluster.on_agent_change = None
+            await self.replicator.stop()
             await self.transfers.aclose()
             await self.peer_transport.aclose()
             transfer.sock.close()

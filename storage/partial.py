@@ -110,6 +110,26 @@ class PartialBlob:
         part._save_state()
         return part
 
+    @classmethod
+    def adopt(cls, store: BlobStore, path: Path, index: ChunkIndex, *, held: set[int]) -> PartialBlob:
+        """Turn the complete file ``path`` of ``index.blob`` into a partial blob holding ``held`` chunks.
+
+        For repairs: the file is renamed (never copied or edited in place) into
+        ``partial/``, after a state file that claims only ``held`` is written, so a
+        transfer then fetches just the other chunks. A crash between the two steps
+        leaves the blob where it was and a state that :meth:`open` discards.
+        """
+        index.validate()
+        part = cls(store, index.blob, index.size, index.chunk_size, index.chunks,
+                   bytearray(-(-index.chunk_count // 8)))
+        for i in held:
+            if 0 <= i < index.chunk_count:
+                part._have[i >> 3] |= 1 << (i & 7)
+        part.data_path.parent.mkdir(parents=True, exist_ok=True)
+        part._save_state()
+        os.replace(path, part.data_path)
+        return part
+
     def _load_state(self) -> dict[str, Any] | None:
         try:
             doc = json.loads(self.state_path.read_bytes())

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from omx.functions.builtin import cluster, cluster_admin, embed, generate, models, openai, peer_blobs, pull
+from omx.functions.builtin import (
+    cluster,
+    cluster_admin,
+    embed,
+    generate,
+    models,
+    openai,
+    peer_blobs,
+    pull,
+    replication,
+)
 from omx.functions.openapi import register as register_openapi
 from omx.functions.registry import FunctionRegistry
 
@@ -12,7 +22,7 @@ __all__ = ["builtin_registry"]
 def builtin_registry(*, metrics_public: bool = True) -> FunctionRegistry:
     """A registry holding every built-in handler; ``/metrics`` needs an API key unless ``metrics_public``."""
     registry = FunctionRegistry()
-    for module in (models, generate, embed, openai, pull, cluster_admin, peer_blobs):
+    for module in (models, generate, embed, openai, pull, cluster_admin, peer_blobs, replication):
         module.register(registry)
     cluster.register(registry, metrics_public=metrics_public)
     register_openapi(registry)

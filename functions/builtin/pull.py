@@ -18,7 +18,7 @@ from omx.functions.call import Call
 from omx.functions.registry import FunctionRegistry
 from omx.functions.schemas import PullRequest, PushRequest
 from omx.protocols import RegistryTransport
-from omx.storage import ModelStore
+from omx.storage import ModelName, ModelStore
 from omx.storage.registry import Credentials, ProgressEvent, RegistryClient, RegistryOptions
 from omx.storage.registry.pending import FileManifests
 
@@ -74,12 +74,24 @@ async def _respond(events: AsyncIterator[ProgressEvent], stream: bool) -> Any:
     return last
 
 
+async def _last(lines: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
+    last: dict[str, Any] = {}
+    async for item in lines:
+        last = item
+    return last
+
+
 async def pull(body: PullRequest, call: Call) -> Any:
-    """Download a model from a registry."""
+    """Download a model: from the cluster's peers when an alive peer holds it, else from its registry."""
     if not body.model:
         raise InvalidRequest("model is required")
+    ModelName.parse(body.model)  # a bad name is a 400 before any line is streamed
+    replication = call.services.replication
+    from_peers = replication.peer_pull(body.model) if replication is not None else None
+    if from_peers is not None:
+        return from_peers if body.stream else await _last(from_peers)
     client = _client(call)
-    client.parse(body.model)  # a bad name is a 400 before any line is streamed
+    client.parse(body.model)
     events = client.pull(body.model, insecure=body.insecure, credentials=_credentials(body))
     return await _respond(events, body.stream)
 

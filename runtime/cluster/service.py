@@ -98,6 +98,8 @@ class ClusterService:
         self._switch = asyncio.Lock()
         self._last_state: dict[str, Any] | None = None
         self.on_agent_change: Callable[[], object] | None = None
+        self.change_listeners: list[Callable[[], None]] = []
+        """Called when membership, a peer's inventory or this node's inventory changed (the replicator)."""
         self._agent_pid: int | None = None
 
     # ------------------------------------------------------------ lifecycle
@@ -256,9 +258,11 @@ class ClusterService:
             self.peers.forget(event.name)
             if event.before is not None:
                 self._publish_member("removed", self._record(event.before))
+            self._changed()
             return
         self._publish_member(event.kind, self._record(after))
         self._maybe_fetch(after.name, after.tags, after.status)
+        self._changed()
 
     def _maybe_fetch(self, name: str, tags: Any, status: str, force: bool = False) -> None:
         if name == self.node_id or status != "alive" or "api" not in tags:
@@ -275,6 +279,7 @@ class ClusterService:
         inv = task.result()
         if before is not None and inv is not None and (before.models, before.version) == (inv.models, inv.version):
             return
+        self._changed()
         state = self.membership.view.get(name)
         if state is not None:
             self._publish_member("updated", self._record(state))
@@ -294,6 +299,7 @@ class ClusterService:
             except (MeshError, OSError) as exc:
                 log.warning("could not publish the inventory version: %s", exc)
         self._publish_member("updated", self._self_record())
+        self._changed()
 
     async def _monitor(self) -> None:
         while True:
@@ -402,6 +408,35 @@ class ClusterService:
         membership = self.membership
         members = membership.members() if membership is not None and membership.agent.running else []
         return snapshot_of(self.node_id, self.local.current(), members, self.peers.cache)
+
+    def _changed(self) -> None:
+        for listener in self.change_listeners:
+            listener()
+
+    async def publish_inventory(self) -> None:
+        """Rescan the store now and gossip the new inventory version if it changed."""
+        if await self.local.refresh():
+            await self._inventory_changed()
+
+    def _alive_tags(self, node: str) -> Any:
+        state = self.membership.view.get(node) if self.membership is not None else None
+        return state.tags if state is not None and state.status == "alive" else None
+
+    def api_of(self, node: str) -> str | None:
+        """``host:port`` of an alive member's API (None when it is not alive or unknown)."""
+        if node == self.node_id:
+            return self.api_address() or None
+        tags = self._alive_tags(node)
+        return str(tags["api"]) if tags is not None and "api" in tags else None
+
+    async def refresh_peer(self, node: str) -> None:
+        """Fetch ``node``'s inventory now, whatever its version tag says."""
+        api = self.api_of(node)
+        if node == self.node_id or api is None:
+            return
+        inv = await self.peers.fetch(node, api)
+        if inv is not None and inv.error is not None:
+            raise PeerError(f"inventory of {node} not fetched: {inv.error}")
 
     async def prometheus(self) -> tuple[bytes, str]:
         loaded = self.scheduler.loaded()

@@ -45,7 +45,8 @@ API_PORT = 8080
 P2P_PORT = 4001
 MEMBER_DEADLINE_S = 40.0
 _LOCK_DIR = Path(tempfile.gettempdir()) / "omx-test-hosts"
-NODE_ENV = {"OMX_P2P__PROFILE": "local", "OMX_ENGINE__NUM_CTX": "256"}
+NODE_ENV = {"OMX_P2P__PROFILE": "local", "OMX_ENGINE__NUM_CTX": "256", "OMX_REPLICATION__FACTOR": "1"}
+"""Test clusters keep one copy per model unless a test asks for more (so models stay where tests put them)."""
 
 
 @dataclass
