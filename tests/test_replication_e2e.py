@@ -24,6 +24,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from omx.storage import BlobStore
+from omx.storage.partial import read_partial_state
+from omx.types import BlobDigest
 from tests.support.cluster import Cluster, ClusterNode, start_cluster
 from tests.support.node import create_model, wait_until
 from tests.support.transfer import sha256_of, write_big_gguf
@@ -275,3 +278,39 @@ def test_cli_commands(cluster: Cluster) -> None:
     mig = omx("--host", a.url, "migrate", MODEL, "--from", "omx-nosuch", "--to", a.node_id)
     assert mig.returncode == 1 and "not an alive member" in mig.stderr and "Traceback" not in mig.stderr
 
+
+
+def served_total(nodes: list[ClusterNode]) -> float:
+    return sum(metric(n, "omx_replication_bytes_served_total") for n in nodes)
+
+
+def persisted_chunks(node: ClusterNode, digest: str) -> int:
+    """Chunks the partial blob's saved bitmap claims (what survives a kill -9)."""
+    state = read_partial_state(BlobStore(node.home / "data" / "models", chunk_size=CHUNK), BlobDigest(digest))
+    return 0 if state is None else sum(bin(b).count("1") for b in state.have)
+
+
+def test_a_receiver_killed_mid_transfer_resumes_without_refetching(cluster: Cluster, gguf: Path) -> None:
+    sources = [n for n in cluster.nodes if n.proc is not None]
+    size, digest = gguf.stat().st_size, sha256_of(gguf)
+    slow = {**ENV, "OMX_REPLICATION__MAX_BANDWIDTH": str(512 * 1024)}
+    # A new node that receives slowly (512 KiB/s), so it can be killed in the middle of the transfer.
+    d = cluster.add_node("D", env=slow)
+    cluster.wait_alive(sources + [d], sources + [d])
+    r = post(sources[0], "/api/distributed/replicate", {"model": MODEL, "factor": 3})
+    assert r.status_code == 200, r.text
+    held = wait_until(lambda: persisted_chunks(d, digest) >= 6 or None, timeout=DEADLINE, interval=0.05,
+                      what="D to have saved some chunks")
+    d.kill9()
+    held = persisted_chunks(d, digest)
+    total_chunks = -(-size // CHUNK)
+    assert 6 <= held < total_chunks
+    cluster.wait_status(sources, d.node_id, "failed")
+    before = served_total(sources)
+    d.start((), slow)
+    cluster.wait_alive(sources + [d], sources + [d])
+    wait_until(lambda: MODEL in local_models(d), timeout=DEADLINE, interval=0.25, what="D to complete the model")
+    assert sha256_of(blob_path(d, digest)) == digest
+    served = served_total(sources) - before
+    # After the restart only the chunks D had not saved were sent again.
+    assert served <= size - held * CHUNK + CHUNK, (served, size, held)
