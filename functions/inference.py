@@ -58,6 +58,31 @@ def _image_refusal(name: str, caps: Sequence[str]) -> str:
             "does not load vision projectors (mmproj); send the request without images")
 
 
+MAX_THREADS = 1024
+"""The most ``num_thread`` a request may ask for (as ``engine.num_thread`` in the config)."""
+
+
+def _load_bounds(model: ResolvedModel, merged: Mapping[str, Any], default_ctx: int,
+                 default_batch: int) -> tuple[int, int]:
+    """Check the load options a request may set; returns (num_ctx, num_batch).
+
+    As Ollama does, a context longer than the model was trained for is cut to
+    that length (it could never be used, and allocating it can fail outright).
+    """
+    num_ctx, num_batch = int(merged.get("num_ctx", default_ctx)), int(merged.get("num_batch", default_batch))
+    if num_ctx < 1:
+        raise InvalidRequest("num_ctx must be positive")
+    if num_batch < 1:
+        raise InvalidRequest("num_batch must be positive")
+    threads = merged.get("num_thread")
+    if threads is not None and not 0 <= threads <= MAX_THREADS:
+        raise InvalidRequest(f"num_thread must be between 0 (the default) and {MAX_THREADS}")
+    trained = model.gguf.context_length if model.gguf is not None else None
+    if trained:
+        num_ctx = min(num_ctx, int(trained))
+    return num_ctx, num_batch
+
+
 async def resolve_target(
     services: Services,
     name: str,
@@ -78,23 +103,22 @@ async def resolve_target(
     if images:
         raise UnsupportedCapability(_image_refusal(name, caps))
     defaults = services.defaults
+    num_ctx, num_batch = _load_bounds(model, merged, defaults.num_ctx, defaults.num_batch)
     spec = ModelSpec(
         name=model.name.display,
         model_path=model.model_path,
         digest=model.model_digest,
         adapter_paths=model.adapter_paths,
         projector_paths=model.projector_paths,
-        num_ctx=int(merged.get("num_ctx", defaults.num_ctx)),
-        num_batch=int(merged.get("num_batch", defaults.num_batch)),
-        num_thread=merged.get("num_thread", defaults.num_thread),
+        num_ctx=num_ctx,
+        num_batch=min(num_batch, num_ctx),
+        num_thread=merged.get("num_thread", defaults.num_thread) or None,
         num_gpu=int(merged.get("num_gpu", 0)),
         num_parallel=defaults.num_parallel,
         use_mmap=bool(merged.get("use_mmap", True)),
         size=model.size,
     )
     sampling = {k: v for k, v in merged.items() if k not in LOAD_OPTIONS}
-    if spec.num_ctx < 1:
-        raise InvalidRequest("num_ctx must be positive")
     return Target(name=name, model=model, spec=spec, options=sampling, keep_alive=parse_keep_alive(keep_alive))
 
 

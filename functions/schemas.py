@@ -57,8 +57,12 @@ class ToolCall(_Body):
     function: ToolCallFunction
 
 
+Role = Literal["system", "user", "assistant", "tool"]
+"""The roles of Ollama's chat messages."""
+
+
 class ChatMessage(_Body):
-    role: str
+    role: Role
     content: str = ""
     images: list[str] | None = None
     tool_calls: list[ToolCall] | None = None

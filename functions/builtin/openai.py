@@ -13,7 +13,7 @@ import secrets
 import struct
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -45,9 +45,31 @@ class ResponseFormat(_Body):
     json_schema: dict[str, Any] | None = None
 
 
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str = ""
+
+
+class ImageURL(_Body):
+    url: str
+
+
+class ImagePart(_Body):
+    """Parsed as OpenAI sends it, then refused: this node reads no images (see ``resolve_target``)."""
+
+    # Documented as never valid, since the request is answered with 400.
+    model_config = ConfigDict(json_schema_extra={
+        "not": {}, "description": "Refused with 400: this node loads no vision projector, so it reads no images."})
+    type: Literal["image_url"]
+    image_url: ImageURL | str
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
 class OAIMessage(_Body):
-    role: str
-    content: str | list[dict[str, Any]] | None = None
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
     tool_calls: list[dict[str, Any]] | None = None
     name: str | None = None
     tool_call_id: str | None = None
@@ -74,13 +96,18 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    prompt: str | list[str] = Field(json_schema_extra={"anyOf": [
+        {"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1}]})
+    """One prompt: a string, or a list holding exactly one (several are refused)."""
     suffix: str | None = None
 
 
 class EmbeddingRequest(_Body):
     model: str
-    input: str | list[str]
+    input: str | list[str] = Field(json_schema_extra={"anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1}]})
+    """Non-empty text, or a non-empty list of non-empty texts."""
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
 
@@ -103,22 +130,16 @@ def _options(req: _Sampling, max_tokens: int | None) -> dict[str, Any]:
     return options
 
 
-def _content_and_images(content: str | list[dict[str, Any]] | None) -> tuple[str, list[str]]:
+def _content_and_images(content: str | list[TextPart | ImagePart] | None) -> tuple[str, list[str]]:
     if content is None or isinstance(content, str):
         return content or "", []
     texts, images = [], []
     for part in content:
-        kind = part.get("type")
-        if kind == "text":
-            texts.append(str(part.get("text", "")))
-        elif kind == "image_url":
-            url = part.get("image_url")
-            url = url.get("url") if isinstance(url, dict) else url
-            if not isinstance(url, str) or "," not in url:
-                raise InvalidRequest("image_url must be a base64 data URL")
-            images.append(url.split(",", 1)[1])
+        if isinstance(part, TextPart):
+            texts.append(part.text)
         else:
-            raise InvalidRequest(f"unsupported content part type {kind!r}")
+            url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
+            images.append(url.split(",", 1)[-1])
     return "\n".join(texts), images
 
 
@@ -134,7 +155,8 @@ def _to_chat_message(m: OAIMessage) -> ChatMessage:
             except json.JSONDecodeError as exc:
                 raise InvalidRequest("tool call arguments must be JSON") from exc
         calls.append({"function": {"name": fn.get("name", ""), "arguments": args}})
-    return ChatMessage.model_validate({"role": m.role, "content": text, "images": images or None,
+    role = "system" if m.role == "developer" else m.role  # OpenAI's newer name for system messages
+    return ChatMessage.model_validate({"role": role, "content": text, "images": images or None,
                                       "tool_calls": calls or None, "tool_name": m.name})
 
 
