@@ -23,6 +23,7 @@ _BOOL = {"penalize_newline", "numa", "use_mmap", "use_mlock", "low_vram", "f16_k
 _LIST = {"stop"}
 LOAD_OPTIONS = frozenset({"num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "use_mmap", "use_mlock",
                           "numa", "low_vram", "vocab_only"})
+_KNOWN = _INT | _FLOAT | _BOOL | _LIST
 _SAMPLING_FIELDS = {f.name for f in fields(SamplingOptions)}
 
 
@@ -53,12 +54,14 @@ def _coerce(key: str, value: Any) -> Any:
 def merge_options(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
     """Merge option layers (later wins), validating known keys' types.
 
-    Unknown keys are dropped, as Ollama ignores them with a warning.
+    Unknown keys are dropped, as Ollama ignores them with a warning, and so
+    are ``null`` values (Ollama skips them: LangChain sends every option it
+    knows, unset ones as ``null``).
     """
     merged: dict[str, Any] = {}
     for layer in layers:
         for key, value in (layer or {}).items():
-            if key in _INT | _FLOAT | _BOOL | _LIST:
+            if value is not None and key in _KNOWN:
                 merged[key] = _coerce(key, value)
     return merged
 

@@ -1,7 +1,9 @@
 """Request bodies of the Ollama API, validated at the edge.
 
 Field names and types follow Ollama's ``api/types.go``; unknown fields are
-ignored as Ollama's JSON decoding ignores them.
+ignored as Ollama's JSON decoding ignores them, and so is a field sent as
+``null`` (Go leaves the field unset, so Ollama applies its default): clients
+such as LangChain send every field they know, unset ones as ``null``.
 """
 
 from __future__ import annotations
@@ -24,14 +26,27 @@ __all__ = [
     "PullRequest",
     "PushRequest",
     "ShowRequest",
+    "null_is_unset",
 ]
 
 KeepAlive = float | int | str | None
 Format = Literal["json", ""] | dict[str, Any] | None
 
 
+def null_is_unset(data: Any) -> Any:
+    """A JSON object without its ``null`` members: a field sent as ``null`` takes its default."""
+    if isinstance(data, dict) and None in data.values():
+        return {key: value for key, value in data.items() if value is not None}
+    return data
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        return null_is_unset(data)
 
 
 class _NamedModel(_Body):

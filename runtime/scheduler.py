@@ -6,6 +6,12 @@ asyncio shell that owns runners, timers and waiting requests. All its state
 changes happen between awaits on the event loop, so it needs no lock: a
 request that finds no entry for its model creates one and starts the load in
 the same step, and every later request for that key waits on the same load.
+
+A model name has at most one entry, as ``/api/ps`` shows it: a request whose
+load options differ from the loaded instance's (another ``num_ctx``…) marks
+that instance *draining*. A draining instance takes no new requests, serves
+the ones already waiting for it, and is unloaded once idle; then the model is
+loaded again with the new options. Ollama reloads the same way.
 """
 
 from __future__ import annotations
@@ -65,7 +71,7 @@ def pick_victim(states: Iterable[ModelState], now: float) -> tuple[object, ...] 
 
 
 class _Entry:
-    __slots__ = ("active", "close_task", "closed", "expires_at", "keep_alive", "last_used", "load",
+    __slots__ = ("active", "close_task", "closed", "draining", "expires_at", "keep_alive", "last_used", "load",
                  "restart_lock", "runner", "served", "slots", "spec", "timer", "waiting")
 
     def __init__(self, spec: ModelSpec, slots: int, now: float) -> None:
@@ -81,6 +87,8 @@ class _Entry:
         self.keep_alive: float | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.closed = False
+        self.draining = False
+        """A request for this model with other load options waits for this instance to go idle."""
         self.close_task: asyncio.Task[None] | None = None
         self.restart_lock = asyncio.Lock()
 
@@ -206,6 +214,7 @@ class ModelScheduler:
             while True:
                 entry = await self._entry_for(spec, deadline)
                 entry.waiting += 1
+                acquired = False
                 try:
                     load = entry.load
                     assert load is not None
@@ -218,10 +227,14 @@ class ModelScheduler:
                         await self._until(entry.slots.acquire(), deadline)
                     else:
                         await entry.slots.acquire()
+                    acquired = True
                 finally:
                     entry.waiting -= 1
                     if entry.active == 0 and not entry.closed:
-                        self._arm(entry)
+                        if not acquired and entry.draining and entry.waiting == 0:
+                            self._unload(entry)
+                        else:
+                            self._arm(entry)
                 if entry.closed:
                     entry.slots.release()
                     continue
@@ -253,7 +266,7 @@ class ModelScheduler:
                 self._schedule_close(entry)
         elif entry.active == 0:
             entry.expires_at = None if keep is None else entry.last_used + keep
-            if keep == 0 and entry.waiting == 0:
+            if (keep == 0 or entry.draining) and entry.waiting == 0:
                 self._unload(entry)
             else:
                 self._arm(entry)
@@ -263,8 +276,18 @@ class ModelScheduler:
         key = spec.key
         while True:
             entry = self._entries.get(key)
-            if entry is not None:
+            if entry is not None and not entry.draining:
                 return entry
+            loaded = entry or next((e for e in self._entries.values() if e.spec.name == spec.name), None)
+            if loaded is not None:
+                # One instance per model name: other load options (or a reload already asked
+                # for) wait until the loaded instance has finished what it serves.
+                if loaded.spec.key != key and loaded.active == 0 and loaded.waiting == 0:
+                    self._unload(loaded)
+                    continue
+                loaded.draining = loaded.draining or loaded.spec.key != key
+                await self._until(self._changed.wait(), deadline)
+                continue
             if len(self._entries) + self._closing < self.max_loaded_models:
                 return self._create(spec)
             # Runners still closing hold their memory: wait for them rather than evict one more.

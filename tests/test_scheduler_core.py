@@ -251,12 +251,59 @@ async def test_unload_by_name_waits_for_in_flight_request() -> None:
     await sched.aclose()
 
 
-async def test_distinct_keys_of_one_name_are_distinct_runners() -> None:
+async def test_other_load_options_reload_the_one_instance_of_a_name() -> None:
     engine = FakeEngine()
     sched = ModelScheduler(engine)
     await sched.load(spec("a", num_ctx=512), keep_alive=None)
     await sched.load(spec("a", num_ctx=1024), keep_alive=None)
-    assert sorted(m.context_length for m in sched.loaded()) == [512, 1024]
+    assert [(m.name, m.context_length) for m in sched.loaded()] == [("a", 1024)]
+    assert engine.started == ["a", "a"]
+    await until(lambda: engine.closed == ["a"])
+    assert engine.runners[0].closed and not engine.runners[1].closed
     assert await sched.unload("a")
     assert sched.loaded() == []
+    await sched.aclose()
+
+
+async def test_reload_with_other_options_waits_for_the_busy_instance() -> None:
+    engine = FakeEngine()
+    sched = ModelScheduler(engine, num_parallel=2)
+    release = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def hold() -> None:
+        async with sched.lease(spec("a", num_ctx=512), keep_alive=None):
+            entered.set()
+            await asyncio.wait_for(release.wait(), 20)
+
+    holder = asyncio.create_task(hold())
+    await asyncio.wait_for(entered.wait(), 20)
+    other = asyncio.create_task(sched.load(spec("a", num_ctx=1024), keep_alive=None))
+    await until(lambda: sched.queued == 1)
+    # The old instance drains: a request with its own options, a free slot and all, waits too.
+    same = asyncio.create_task(sched.load(spec("a", num_ctx=512), keep_alive=None))
+    await until(lambda: sched.queued == 2)
+    assert engine.started == ["a"]
+    assert [m.context_length for m in sched.loaded()] == [512]
+    release.set()
+    await asyncio.wait_for(asyncio.gather(holder, other, same), 20)
+    assert len(sched.loaded()) == 1
+    assert engine.started == ["a", "a", "a"]
+    await sched.aclose()
+
+
+async def test_alternating_load_options_all_complete_with_one_instance_listed() -> None:
+    engine = FakeEngine(load_delay=0.01)
+    sched = ModelScheduler(engine, num_parallel=2)
+    listed: list[int] = []
+
+    async def use(ctx: int) -> None:
+        async with sched.lease(spec("a", num_ctx=ctx), keep_alive=None) as runner:
+            listed.append(len(sched.loaded()))
+            assert runner.spec.num_ctx == ctx  # type: ignore[attr-defined]
+            await asyncio.sleep(0)
+
+    await asyncio.wait_for(asyncio.gather(*(use(512 if i % 2 else 1024) for i in range(12))), 20)
+    assert listed == [1] * 12
+    assert len(sched.loaded()) == 1
     await sched.aclose()

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from omx.errors import InvalidRequest, ModelNotFound
 from omx.functions.builtin.embed import embed_texts, truncate_dimensions
@@ -24,7 +24,7 @@ from omx.functions.builtin.toolcalls import parse_tool_calls
 from omx.functions.call import Call
 from omx.functions.inference import Target, Timings, resolve_target, run_completion
 from omx.functions.registry import Accepted, FunctionRegistry
-from omx.functions.schemas import ChatMessage
+from omx.functions.schemas import ChatMessage, null_is_unset
 from omx.protocols import Completion, Runner
 
 __all__ = ["register"]
@@ -34,6 +34,11 @@ _FINGERPRINT = "fp_omx"
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        return null_is_unset(data)  # as Ollama's OpenAI layer: a null field is an unset one
 
 
 class StreamOptions(_Body):
