@@ -297,9 +297,13 @@ class PeerTransport(Protocol):
     async def blob_state(self, peer: NodeId, digest: BlobDigest) -> PeerBlobState:
         ...
 
-    async def read_chunks(self, peer: NodeId, digest: BlobDigest, start: int, count: int,
-                          length: int) -> bytes | bytearray:
-        """The ``length`` bytes of chunks ``[start, start + count)`` of ``digest``."""
+    async def read_chunks(self, peer: NodeId, digest: BlobDigest, start: int, count: int, length: int, *,
+                          into: bytearray | memoryview | None = None) -> bytes | bytearray | memoryview:
+        """The ``length`` bytes of chunks ``[start, start + count)`` of ``digest``.
+
+        ``into`` (exactly ``length`` bytes) is a buffer the transport may receive them into
+        (and return); it is not written to after this returns or raises.
+        """
         ...
 
     async def manifest(self, peer: NodeId, name: str) -> bytes:

@@ -28,6 +28,7 @@ from omx.runtime.peer import (
     fetch_model,
     probe_sources,
 )
+from omx.runtime.peer.frontier import Sha256Frontier
 from omx.storage import ChunkIndex, Layer, Manifest, ModelName, ModelStore, PartialBlob
 from omx.storage.damaged import is_damaged, mark_damaged
 from omx.storage.fetch_plan import ALL
@@ -388,3 +389,27 @@ async def test_a_fresh_copy_clears_an_old_damage_marker(tmp_path: Path) -> None:
             await transport.aclose()
         assert not is_damaged(receiver.blobs, idx.blob)
 
+
+
+@pytest.mark.parametrize("keep", [0, CHUNK, 64 * CHUNK])
+async def test_the_sha256_frontier_hashes_out_of_order_chunks_in_order(tmp_path: Path, keep: int) -> None:
+    """Chunks kept in memory, read back when too far ahead, or held from an earlier run: one digest."""
+    data = _blob(16, 7 * CHUNK + 3)
+    source = ModelStore(tmp_path / "src", chunk_size=CHUNK)
+    idx = _put(source, data)
+    blobs = ModelStore(tmp_path / "b", chunk_size=CHUNK).blobs
+    part = PartialBlob.open(blobs, idx.blob, idx.size, index=idx)
+    part.write_chunk(1, data[CHUNK:2 * CHUNK])  # held from an earlier run
+    frontier = Sha256Frontier(part, keep_bytes=keep)
+    released: list[int] = []
+    try:
+        frontier.offer(-1)
+        for i in (6, 3, 0, 7, 2, 5, 4):
+            off, length = idx.chunk_range(i)
+            chunk = data[off:off + length]
+            part.write_chunk(i, chunk, durable=False)
+            frontier.offer(i, chunk, lambda i=i: released.append(i))
+        info = await frontier.finish(idx)
+    finally:
+        frontier.close()
+    assert info.path.read_bytes() == data and sorted(released) == [0, 2, 3, 4, 5, 6, 7]

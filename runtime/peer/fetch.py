@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -196,6 +197,8 @@ class BlobTransfer:
         self._unsynced = 0
         self._synced_at = clock()
         self._sync: asyncio.Future[int] | None = None
+        self._buffers: deque[bytearray] = deque()
+        """Chunk buffers to receive into, reused once written and hashed (warm pages, no zeroing)."""
 
     @property
     def digest(self) -> BlobDigest:
@@ -309,20 +312,36 @@ class BlobTransfer:
             self._fatal = self._fatal or StoreError(f"cannot write blob {self.digest}: {exc.strerror or exc}")
             self._wake.set()
 
-    async def _read(self, a: Assignment) -> bytes | bytearray:
+    async def _read(self, a: Assignment, buffer: bytearray | None) -> bytes | bytearray | memoryview:
         offset, length = self.index.chunk_range(a.chunk)
         if a.source == LOCAL:
             assert self.local is not None
             return await self.local.read_chunk(self.digest, self.index.chunks[a.chunk], offset, length)
         if self.bandwidth is not None:
             await self.bandwidth.acquire(length)
-        return await self.transport.read_chunks(NodeId(a.source), self.digest, a.chunk, 1, length)
+        into = memoryview(buffer)[:length] if buffer is not None else None
+        return await self.transport.read_chunks(NodeId(a.source), self.digest, a.chunk, 1, length, into=into)
+
+    def _release(self, buffer: bytearray | None) -> None:
+        """Give a chunk buffer back (any thread); a few are kept warm for the next chunks."""
+        if buffer is not None and len(self._buffers) < self.settings.concurrency + 2:
+            self._buffers.append(buffer)
 
     async def _fetch(self, a: Assignment, part: PartialBlob, frontier: Sha256Frontier) -> None:
         kind = "local" if a.source == LOCAL else "peer"
+        buffer = None
+        if a.source != LOCAL:
+            try:
+                buffer = self._buffers.pop()
+            except IndexError:
+                buffer = bytearray(self.index.chunk_size)
+        handed_over = writing = False
         try:
-            data = await self._read(a)
+            data = await self._read(a, buffer)
+            # While the writer thread runs, the buffer is its own: cancelled here, it is never reused.
+            writing = True
             await asyncio.to_thread(part.write_chunk, a.chunk, memoryview(data), durable=False)
+            writing = False
         except IntegrityError as exc:
             self._rejected += 1
             log.warning("chunk %d of %s from %s rejected: %s", a.chunk, self.digest, a.source, exc)
@@ -349,7 +368,8 @@ class BlobTransfer:
                 self._received[a.source] = self._received.get(a.source, 0) + len(data)
                 if self.observer is not None:
                     self.observer.bytes_received(kind, len(data))
-                frontier.offer(a.chunk, data)
+                frontier.offer(a.chunk, data, lambda: self._release(buffer))
+                handed_over = True
                 self._maybe_sync(part, len(data))
             for dup in self.plan.completed(a):
                 task = self._tasks.get(dup)
@@ -357,5 +377,7 @@ class BlobTransfer:
                     task.cancel()
             self._report()
         finally:
+            if not handed_over and not writing:
+                self._release(buffer)
             self._tasks.pop(a, None)
             self._wake.set()

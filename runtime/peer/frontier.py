@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from omx.errors import IntegrityError
 from omx.storage import BlobInfo, ChunkIndex, PartialBlob
 
 __all__ = ["Sha256Frontier"]
+
+Chunk = bytes | bytearray | memoryview
 
 
 class Sha256Frontier:
@@ -29,33 +32,49 @@ class Sha256Frontier:
         self.next = 0
         self.keep_bytes = keep_bytes
         self._sha = hashlib.sha256()
-        self._ahead: dict[int, bytes | bytearray] = {}
+        self._ahead: dict[int, tuple[Chunk, Callable[[], None] | None]] = {}
         self._ahead_bytes = 0
+        self._reread = set(part.held())
+        """Chunks to read back from the file when the frontier reaches them: those held when the
+        transfer (re)started, and those offered too far ahead to keep in memory. Every other
+        chunk's bytes come with its offer, which the frontier waits for."""
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sha256-frontier")
         self._jobs: list[Future[None]] = []
 
-    def offer(self, i: int, data: bytes | bytearray | None = None) -> None:
-        """Chunk ``i`` is written (its bytes in ``data`` if at hand); hash what became contiguous."""
-        self._jobs = [j for j in self._jobs if not j.done() or j.exception() is not None]
-        self._jobs.append(self._pool.submit(self._advance, i, data))
+    def offer(self, i: int, data: Chunk | None = None, release: Callable[[], None] | None = None) -> None:
+        """Chunk ``i`` is written (its bytes in ``data`` if at hand); hash what became contiguous.
 
-    def _advance(self, i: int, data: bytes | bytearray | None) -> None:
+        ``release`` is called (on the frontier's thread) once ``data`` is no longer needed,
+        so its buffer can be reused.
+        """
+        self._jobs = [j for j in self._jobs if not j.done() or j.exception() is not None]
+        self._jobs.append(self._pool.submit(self._advance, i, data, release))
+
+    def _advance(self, i: int, data: Chunk | None, release: Callable[[], None] | None = None) -> None:
         if data is not None and i > self.next and self._ahead_bytes + len(data) <= self.keep_bytes:
-            self._ahead[i] = data
+            self._ahead[i] = (data, release)
             self._ahead_bytes += len(data)
-        elif data is not None and i == self.next:
-            self._sha.update(data)
-            self.next += 1
+        else:
+            if data is not None and i == self.next:
+                self._sha.update(data)
+                self.next += 1
+            elif i > self.next:
+                self._reread.add(i)
+            if release is not None:
+                release()
         count = self.part.chunk_count
         while self.next < count:
-            held = self._ahead.pop(self.next, None)
-            if held is not None:
+            ahead = self._ahead.pop(self.next, None)
+            if ahead is not None:
+                held, done = ahead
                 self._ahead_bytes -= len(held)
-            elif self.part.has_chunk(self.next):
-                held = self.part.read_chunk(self.next)
+                self._sha.update(held)
+                if done is not None:
+                    done()
+            elif self.next in self._reread:
+                self._sha.update(self.part.read_chunk(self.next))
             else:
                 return
-            self._sha.update(held)
             self.next += 1
 
     def _finish(self, index: ChunkIndex) -> BlobInfo:

@@ -56,13 +56,15 @@ class HttpPeerTransport:
         self.timeout = timeout
         self.client = client or WireClient()
 
-    async def _get(self, peer: NodeId, target: str, *, max_body: int) -> WireResponse:
+    async def _get(self, peer: NodeId, target: str, *, max_body: int,
+                   into: bytearray | memoryview | None = None) -> WireResponse:
         address = self._resolve(peer)
         if address is None:
             raise PeerError(f"peer {peer} has no known address")
         headers = sign(self._key(), self.node_id, "GET", target)
         try:
-            response = await self.client.get(address, target, headers, max_body=max_body, timeout=self.timeout)
+            response = await self.client.get(address, target, headers, max_body=max_body, timeout=self.timeout,
+                                             into=into)
         except WireError as exc:
             raise PeerError(f"peer {peer}: {exc}") from exc
         if response.status == 200:
@@ -88,10 +90,10 @@ class HttpPeerTransport:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise PeerError(f"peer {peer} sent a malformed blob state: {exc}") from exc
 
-    async def read_chunks(self, peer: NodeId, digest: BlobDigest, start: int, count: int,
-                          length: int) -> bytearray:
+    async def read_chunks(self, peer: NodeId, digest: BlobDigest, start: int, count: int, length: int, *,
+                          into: bytearray | memoryview | None = None) -> bytearray | memoryview:
         target = f"/api/peer/blobs/{digest}/chunks?start={start}&count={count}"
-        response = await self._get(peer, target, max_body=length)
+        response = await self._get(peer, target, max_body=length, into=into)
         if len(response.body) != length:
             raise PeerError(f"peer {peer} sent {len(response.body)} bytes for chunks {start}+{count}, "
                             f"expected {length}")
