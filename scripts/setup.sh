@@ -13,6 +13,9 @@ extras="demo"
 # util-linux: setpriv, with which the serf agent dies with its node. b3sum and curl: the baselines
 # bench/peer_transfer.py measures against.
 apt_packages=(serf util-linux docker-registry cmake build-essential python3-venv python3-dev curl b3sum)
+# node and npm (unless some install of node already brings npm): the official Ollama JavaScript
+# client, driven by tests/test_integrations.py.
+if [ "${1:-}" = "--test" ] && ! command -v npm >/dev/null; then apt_packages+=(nodejs npm); fi
 missing=()
 for pkg in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -40,4 +43,12 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip "setuptools>=77" wheel
 echo "setup: installing omx and its Python dependencies (llama-cpp-python compiles once, ~7 min)"
 .venv/bin/python -m pip install -q -e ".[$extras]"
+if [ "${1:-}" = "--test" ]; then
+  if command -v npm >/dev/null; then
+    echo "setup: installing the npm packages of tests/js (the Ollama JavaScript client)"
+    npm ci --prefix tests/js --ignore-scripts --no-audit --no-fund --loglevel=error
+  else
+    echo "setup: no npm: the JavaScript client's test will be skipped (it fails under CI=true)" >&2
+  fi
+fi
 echo "setup: done"
