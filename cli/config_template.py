@@ -15,12 +15,12 @@ SECTIONS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
     ]),
     ("api", "The Ollama-compatible HTTP API (and OpenAI-compatible /v1).", [
         ("host", "127.0.0.1", "Address to bind. 127.0.0.1 keeps a lone node private; 0.0.0.0 listens everywhere."),
-        ("port", "8080", "TCP port of the API (HTTP/1.1); HTTP/3 uses the same UDP port."),
+        ("port", "8080", "TCP port of the API (HTTP/1.1)."),
         ("advertise", "null", "Address peers use to reach this API (default: the bind address, or the "
                               "first non-loopback one when bound to 0.0.0.0)."),
     ]),
-    ("web", "The web dashboard.", [
-        ("port", "8081", "TCP port of the dashboard."),
+    ("web", "The web dashboard (not served yet).", [
+        ("port", "8081", "Port kept for the dashboard; 'omx troubleshoot' checks that it is free."),
     ]),
     ("p2p", "Gossip membership (a supervised Serf agent).", [
         ("port", "4001", "Gossip port (TCP and UDP)."),
@@ -37,8 +37,10 @@ SECTIONS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
         ("max_cache_size", "10GB", "Size above which least-recently-used models may be evicted "
                                    "(only where another replica exists). Units: MB, GB, GiB..."),
         ("auto_cleanup", "true", "Evict beyond max_cache_size automatically."),
-        ("download_timeout", "30m", "Give up a registry or peer download after this long (30s, 5m, 1h)."),
-        ("concurrency", "3", "Parallel downloads (chunks or blobs) per transfer."),
+        ("download_timeout", "30m", "Give up one blob's download from a registry (or its upload by "
+                                   "'omx push') after this long (30s, 5m, 1h)."),
+        ("concurrency", "3", "Requests in flight at once per blob download (ranges from a registry, "
+                             "chunks from peers)."),
         ("chunk_size", "8MiB", "Size of the chunks blobs are split into for peer-to-peer transfer."),
         ("extra_stores", "[]", "Read-only stores to serve from as well, e.g. [~/.ollama/models] (coexist)."),
         ("registry", "registry.ollama.ai", "Registry that 'omx pull' falls back to after the cluster."),
@@ -55,8 +57,9 @@ SECTIONS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
         ("max_loaded_models", "3", "Models kept in memory at once; the least recently used is unloaded."),
         ("keep_alive", "5m", "How long an idle model stays loaded (-1: forever, 0: unload at once)."),
         ("max_queue", "512", "Requests waiting for a slot before the node answers 503."),
-        ("num_thread", "null", "CPU threads per runner (default: chosen by the backend)."),
-        ("num_ctx", "4096", "Default context length in tokens (a request's options.num_ctx wins)."),
+        ("num_thread", "null", "CPU threads per parallel slot of a runner (default: chosen by the backend)."),
+        ("num_ctx", "4096", "Default context length in tokens (a model's PARAMETER num_ctx or a request's "
+                            "options.num_ctx wins; never past the length the model was trained for)."),
     ]),
     ("security", "Client access.", [
         ("api_keys", "[]", "When set, client endpoints need 'Authorization: Bearer KEY'."),
@@ -77,10 +80,12 @@ PROFILES: dict[str, dict[str, tuple[str, str]]] = {
     "default": {},
     "gpu": {
         "models.max_cache_size": ("100GB", ""),
-        "engine.num_parallel": ("4", "GPU memory allows several slots per model."),
+        "engine.num_parallel": ("4", "Four requests at once per model, each slot with its own context."),
         "engine.max_loaded_models": ("4", ""),
-        "engine.num_ctx": ("8192", "Larger default context: the KV cache lives in GPU memory."),
-        "engine.keep_alive": ("30m", "Loading to the GPU is costly: keep models resident longer."),
+        "engine.num_ctx": ("8192", "Larger default context (every slot's KV cache grows with it)."),
+        "engine.keep_alive": ("30m", "Keep models loaded longer between requests. Layers go to a GPU "
+                                     "only where a model or request sets num_gpu (and llama.cpp was built "
+                                     "with GPU support)."),
     },
     "edge": {
         "models.max_cache_size": ("2GB", "Small disk: keep only a little."),
