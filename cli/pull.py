@@ -83,7 +83,7 @@ _insecure = click.option("--insecure", is_flag=True, help="Use plain HTTP to rea
 @_insecure
 @click.pass_context
 def pull_cmd(ctx: click.Context, model: str, insecure: bool) -> None:
-    """Pull a model from a registry."""
+    """Pull a model: from a cluster peer that holds it, else from its registry."""
     _transfer(ctx, "/api/pull", model, insecure)
 
 
