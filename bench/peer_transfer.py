@@ -3,21 +3,26 @@
 Transfer: one ``omx start`` node (standalone, its own home) holds a random blob;
 this process fetches it with the real transfer driver and transport
 (:class:`~omx.runtime.peer.Transfers`: chunk requests in parallel, BLAKE3 check of
-every chunk, pwrite + fsync, the sha256 computed in order, publish) into a fresh
-store, from
+every chunk, pwrite, batched fsync, the sha256 computed in order, publish) into a
+fresh store, from
 
 * the node's transfer listener (``sendfile``), and
 * the node's API port (Hypercorn, the file range sent in pieces),
 
-against ``curl`` downloading the same file from ``python -m http.server`` to the
-same filesystem, then ``fsync``: a store must flush a blob before it publishes it,
-so that is the like-for-like baseline (curl without the flush, and a plain write
-+ fsync, the disk's ceiling, are printed beside it). Indexing: :func:`omx.storage.chunks.index_file` (sha256 of the
-blob and BLAKE3 of every chunk, one pass) and BLAKE3 alone per chunk (what each
-received chunk costs), against ``b3sum`` (one thread and all threads) where it is
-installed, and ``blake3`` in one thread otherwise. The best of ``--repeat`` runs
-counts for every contender (the machine may be shared). Figures are printed,
-never asserted.
+noting the serving node's CPU seconds per GiB sent by each path. The baseline is
+``curl`` downloading the same file from ``python -m http.server`` to the same
+filesystem, then ``fsync``: a store must flush a blob before it publishes it, so
+that is the like-for-like baseline (curl without the flush, a plain write + fsync
+(the disk's ceiling), and httpx and omx's own client reading the file into memory
+are printed beside it).
+
+Indexing: :func:`omx.storage.chunks.index_file` (sha256 of the blob and BLAKE3 of
+every chunk, one pass) and BLAKE3 alone per chunk (from disk, and in memory: what
+each received chunk costs), against ``b3sum`` (one thread and all threads) where it
+is installed.
+
+Contenders run in interleaved rounds and the best of ``--repeat`` counts for each
+(the machine may be shared). Figures are printed, never asserted.
 
 Run: ``python bench/peer_transfer.py [--mib 512] [--chunk-mib 8] [--repeat 3]``.
 """
@@ -39,10 +44,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import psutil
 from blake3 import blake3
 
 from omx.mesh import ClusterSecret
 from omx.runtime.peer import HttpPeerTransport, Transfers, TransferSettings
+from omx.runtime.peer.wire import WireClient
 from omx.storage import BlobStore
 from omx.storage.chunks import index_file
 from omx.types import NodeId
@@ -133,6 +140,23 @@ def _httpx_once(url: str, size: int) -> float:
     return (time.perf_counter() - started) / size
 
 
+def _wire_once(url: str, size: int) -> float:
+    """The same GET with omx's peer client (:class:`~omx.runtime.peer.wire.WireClient`), into memory."""
+    address, _, path = url.removeprefix("http://").partition("/")
+
+    async def run() -> float:
+        client = WireClient()
+        try:
+            started = time.perf_counter()
+            response = await client.get(address, "/" + path, {}, max_body=size, timeout=120)
+            assert len(response.body) == size
+            return time.perf_counter() - started
+        finally:
+            await client.aclose()
+
+    return asyncio.run(run()) / size
+
+
 def _blake3_chunks_once(path: Path, chunk: int, size: int) -> float:
     buf = bytearray(chunk)
     view = memoryview(buf)
@@ -190,13 +214,14 @@ def _serve_static(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
     raise SystemExit("the static file server did not start")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Parse ``argv`` (default: the command line), measure and print (bench/replication.py calls it too)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mib", type=int, default=512, help="blob size in MiB")
     ap.add_argument("--chunk-mib", type=float, default=8.0, help="chunk size in MiB")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=3, help="chunks in flight (models.concurrency)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     size, chunk = args.mib << 20, int(args.chunk_mib * (1 << 20))
     work = Path(tempfile.mkdtemp(prefix="omx-bench-transfer-"))
     node = static = None
@@ -237,21 +262,37 @@ def main() -> None:
             c.post(f"/api/blobs/{digest}", content=f).raise_for_status()
         key = ClusterSecret.from_text((work / "home" / "cluster" / "secret").read_bytes().hex()).peer_auth_key()
         static, url = _serve_static(blob.parent)
+        server = psutil.Process(node.pid)
+        server_cpu: dict[str, float] = {}
+
+        def serving(name: str, address: str) -> Callable[[], float]:
+            """A peer fetch from ``address``, noting the node's CPU seconds per GiB it served."""
+
+            def once() -> float:
+                before = sum(server.cpu_times()[:2])
+                per_byte = _fetch_once(work, key, address, digest, size, chunk, args.concurrency)
+                used = (sum(server.cpu_times()[:2]) - before) / size * (1 << 30)
+                server_cpu[name] = min(server_cpu.get(name, used), used)
+                return per_byte
+
+            return once
+
         moving: dict[str, Callable[[], float]] = {
             "write + fsync of a file that size (the disk's ceiling)": lambda: _disk_once(work / "disk.bin", size),
             "curl from python -m http.server, then fsync": lambda: _curl_once(url, work / "c.bin", size, durable=True),
             "curl from python -m http.server, no fsync": lambda: _curl_once(url, work / "c.bin", size, durable=False),
-            "omx peer fetch, transfer listener (sendfile)":
-                lambda: _fetch_once(work, key, transfer, digest, size, chunk, args.concurrency),
-            "omx peer fetch, API port (Hypercorn, pieces)":
-                lambda: _fetch_once(work, key, api, digest, size, chunk, args.concurrency),
+            "omx peer fetch, transfer listener (sendfile)": serving("transfer listener (sendfile)", transfer),
+            "omx peer fetch, API port (Hypercorn, pieces)": serving("API port (Hypercorn, pieces)", api),
             "httpx GET of the whole file into memory": lambda: _httpx_once(url, size),
+            "omx wire client GET of the whole file into memory": lambda: _wire_once(url, size),
         }
         m = _rounds(args.repeat, moving)
         for name, rate in m.items():
             print(f"{name:52s} {_mb(rate)}")
         curl = m["curl from python -m http.server, then fsync"]
         curl_cache = m["curl from python -m http.server, no fsync"]
+        for name, cpu in server_cpu.items():
+            print(f"serving node CPU per GiB sent, {name:30s} {cpu:6.2f} s")
         for name in ("omx peer fetch, transfer listener (sendfile)", "omx peer fetch, API port (Hypercorn, pieces)"):
             print(f"ratio {name} / curl + fsync: {m[name] / curl:.2f}   / curl without fsync: "
                   f"{m[name] / curl_cache:.2f}")
