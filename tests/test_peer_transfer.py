@@ -32,7 +32,10 @@ from omx.runtime.peer.frontier import Sha256Frontier
 from omx.storage import ChunkIndex, Layer, Manifest, ModelName, ModelStore, PartialBlob
 from omx.storage.damaged import is_damaged, mark_damaged
 from omx.storage.fetch_plan import ALL
+from omx.storage.registry import RegistryClient
 from omx.types import BlobDigest, NodeId
+from tests.support.registry_fixtures import collect, make_client, make_layers
+from tests.support.registry_server import RegistryServer
 from tests.support.transfer import KEY, PeerHarness, peer_harness, transport_for
 
 CHUNK = 64 * 1024
@@ -413,3 +416,20 @@ async def test_the_sha256_frontier_hashes_out_of_order_chunks_in_order(tmp_path:
     finally:
         frontier.close()
     assert info.path.read_bytes() == data and sorted(released) == [0, 2, 3, 4, 5, 6, 7]
+
+
+async def test_registry_pulls_report_the_bytes_they_receive(tmp_path: Path) -> None:
+    """``omx_replication_bytes_received_total{source="registry"}`` is fed by the registry client's byte hook."""
+    server = await RegistryServer().start()
+    config, layers = make_layers()
+    server.add_model("library/tiny", "latest", config, layers)
+    client, transport = make_client(tmp_path, server.netloc)
+    counts = Counts()
+    hooked = RegistryClient(client.blobs, transport, client.options, on_bytes=lambda n: counts.bytes_received(
+        "registry", n))
+    try:
+        await collect(hooked.pull("tiny"))
+    finally:
+        await transport.aclose()
+        await server.stop()
+    assert counts.received == {"registry": len(config) + sum(len(b) for _, b in layers)}
