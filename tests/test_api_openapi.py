@@ -106,23 +106,25 @@ def fuzz_node(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) -> Iter
         proc.stop()
 
 
-def _schemathesis(node: NodeProcess, *args: str) -> subprocess.CompletedProcess[str]:
+def _schemathesis(node: NodeProcess, workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    # Run in a temp folder: schemathesis keeps a cache folder in its working directory.
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.support.schemathesis_hooks", "PYTHONPATH": str(ROOT)}
     cmd = [SCHEMATHESIS, "run", node.url + "/openapi.json", "--url", node.url, "--phases", "examples,fuzzing",
            "--max-examples", "12", "--seed", "1", "--workers", "2", "--no-color", "--request-timeout", "60",
            "--generation-database", "none", "--exclude-path-regex", NEVER, *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=400)
 
 
-def test_fuzzing_finds_no_server_error_and_no_traceback(fuzz_node: NodeProcess) -> None:
-    result = _schemathesis(fuzz_node, "--checks", "not_a_server_error,no_traceback")
+def test_fuzzing_finds_no_server_error_and_no_traceback(fuzz_node: NodeProcess, tmp_path: Path) -> None:
+    result = _schemathesis(fuzz_node, tmp_path, "--checks", "not_a_server_error,no_traceback")
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
 
 
-def test_the_ollama_and_openai_endpoints_accept_what_the_document_allows(fuzz_node: NodeProcess) -> None:
+def test_the_ollama_and_openai_endpoints_accept_what_the_document_allows(fuzz_node: NodeProcess,
+                                                                         tmp_path: Path) -> None:
     # Left out: uploads (the body must hash to the digest in the path) and create (the blobs it
     # names must have been uploaded): what makes them valid is state, not shape.
-    result = _schemathesis(fuzz_node, "--checks", "positive_data_acceptance,negative_data_rejection",
+    result = _schemathesis(fuzz_node, tmp_path, "--checks", "positive_data_acceptance,negative_data_rejection",
                            "--include-tag", "ollama", "--include-tag", "openai",
                            "--exclude-operation-id", "blob_upload", "--exclude-operation-id", "create")
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
