@@ -17,6 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn
 from omx.cli.client import CliFailure, NodeClient, client_for
 from omx.cli.format import human_bytes as human_size
 from omx.cli.output import console, echo_json, plain_table
+from omx.storage.holdings import MAX_FACTOR
 
 __all__ = ["register"]
 
@@ -74,7 +75,7 @@ def replication_status_cmd(ctx: click.Context, as_json: bool) -> None:
 
 @click.command("replicate")
 @click.argument("model")
-@click.option("--factor", type=click.IntRange(1, 64), required=True, help="Copies of the model to keep.")
+@click.option("--factor", type=click.IntRange(1, MAX_FACTOR), required=True, help="Copies of the model to keep.")
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
 @click.pass_context
 def replicate_cmd(ctx: click.Context, model: str, factor: int, as_json: bool) -> None:

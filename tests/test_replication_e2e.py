@@ -211,6 +211,7 @@ def test_verify_finds_and_repairs_a_flipped_byte(cluster: Cluster, gguf: Path) -
     ("/api/distributed/replicate", {"model": MODEL, "factor": 0}, 400),
     ("/api/distributed/replicate", {"model": MODEL, "factor": -1}, 400),
     ("/api/distributed/replicate", {"model": MODEL, "factor": 10**9}, 400),
+    ("/api/distributed/replicate", {"model": MODEL, "factor": 17}, 400),
     ("/api/distributed/replicate", {"model": MODEL, "factor": "2"}, 400),
     ("/api/distributed/replicate", {"model": "no-such-model", "factor": 2}, 404),
     ("/api/distributed/replicate", {"model": "../../etc", "factor": 2}, 400),

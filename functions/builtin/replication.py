@@ -26,12 +26,11 @@ from omx.functions.replication_view import (
     verify_json,
 )
 from omx.functions.schemas import _Body
+from omx.storage.holdings import MAX_FACTOR
 from omx.storage.names import ModelName
 
 __all__ = ["MAX_FACTOR", "MigrateRequest", "ReplicateRequest", "VerifyRequest", "register"]
 
-MAX_FACTOR = 64
-"""The largest replication factor accepted (a cluster rarely has more holders worth keeping)."""
 
 
 class ReplicateRequest(_Body):
