@@ -2,6 +2,9 @@
 
 Discovery order: ``--host`` / ``OMX_HOST`` -> ``$OMX_HOME/run/node.json`` (written by
 ``omx start``; ignored when its pid is gone) -> the config's ``api.host``/``api.port``.
+With ``--http3`` the client speaks HTTP/3 over QUIC to ``https://host:H3PORT``
+(the port from ``node.json`` for a discovered node, else the URL's own), trusting
+only the cluster CA: ``--ca FILE``, else ``$OMX_HOME/tls/ca.crt``.
 Every failure leaves the CLI as one clear line on stderr: a node that does not
 answer, an API error (``{"error": ...}`` -> ``Error: <message>``), or bad config
 (exit 2). Nothing here prints a traceback.
@@ -28,6 +31,7 @@ __all__ = [
     "NodeClient",
     "api_error",
     "auth_headers",
+    "ca_file",
     "config_failure",
     "discover_url",
     "node_file",
@@ -132,20 +136,44 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def discover_url(host: str | None, config_file: Path | None = None) -> str:
-    """The base URL of the node this CLI call should talk to."""
+def discover_url(host: str | None, config_file: Path | None = None, *, http3: bool = False) -> str:
+    """The base URL of the node this CLI call should talk to (``https://`` and its HTTP/3 port with ``http3``)."""
     if host:
-        return normalize_url(host)
+        return _h3_url(normalize_url(host), None) if http3 else normalize_url(host)
     info = read_node_file()
     if info and isinstance(info.get("url"), str):
         pid = info.get("pid")
         if not isinstance(pid, int) or pid_alive(pid):
-            return normalize_url(info["url"])
+            url = normalize_url(info["url"])
+            if http3:
+                h3_port = info.get("h3_port")
+                if h3_port is None:
+                    raise CliFailure(f"Error: the node at {url} does not serve HTTP/3 (api.http3 is off)")
+                return _h3_url(url, h3_port if isinstance(h3_port, int) else None)
+            return url
     try:
         settings = load_settings(config_file)
     except ConfigError as exc:
         raise config_failure(exc) from exc
-    return normalize_url(f"{_bracket(settings.api.host)}:{settings.api.port}")
+    url = normalize_url(f"{_bracket(settings.api.host)}:{settings.api.port}")
+    return _h3_url(url, settings.api.h3_port or None) if http3 else url
+
+
+def _h3_url(url: str, port: int | None) -> str:
+    """``http://host:port`` -> ``https://host:port`` (or ``port`` when given): where HTTP/3 answers."""
+    rest = url.partition("://")[2]
+    if port is not None:
+        rest = f"{rest.rsplit(':', 1)[0]}:{port}"
+    return f"https://{rest}"
+
+
+def ca_file(explicit: str | Path | None) -> Path:
+    """The CA an HTTP/3 client trusts: ``--ca FILE``, else ``$OMX_HOME/tls/ca.crt``; fails clearly if absent."""
+    path = Path(explicit).expanduser() if explicit else omx_home() / "tls" / "ca.crt"
+    if not path.is_file():
+        raise CliFailure(f"Error: no cluster CA certificate at {path}: pass --ca FILE "
+                         "(print it on a member with 'omx cluster ca')", exit_code=2)
+    return path
 
 
 def _bracket(host: str) -> str:
@@ -164,12 +192,19 @@ class NodeClient:
 
     url: str
     timeout: float = 30.0
+    ca: Path | None = None
+    """Set: speak HTTP/3 (``url`` is ``https://``), trusting only this CA certificate."""
 
     def __post_init__(self) -> None:
         # Streams may idle for a long time while a model loads: no read timeout on them.
+        transport: httpx.BaseTransport | None = None
+        if self.ca is not None:
+            from omx.runtime.http3 import Http3Transport
+
+            transport = Http3Transport(self.ca)
         self._http = httpx.Client(
             base_url=self.url, timeout=httpx.Timeout(self.timeout, connect=5.0), follow_redirects=False,
-            headers=auth_headers(),
+            headers=auth_headers(), transport=transport,
         )
 
     def close(self) -> None:
@@ -258,6 +293,8 @@ def error_message(response: httpx.Response) -> str:
 def client_for(ctx: click.Context) -> NodeClient:
     """The client for the node chosen by the group's options."""
     obj = ctx.find_root().obj or {}
+    if obj.get("http3"):
+        return NodeClient(discover_url(obj.get("host"), obj.get("config"), http3=True), ca=ca_file(obj.get("ca")))
     return NodeClient(discover_url(obj.get("host"), obj.get("config")))
 
 

@@ -99,7 +99,7 @@ def set_join_seeds(text: str, seeds: list[str]) -> str:
 
 @click.group("cluster")
 def cluster_group() -> None:
-    """Create, join and leave a cluster."""
+    """Create, join and leave a cluster; print its CA certificate."""
 
 
 @cluster_group.command("init")
@@ -145,6 +145,32 @@ def token_cmd(ctx: click.Context, config_path: Path | None) -> None:
         click.echo(f"Warning: the seed {seed} is a loopback address; only this machine can join through it "
                    "(set p2p.advertise)", err=True)
     click.echo(token)
+
+
+@cluster_group.command("ca")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help="Config file.")
+@click.pass_context
+def ca_cmd(ctx: click.Context, config_path: Path | None) -> None:
+    """Print the cluster CA certificate (PEM) that HTTP/3 clients trust.
+
+    Every member derives the same CA from the cluster secret. The running node is
+    asked (GET /api/cluster/ca); without one, it is derived from the local secret.
+    """
+    client = running_node(ctx)
+    if client is not None:
+        with client:
+            click.echo(client.request("GET", "/api/cluster/ca").text, nl=False)
+        return
+    from cryptography.hazmat.primitives import serialization
+
+    from omx.mesh import InvalidSecret, read_secret
+    from omx.runtime.tls import cluster_ca
+
+    try:
+        secret = read_secret(_settings(config_path).secret_path)
+    except InvalidSecret as exc:
+        raise CliFailure(f"Error: {exc} (create one with 'omx cluster init')") from exc
+    click.echo(cluster_ca(secret)[1].public_bytes(serialization.Encoding.PEM).decode(), nl=False)
 
 
 def _join_offline(token_text: str, config_path: Path | None, force: bool) -> tuple[list[str], Path]:

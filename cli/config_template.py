@@ -18,6 +18,9 @@ SECTIONS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
         ("port", "8080", "TCP port of the API (HTTP/1.1)."),
         ("advertise", "null", "Address peers use to reach this API (default: the bind address, or the "
                               "first non-loopback one when bound to 0.0.0.0)."),
+        ("http3", "true", "Also serve the API as HTTP/3 over QUIC on UDP, with TLS from the cluster CA "
+                          "($OMX_HOME/tls/ca.crt; print it with 'omx cluster ca')."),
+        ("h3_port", "null", "UDP port of HTTP/3 (default: the same number as port; 0: any free port)."),
     ]),
     ("web", "The web dashboard (not served yet).", [
         ("port", "8081", "Port kept for the dashboard; 'omx troubleshoot' checks that it is free."),

@@ -49,14 +49,24 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
     help="Node to talk to (default: the running node's run/node.json, else the config's api address).",
 )
 @click.option(
+    "--http3", is_flag=True, envvar="OMX_HTTP3",
+    help="Talk HTTP/3 (QUIC, TLS) to the node, trusting only the cluster CA (--ca).",
+)
+@click.option(
+    "--ca", "ca", metavar="FILE", type=click.Path(dir_okay=False),
+    help="Cluster CA certificate for --http3 (default: $OMX_HOME/tls/ca.crt; 'omx cluster ca' prints it).",
+)
+@click.option(
     "--version", "-v", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
     help="Show the version and exit.",
 )
 @click.pass_context
-def cli(ctx: click.Context, host: str | None) -> None:
+def cli(ctx: click.Context, host: str | None, http3: bool, ca: str | None) -> None:
     """omx: a distributed, Ollama-compatible model runtime."""
     ctx.ensure_object(dict)
     ctx.obj["host"] = host
+    ctx.obj["http3"] = http3
+    ctx.obj["ca"] = ca
 
 
 @cli.command("version")

@@ -200,6 +200,10 @@ class ClusterView(Protocol):
         """A join token for this node's cluster (seed: this node's gossip address)."""
         ...
 
+    def ca_certificate(self) -> str:
+        """The cluster CA certificate (PEM): what HTTP/3 clients trust."""
+        ...
+
 
 def cluster_view(view: ClusterView | None) -> ClusterView:
     """``view`` (a node's ``Services.cluster``), or an error saying the node has none."""

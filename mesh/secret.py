@@ -2,9 +2,10 @@
 
 One secret of 32 random bytes (``$OMX_HOME/cluster/secret``, mode 0600)
 keys everything: HKDF-SHA256 (RFC 5869) with a distinct ``info`` label per
-use derives the Serf gossip key, the peer request signing key and the local
-Serf RPC token, so learning one derived key reveals neither the secret nor
-the others.
+use derives the Serf gossip key, the peer request signing key, the local
+Serf RPC token and the seed of the cluster CA's private key (so every member
+builds the same CA without copying keys), so learning one derived key reveals
+neither the secret nor the others.
 """
 
 from __future__ import annotations
@@ -98,6 +99,10 @@ class ClusterSecret:
     def peer_auth_key(self) -> bytes:
         """The HMAC key for signing peer requests (see :mod:`omx.mesh.peer_auth`)."""
         return hkdf_sha256(self.value, b"omx peer auth key", 32)
+
+    def ca_key_seed(self) -> bytes:
+        """48 bytes from which the cluster CA's private key is derived (see :mod:`omx.runtime.tls`)."""
+        return hkdf_sha256(self.value, b"omx cluster ca key", 48)
 
     def rpc_auth_token(self) -> str:
         """The token the local Serf agent demands on its RPC port."""

@@ -100,6 +100,10 @@ class ApiConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     advertise: str | None = None
+    http3: bool = Field(default=True, description=(
+        "Also serve the API as HTTP/3 over QUIC (UDP, TLS from the cluster CA under $OMX_HOME/tls/)."))
+    h3_port: int | None = Field(default=None, ge=0, le=65535, description=(
+        "UDP port of the HTTP/3 listener (default: the same number as api.port; 0: any free port)."))
 
 
 class WebConfig(_Section):

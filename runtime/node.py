@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import omx
+from omx.errors import ConfigError
 from omx.fsutil import atomic_write
 from omx.functions.builtin import builtin_registry, pull
 from omx.functions.call import EngineDefaults, NodeInfo, Services
@@ -31,7 +32,8 @@ from omx.runtime.peer import Bandwidth, HttpPeerTransport, Transfers, TransferSe
 from omx.runtime.registry_http import HttpxRegistryTransport
 from omx.runtime.replication import PeerCommands, ReplicationService, ReplicationSettings, Replicator
 from omx.runtime.scheduler import ModelScheduler
-from omx.runtime.server import Listener, bind_tcp, serve_app, serve_transfers
+from omx.runtime.server import H3Listener, Listener, bind_tcp, bind_udp, serve_app, serve_transfers
+from omx.runtime.tls import TlsFiles, ensure_tls
 from omx.storage import ModelStore
 
 __all__ = ["Node", "NodeReady", "run_node"]
@@ -80,6 +82,7 @@ class Node:
                                       serf_binary=os.environ.get("OMX_SERF_BINARY") or "serf")
         self.listener: Listener | None = None
         self.transfer_listener: Listener | None = None
+        self.h3_listener: Listener | None = None
         self.services: Services | None = None
         self.app: Any = None
         self.peer_transport = HttpPeerTransport(self.node_id, key=lambda: self.cluster.secret.peer_auth_key(),
@@ -103,6 +106,7 @@ class Node:
         self.listener = bind_tcp(self.settings.api.host, self.settings.api.port)
         self.transfer_listener = bind_tcp(self.settings.api.host, self.settings.p2p.transfer_port,
                                           what="transfer", key="p2p.transfer_port")
+        self.h3_listener = self._bind_h3(self.listener)
         self.services = Services(
             store=self.store,
             scheduler=self.scheduler,
@@ -126,6 +130,27 @@ class Node:
             on_bytes=self.cluster.metrics.registry_bytes)
         self.app = build_app(self.registry, self.services, self.dispatcher, lifespan=self._lifespan)
         return self.listener
+
+    def _bind_h3(self, tcp: Listener) -> Listener | None:
+        """The QUIC socket: ``api.h3_port``, else the API's port number (any free one if that is taken
+        and the API port was chosen by the system); ``None`` when ``api.http3`` is off."""
+        api = self.settings.api
+        if not api.http3:
+            return None
+        if api.h3_port is not None:
+            return bind_udp(tcp.host, api.h3_port)
+        try:
+            return bind_udp(tcp.host, tcp.port, key="api.port")
+        except ConfigError:
+            if api.port != 0:
+                raise
+            return bind_udp(tcp.host, 0)
+
+    def _ensure_tls(self) -> TlsFiles:
+        """Write the cluster CA and this node's leaf (names: the bind and advertised addresses)."""
+        topo = self.cluster.topology
+        hosts = [self.settings.api.host, *([topo.api_address.rsplit(":", 1)[0]] if topo else [])]
+        return ensure_tls(self.settings.home, self.cluster.secret, self.node_id, hosts)
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _app: Any) -> AsyncIterator[None]:
@@ -155,7 +180,8 @@ class Node:
                 "api_port": ready.api_port, "web_port": ready.web_port, "p2p_port": ready.p2p_port,
                 "p2p_address": agent.gossip_address, "serf": agent.running, "serf_pid": agent.pid,
                 "node_id": ready.node_id,
-                "transfer_port": self.transfer_listener.port if self.transfer_listener else None}
+                "transfer_port": self.transfer_listener.port if self.transfer_listener else None,
+                "h3_port": self.h3_listener.port if self.h3_listener else None}
         path = run_dir / "node.json"
         atomic_write(path, json.dumps(info, indent=2) + "\n")
         return path
@@ -165,7 +191,12 @@ class Node:
         await asyncio.to_thread(self.store.recover)
         transfer = self.transfer_listener
         assert transfer is not None
-        await self.cluster.start(listener.host, listener.port, transfer.port)
+        h3_sock = self.h3_listener
+        await self.cluster.start(listener.host, listener.port, transfer.port,
+                                 h3_port=h3_sock.port if h3_sock else None)
+        tls = await asyncio.to_thread(self._ensure_tls)
+        self.cluster.on_secret_change = self._ensure_tls
+        h3 = H3Listener(h3_sock, tls) if h3_sock is not None else None
         path = self._write_node_json()
         self.cluster.on_agent_change = self._write_node_json
         self.replicator.start()
@@ -179,7 +210,7 @@ class Node:
         try:
             async with asyncio.TaskGroup() as servers:
                 servers.create_task(serve_transfers(self.app, transfer, stop.wait), name="transfer-listener")
-                await serve_app(self.app, listener, shutdown)
+                await serve_app(self.app, listener, shutdown, h3=h3)
         finally:
             self.cluster.on_agent_change = None
             await self.replicator.stop()
@@ -191,6 +222,8 @@ class Node:
                 if json.loads(path.read_text()).get("pid") == os.getpid():
                     path.unlink()
             listener.sock.close()
+            if h3_sock is not None:
+                h3_sock.sock.close()
 
 
 async def run_node(

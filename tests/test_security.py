@@ -250,7 +250,7 @@ async def test_metrics_public_false_needs_a_key() -> None:
 
 def test_public_endpoints_are_the_documented_ones() -> None:
     public = {spec.path for spec in builtin_registry() if spec.auth == "public"}
-    assert public == {"/", "/health", "/api/version", "/openapi.json", "/metrics"}
+    assert public == {"/", "/health", "/api/version", "/openapi.json", "/metrics", "/api/cluster/ca"}
     assert "/metrics" not in {spec.path for spec in builtin_registry(metrics_public=False) if spec.auth == "public"}
 
 

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
+
 from omx.errors import OmxError, PeerError
 from omx.functions.builtin.cluster import health_services
 from omx.functions.cluster_view import AgentFacts, Counters, NodeRecord, Resources
@@ -44,6 +46,7 @@ from omx.runtime.cluster.topology import Topology, topology
 from omx.runtime.config import Settings
 from omx.runtime.events import EventBus, MemberUpdate, NodeStateChanged
 from omx.runtime.peer.transport import transfer_address
+from omx.runtime.tls import cluster_ca
 from omx.storage import ModelStore
 from omx.storage.holdings_meta import HoldingsMeta
 from omx.storage.placement import ClusterSnapshot
@@ -101,12 +104,16 @@ class ClusterService:
         self.change_listeners: list[Callable[[], None]] = []
         """Called when membership, a peer's inventory or this node's inventory changed (the replicator)."""
         self._agent_pid: int | None = None
+        self.on_secret_change: Callable[[], object] | None = None
+        """Called (in a thread) after a join adopted another cluster's secret: the node rewrites its TLS files."""
 
     # ------------------------------------------------------------ lifecycle
 
-    async def start(self, api_host: str, api_port: int, transfer_port: int | None = None) -> None:
+    async def start(self, api_host: str, api_port: int, transfer_port: int | None = None,
+                    *, h3_port: int | None = None) -> None:
         """Start sampling, the inventory and (when serf is installed) the agent; never fails on serf."""
-        self.topology = await asyncio.to_thread(topology, self.settings, api_host, api_port, transfer_port)
+        self.topology = await asyncio.to_thread(topology, self.settings, api_host, api_port, transfer_port,
+                                                h3_port)
         self.sampler.api_port = api_port
         self.sampler.start()
         await self.local.refresh()
@@ -206,6 +213,8 @@ class ClusterService:
         async with self._switch:
             await asyncio.to_thread(persist_secret, self.settings.secret_path, parsed.secret)
             self._set_secret(parsed.secret)
+            if self.on_secret_change is not None:
+                await asyncio.to_thread(self.on_secret_change)
             await self._stop_agent(leave=True)
             self._should_run, self._reason = True, None
             self.seeds = parsed.seeds
@@ -230,6 +239,10 @@ class ClusterService:
             await self._stop_agent(leave=True)
         self._publish_state()
         return {"status": "left", "node_id": self.node_id, "left": True}
+
+    def ca_certificate(self) -> str:
+        """The cluster CA (PEM), derived from the secret: the same on every member."""
+        return cluster_ca(self.secret)[1].public_bytes(serialization.Encoding.PEM).decode()
 
     def join_token(self) -> str:
         topo = self.topology

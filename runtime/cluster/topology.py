@@ -24,6 +24,7 @@ class Topology:
     p2p_advertise: str
     label: str
     transfer_port: int | None = None
+    h3_port: int | None = None
 
     @property
     def p2p_address(self) -> str:
@@ -32,7 +33,7 @@ class Topology:
     def tags(self, inventory_version: str) -> dict[str, str]:
         """Serf tags (bounded by :class:`NodeTags`)."""
         return NodeTags(api=self.api_address, inventory=inventory_version, label=self.label,
-                        transfer_port=self.transfer_port).to_tags()
+                        transfer_port=self.transfer_port, h3_port=self.h3_port).to_tags()
 
 
 def _free_port(host: str) -> int:
@@ -51,11 +52,13 @@ def _free_port(host: str) -> int:
     raise ConfigError(f"no free gossip port on {host}", key="p2p.port")
 
 
-def topology(settings: Settings, api_host: str, api_port: int, transfer_port: int | None = None) -> Topology:
+def topology(settings: Settings, api_host: str, api_port: int, transfer_port: int | None = None,
+             h3_port: int | None = None) -> Topology:
     """Compute the node's addresses (blocking: may resolve names and list interfaces)."""
     api_ip = advertise_ip(api_host, settings.api.advertise, "api.advertise")
     p2p_bind = resolve_ip(settings.p2p.bind or api_host, "p2p.bind")
     p2p_advertise = advertise_ip(p2p_bind, settings.p2p.advertise, "p2p.advertise")
     port = settings.p2p.port or _free_port(p2p_bind)
     return Topology(api_address=join_host_port(api_ip, api_port), p2p_bind=p2p_bind, p2p_port=port,
-                    p2p_advertise=p2p_advertise, label=node_label(settings.node.name), transfer_port=transfer_port)
+                    p2p_advertise=p2p_advertise, label=node_label(settings.node.name), transfer_port=transfer_port,
+                    h3_port=h3_port)

@@ -1,0 +1,249 @@
+"""HTTP/3 client transports for httpx, over aioquic, verified against the cluster CA.
+
+:class:`AsyncHttp3Transport` is an ``httpx.AsyncBaseTransport``: one QUIC
+connection per ``host:port`` (opened on first use, reopened when it closes),
+requests as HTTP/3 streams, response bodies streamed as their DATA frames
+arrive. :class:`Http3Transport` is the synchronous ``httpx.BaseTransport``
+the CLI uses: it runs the async transport on an event loop in a helper thread.
+Either plugs into an ``httpx`` client (``transport=``), so callers keep
+httpx's API and its exception types: a refused handshake or an untrusted
+certificate is ``httpx.ConnectError``, a connection lost mid-body
+``httpx.ReadError``, and the client's timeouts apply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+from aioquic.asyncio.client import connect
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.h3.connection import H3_ALPN, H3Connection
+from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.events import ConnectionTerminated, QuicEvent
+
+__all__ = ["AsyncHttp3Transport", "Http3Transport"]
+
+_END = object()
+
+
+class _Stream:
+    def __init__(self) -> None:
+        self.headers: asyncio.Future[list[tuple[bytes, bytes]]] = asyncio.get_running_loop().create_future()
+        self.chunks: asyncio.Queue[Any] = asyncio.Queue()
+
+
+class _H3Client(QuicConnectionProtocol):
+    """One QUIC connection speaking HTTP/3; events are routed to the stream they belong to."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.h3 = H3Connection(self._quic)
+        self.streams: dict[int, _Stream] = {}
+        self.closed: str | None = None
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, ConnectionTerminated):
+            self.closed = event.reason_phrase or f"error {event.error_code}"
+            for stream in self.streams.values():
+                if not stream.headers.done():
+                    stream.headers.set_exception(httpx.ReadError(f"HTTP/3 connection closed: {self.closed}"))
+                stream.chunks.put_nowait(httpx.ReadError(f"HTTP/3 connection closed: {self.closed}"))
+            self.streams.clear()
+        for h3_event in self.h3.handle_event(event):
+            self._h3_event(h3_event)
+
+    def _h3_event(self, event: H3Event) -> None:
+        stream_id: int = getattr(event, "stream_id", -1)
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return
+        if isinstance(event, HeadersReceived):
+            if not stream.headers.done():
+                stream.headers.set_result(list(event.headers))
+        elif isinstance(event, DataReceived) and event.data:
+            stream.chunks.put_nowait(event.data)
+        if getattr(event, "stream_ended", False):
+            if not stream.headers.done():
+                stream.headers.set_exception(httpx.RemoteProtocolError("HTTP/3 stream ended without headers"))
+            stream.chunks.put_nowait(_END)
+            self.streams.pop(stream_id, None)
+
+    async def send_request(self, request: httpx.Request) -> tuple[int, _Stream]:
+        stream_id = self._quic.get_next_available_stream_id()
+        stream = self.streams[stream_id] = _Stream()
+        url = request.url
+        headers = [(b":method", request.method.encode()), (b":scheme", b"https"),
+                   (b":authority", url.netloc), (b":path", url.raw_path)]
+        headers += [(k.lower(), v) for k, v in request.headers.raw
+                    if k.lower() not in (b"host", b"connection", b"transfer-encoding", b"keep-alive")]
+        body = request.stream
+        if isinstance(body, httpx.ByteStream):
+            data = b"".join(body)
+            self.h3.send_headers(stream_id, headers, end_stream=not data)
+            if data:
+                self.h3.send_data(stream_id, data, end_stream=True)
+            self.transmit()
+            return stream_id, stream
+        self.h3.send_headers(stream_id, headers)
+        self.transmit()
+        async for chunk in _chunks(body):
+            if self.closed is not None:
+                raise httpx.WriteError(f"HTTP/3 connection closed: {self.closed}")
+            self.h3.send_data(stream_id, chunk, end_stream=False)
+            self.transmit()
+            await asyncio.sleep(0)
+        self.h3.send_data(stream_id, b"", end_stream=True)
+        self.transmit()
+        return stream_id, stream
+
+
+async def _chunks(body: Any) -> AsyncIterator[bytes]:
+    if isinstance(body, httpx.AsyncByteStream):
+        async for chunk in body:
+            yield chunk
+    else:
+        for chunk in body:
+            yield chunk
+
+
+class _Body(httpx.AsyncByteStream):
+    def __init__(self, stream: _Stream, read_timeout: float | None) -> None:
+        self.stream = stream
+        self.read_timeout = read_timeout
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while True:
+            try:
+                item = await asyncio.wait_for(self.stream.chunks.get(), self.read_timeout)
+            except TimeoutError as exc:
+                raise httpx.ReadTimeout("HTTP/3 read timed out") from exc
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+class AsyncHttp3Transport(httpx.AsyncBaseTransport):
+    """HTTP/3 for ``https://`` URLs, trusting only ``cafile`` (the cluster CA)."""
+
+    def __init__(self, cafile: Path | str) -> None:
+        self.cafile = str(cafile)
+        self._connections: dict[tuple[str, int], tuple[contextlib.AsyncExitStack, _H3Client]] = {}
+        self._lock = asyncio.Lock()
+
+    async def _connection(self, host: str, port: int, connect_s: float | None) -> _H3Client:
+        async with self._lock:
+            known = self._connections.get((host, port))
+            if known is not None and known[1].closed is None:
+                return known[1]
+            if known is not None:
+                self._connections.pop((host, port))
+                with contextlib.suppress(Exception):
+                    await known[0].aclose()
+            config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, server_name=host)
+            config.load_verify_locations(cafile=self.cafile)
+            stack = contextlib.AsyncExitStack()
+            try:
+                client = await asyncio.wait_for(
+                    stack.enter_async_context(connect(host, port, configuration=config,
+                                                      create_protocol=_H3Client, wait_connected=True)),
+                    connect_s)
+            except TimeoutError as exc:
+                await _close_quietly(stack)
+                raise httpx.ConnectTimeout(f"no HTTP/3 answer from {host}:{port}") from exc
+            except (ConnectionError, OSError) as exc:
+                await _close_quietly(stack)
+                raise httpx.ConnectError(f"HTTP/3 connection to {host}:{port} failed: {exc}") from exc
+            assert isinstance(client, _H3Client)
+            self._connections[(host, port)] = (stack, client)
+            return client
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.scheme != "https":
+            raise httpx.UnsupportedProtocol("HTTP/3 needs an https:// URL")
+        timeouts = request.extensions.get("timeout", {})
+        host = request.url.host
+        port = request.url.port or 443
+        client = await self._connection(host, port, timeouts.get("connect"))
+        _, stream = await client.send_request(request)
+        try:
+            raw = await asyncio.wait_for(stream.headers, timeouts.get("read"))
+        except TimeoutError as exc:
+            raise httpx.ReadTimeout("HTTP/3 response headers timed out") from exc
+        status = 0
+        headers: list[tuple[bytes, bytes]] = []
+        for key, value in raw:
+            if key == b":status":
+                status = int(value)
+            elif not key.startswith(b":"):
+                headers.append((key, value))
+        return httpx.Response(status, headers=headers, stream=_Body(stream, timeouts.get("read")),
+                              extensions={"http_version": b"HTTP/3"}, request=request)
+
+    async def aclose(self) -> None:
+        connections, self._connections = list(self._connections.values()), {}
+        for stack, client in connections:
+            client.close()
+            await _close_quietly(stack)
+
+
+async def _close_quietly(stack: contextlib.AsyncExitStack) -> None:
+    with contextlib.suppress(Exception):
+        await stack.aclose()
+
+
+class _SyncBody(httpx.SyncByteStream):
+    def __init__(self, body: httpx.AsyncByteStream, loop: asyncio.AbstractEventLoop) -> None:
+        self.body = body.__aiter__()
+        self.loop = loop
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            future = asyncio.run_coroutine_threadsafe(_next(self.body), self.loop)
+            chunk = future.result()
+            if chunk is None:
+                return
+            yield chunk
+
+
+async def _next(body: AsyncIterator[bytes]) -> bytes | None:
+    try:
+        return await body.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+class Http3Transport(httpx.BaseTransport):
+    """The synchronous face of :class:`AsyncHttp3Transport` (its event loop runs in a daemon thread)."""
+
+    def __init__(self, cafile: Path | str) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="omx-http3", daemon=True)
+        self._thread.start()
+        self._inner = AsyncHttp3Transport(cafile)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        # A streamed upload's iterator is read on the helper loop while this thread waits.
+        future = asyncio.run_coroutine_threadsafe(self._inner.handle_async_request(request), self._loop)
+        response = future.result()
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        return httpx.Response(response.status_code, headers=response.headers.raw,
+                              stream=_SyncBody(response.stream, self._loop),
+                              extensions=response.extensions, request=request)
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self._inner.aclose(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()

@@ -1,0 +1,201 @@
+"""HTTP/3 end to end: real QUIC on real sockets against real nodes, verified against the cluster CA."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from omx.mesh import ClusterSecret
+from omx.runtime.http3 import Http3Transport
+from omx.runtime.tls import cluster_ca, ensure_tls
+from tests.support.node import NodeProcess, start_node
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def h3_client(node: NodeProcess, ca: Path | None = None, **kw: object) -> httpx.Client:
+    port = node.info["h3_port"]
+    return httpx.Client(base_url=f"https://127.0.0.1:{port}", timeout=60.0,
+                        transport=Http3Transport(ca or node.home / "tls" / "ca.crt"), **kw)  # type: ignore[arg-type]
+
+
+def test_version_and_tags_over_http3(node: NodeProcess) -> None:
+    with h3_client(node) as client:
+        r = client.get("/api/version")
+        assert r.status_code == 200
+        assert r.json()["version"]
+        # Hypercorn names the protocol that carried the answer.
+        assert r.headers["server"] == "hypercorn-h3"
+        tags = client.get("/api/tags").json()
+        assert "tiny:latest" in [m["name"] for m in tags["models"]]
+
+
+def test_generate_streams_over_http3(node: NodeProcess) -> None:
+    body = {"model": "tiny", "prompt": "hello", "stream": True, "options": {"num_predict": 8}}
+    with h3_client(node) as client, client.stream("POST", "/api/generate", json=body) as r:
+        assert r.status_code == 200
+        assert r.headers["server"] == "hypercorn-h3"
+        lines = [json.loads(line) for line in r.iter_lines() if line.strip()]
+    assert len(lines) >= 2
+    assert all(not line["done"] for line in lines[:-1])
+    assert lines[-1]["done"] is True and lines[-1]["eval_count"] >= 1
+
+
+def test_blob_upload_over_http3(node: NodeProcess) -> None:
+    data = os.urandom(300_000)
+    import hashlib
+
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with h3_client(node) as client:
+        assert client.post(f"/api/blobs/{digest}", content=data).status_code == 201
+        assert client.head(f"/api/blobs/{digest}").status_code == 200
+        bad = client.post(f"/api/blobs/sha256:{'0' * 64}", content=b"not it")
+        assert bad.status_code == 400 and "error" in bad.json()
+
+
+def test_client_with_another_ca_is_refused(node: NodeProcess, tmp_path: Path) -> None:
+    other = tmp_path / "other-ca.crt"
+    ensure_tls(tmp_path, ClusterSecret.generate(), "omx-other", ["127.0.0.1"])
+    other.write_bytes((tmp_path / "tls" / "ca.crt").read_bytes())
+    with h3_client(node, ca=other) as client, pytest.raises(httpx.ConnectError):
+        client.get("/api/version")
+    with h3_client(node) as client:  # the node still serves everyone else
+        assert client.get("/api/version").status_code == 200
+
+
+def test_http1_answers_carry_alt_svc(node: NodeProcess) -> None:
+    r = httpx.get(node.url + "/api/version")
+    assert r.headers["alt-svc"] == f'h3=":{node.info["h3_port"]}"; ma=86400'
+    assert r.headers["server"] == "hypercorn-h11"
+
+
+def test_ca_endpoint_is_public_and_matches_the_file(node: NodeProcess) -> None:
+    r = httpx.get(node.url + "/api/cluster/ca")
+    assert r.status_code == 200
+    assert r.text.encode() == (node.home / "tls" / "ca.crt").read_bytes()
+    assert x509.load_pem_x509_certificate(r.content).extensions.get_extension_for_class(
+        x509.BasicConstraints).value.ca is True
+
+
+def test_leaf_certificate_is_a_server_leaf_chained_to_the_ca(node: NodeProcess) -> None:
+    tls = node.home / "tls"
+    ca = x509.load_pem_x509_certificate((tls / "ca.crt").read_bytes())
+    chain = x509.load_pem_x509_certificates((tls / "node.crt").read_bytes())
+    leaf = chain[0]
+    assert chain[1] == ca
+    leaf.verify_directly_issued_by(ca)
+    assert leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    ips = {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+    assert {"127.0.0.1", "::1"} <= ips
+    assert {"localhost", socket.gethostname().lower()} <= set(san.get_values_for_type(x509.DNSName))
+    assert isinstance(leaf.public_key(), ec.EllipticCurvePublicKey)
+    assert (tls / "node.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_same_secret_same_ca_and_a_new_secret_reissues(tmp_path: Path) -> None:
+    secret = ClusterSecret.generate()
+    a = ensure_tls(tmp_path / "a", secret, "omx-a", ["127.0.0.2"])
+    b = ensure_tls(tmp_path / "b", ClusterSecret(secret.value), "omx-b", ["127.0.0.3"])
+    assert a.ca_cert.read_bytes() == b.ca_cert.read_bytes()
+    assert a.cert.read_bytes() != b.cert.read_bytes()
+    before = a.cert.read_bytes()
+    assert ensure_tls(tmp_path / "a", secret, "omx-a", ["127.0.0.2"]).cert.read_bytes() == before
+    # A name the leaf lacks gets a new leaf from the same CA.
+    ensure_tls(tmp_path / "a", secret, "omx-a", ["127.0.0.9"])
+    leaf = x509.load_pem_x509_certificates(a.cert.read_bytes())[0]
+    assert "127.0.0.9" in {str(ip) for ip in leaf.extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value.get_values_for_type(x509.IPAddress)}
+    # Another cluster's secret: another CA, and the leaf is reissued under it.
+    other = ClusterSecret.generate()
+    ensure_tls(tmp_path / "a", other, "omx-a", ["127.0.0.2"])
+    new_ca = x509.load_pem_x509_certificate(a.ca_cert.read_bytes())
+    assert new_ca == cluster_ca(other)[1] != cluster_ca(secret)[1]
+    x509.load_pem_x509_certificates(a.cert.read_bytes())[0].verify_directly_issued_by(new_ca)
+
+
+def test_two_nodes_with_one_secret_serve_under_one_ca(tmp_path: Path) -> None:
+    secret = ClusterSecret.generate().to_text()
+    env = {"OMX_CLUSTER_SECRET": secret, "OMX_WEB__ENABLED": "false"}
+    first = start_node(tmp_path / "a", env=env)
+    try:
+        second = start_node(tmp_path / "b", env=env)
+        try:
+            assert (first.home / "tls" / "ca.crt").read_bytes() == (second.home / "tls" / "ca.crt").read_bytes()
+            # One CA file trusts both nodes.
+            with h3_client(second, ca=first.home / "tls" / "ca.crt") as client:
+                assert client.get("/api/version").status_code == 200
+        finally:
+            second.stop()
+    finally:
+        first.stop()
+
+
+def test_http3_off_means_no_udp_listener(tmp_path: Path) -> None:
+    node = start_node(tmp_path / "n", env={"OMX_API__HTTP3": "false", "OMX_WEB__ENABLED": "false"})
+    try:
+        assert node.info["h3_port"] is None
+        assert "alt-svc" not in httpx.get(node.url + "/api/version").headers
+        # Nothing answers QUIC on the API's port number.
+        with h3_client_at(node, node.info["api_port"]) as client, pytest.raises(
+                (httpx.ConnectError, httpx.ConnectTimeout)):
+            client.get("/api/version", timeout=httpx.Timeout(5.0, connect=3.0))
+        # The CA is still there to hand out.
+        assert httpx.get(node.url + "/api/cluster/ca").status_code == 200
+    finally:
+        node.stop()
+
+
+def h3_client_at(node: NodeProcess, port: int) -> httpx.Client:
+    return httpx.Client(base_url=f"https://127.0.0.1:{port}",
+                        transport=Http3Transport(node.home / "tls" / "ca.crt"))
+
+
+def test_h3_port_moves_the_listener(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    node = start_node(tmp_path / "n", env={"OMX_API__H3_PORT": str(port), "OMX_WEB__ENABLED": "false"})
+    try:
+        assert node.info["h3_port"] == port != node.info["api_port"]
+        assert httpx.get(node.url + "/").headers["alt-svc"] == f'h3=":{port}"; ma=86400'
+        with h3_client(node) as client:
+            assert client.get("/api/version").status_code == 200
+    finally:
+        node.stop()
+
+
+def _omx(node: NodeProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMX_HOME": str(node.home)}
+    env.pop("OMX_HOST", None)
+    return subprocess.run([sys.executable, "-c", "from omx.cli.main import main; main()", *args],
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_over_http3(node: NodeProcess) -> None:
+    listed = _omx(node, "--http3", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert "tiny:latest" in listed.stdout
+    ran = _omx(node, "--http3", "run", "tiny", "hello")
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip()
+    ca = _omx(node, "cluster", "ca")
+    assert ca.returncode == 0 and ca.stdout.encode() == (node.home / "tls" / "ca.crt").read_bytes()
+
+
+def test_cli_http3_needs_a_ca(node: NodeProcess, tmp_path: Path) -> None:
+    missing = _omx(node, "--http3", "--ca", str(tmp_path / "nope.crt"), "list")
+    assert missing.returncode == 2
+    assert "no cluster CA certificate" in missing.stderr and "Traceback" not in missing.stderr
