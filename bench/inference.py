@@ -70,7 +70,7 @@ def _bare_worker(conn: Any, model: str, threads: int, batch: int, ctx: int) -> N
 
 
 def _start_node(home: Path) -> tuple[subprocess.Popen[bytes], str]:
-    env = {**os.environ, "OMX_HOME": str(home)}
+    env = {**os.environ, "OMX_HOME": str(home), "OMX_WEB__ENABLED": "false"}
     proc = subprocess.Popen([sys.executable, "-c", "from omx.cli.main import main; main()", "start",
                              "--host", "127.0.0.1", "--api-port", "0"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

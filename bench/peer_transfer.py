@@ -56,7 +56,8 @@ from omx.types import NodeId
 
 
 def _start_node(home: Path, chunk: int) -> tuple[subprocess.Popen[bytes], dict[str, object]]:
-    env = {**os.environ, "OMX_HOME": str(home), "OMX_P2P__PORT": "0", "OMX_MODELS__CHUNK_SIZE": str(chunk)}
+    env = {**os.environ, "OMX_HOME": str(home), "OMX_P2P__PORT": "0", "OMX_WEB__ENABLED": "false",
+           "OMX_MODELS__CHUNK_SIZE": str(chunk)}
     proc = subprocess.Popen([sys.executable, "-c", "from omx.cli.main import main; main()", "start",
                              "--host", "127.0.0.1", "--api-port", "0"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -22,8 +22,9 @@ SECTIONS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
                           "($OMX_HOME/tls/ca.crt; print it with 'omx cluster ca')."),
         ("h3_port", "null", "UDP port of HTTP/3 (default: the same number as port; 0: any free port)."),
     ]),
-    ("web", "The web dashboard (not served yet).", [
-        ("port", "8081", "Port kept for the dashboard; 'omx troubleshoot' checks that it is free."),
+    ("web", "The web dashboard (cluster, models, traffic, chat), served on the API's bind address.", [
+        ("enabled", "true", "Serve the dashboard; false: no web listener."),
+        ("port", "8081", "TCP port of the dashboard (0: any free port); 'omx troubleshoot' checks that it is free."),
     ]),
     ("p2p", "Gossip membership (a supervised Serf agent).", [
         ("port", "4001", "Gossip port (TCP and UDP)."),

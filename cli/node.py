@@ -70,7 +70,7 @@ def banner(url: str, web_port: int | None, config_path: Path | None) -> list[str
     host = rest.rsplit(":", 1)[0].strip("[]")
     shown_host = _display_host(host)
     api_shown = f"{scheme}://{shown_host}:{rest.rsplit(':', 1)[1]}" if ":" in rest else api
-    web = f"http://{shown_host}:{web_port}" if web_port else "not served yet"
+    web = f"http://{shown_host}:{web_port}" if web_port else "off (web.enabled: false)"
     return [
         "",
         f"Using configuration: {config_path if config_path else 'built-in defaults (no config file)'}",
@@ -91,7 +91,7 @@ def banner(url: str, web_port: int | None, config_path: Path | None) -> list[str
 @click.option("--host", "bind", metavar="HOST[:PORT]", help="Address for the API to bind (default 127.0.0.1).")
 @click.option("--api-port", type=click.IntRange(0, 65535), help="API port (default 8080).")
 @click.option("--web-port", type=click.IntRange(0, 65535),
-              help="Port kept for the web dashboard, which is not served yet (default 8081).")
+              help="Port of the web dashboard, on the API's address (default 8081; 0: any free port).")
 @click.option("--p2p-port", type=click.IntRange(0, 65535), help="Gossip port (default 4001).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help="Config file.")
 @click.option("--join", multiple=True, metavar="HOST:PORT", help="Peer to join (repeatable).")

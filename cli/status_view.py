@@ -3,7 +3,7 @@
 The layout is the original docs' (``• OllamaMax Cluster Status``, a rule, the
 overall line, node information, a quick summary); omx adds the cluster size and
 peers, and says plainly what differs (no leader: every node is a ``peer``; the
-web dashboard is not served yet).
+web line says when the dashboard is turned off).
 """
 
 from __future__ import annotations
@@ -141,11 +141,11 @@ def _verbose_lines(status: dict[str, Any]) -> list[str]:
             lines.append(f"     {icon} {model.get('name')} ({compact_bytes(model.get('size'))}) - "
                          f"{count} request{'s' if count != 1 else ''}")
     api = _hostport(services.get("api"))
-    web = _hostport(services.get("web"))
+    web = services.get("web") if isinstance(services.get("web"), str) else None
     p2p = services.get("p2p")
     lines += ["", "• Network Services",
               f"   API: listening on {api}" if api else "   API: unknown",
-              f"   Web: listening on {web}" if web else "   Web: not served yet",
+              f"   Web: dashboard at {web}" if web else "   Web: off (web.enabled: false)",
               f"   P2P: gossip on {p2p}" if p2p else "   P2P: not running",
               f"   Connections: {node.get('connections', 0)}"]
     return lines

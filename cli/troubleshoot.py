@@ -116,8 +116,9 @@ def check_ports(ctx: Context) -> Check:
         # A running node says where it actually bound; the config says where the next one will.
         gossip = str(info.get("p2p_address") or "")
         p2p_host = gossip.rsplit(":", 1)[0].strip("[]") if gossip else settings.p2p.bind or settings.api.host
-        wanted += [("web", api_host, settings.web.port),
-                   ("p2p", p2p_host, info.get("p2p_port") or settings.p2p.port)]
+        if settings.web.enabled:
+            wanted.append(("web", api_host, info.get("web_port") or settings.web.port))
+        wanted.append(("p2p", p2p_host, info.get("p2p_port") or settings.p2p.port))
     ours = our_pids(ctx.node_pid)
     taken = []
     for role, host, port in wanted:

@@ -28,6 +28,8 @@ class NodeInfo:
     name: str | None = None
     started_at: float = field(default_factory=time.time)
     api_url: str = ""
+    web_url: str | None = None
+    """The dashboard's URL (``None`` when ``web.enabled`` is false)."""
 
 
 @dataclass(frozen=True)

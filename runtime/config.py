@@ -107,7 +107,9 @@ class ApiConfig(_Section):
 
 
 class WebConfig(_Section):
-    port: int = Field(default=8081, ge=0, le=65535)
+    enabled: bool = Field(default=True, description="Serve the web dashboard on web.port (false: no web listener).")
+    port: int = Field(default=8081, ge=0, le=65535, description=(
+        "TCP port of the web dashboard, on the API's bind address (0: any free port)."))
 
 
 class P2PConfig(_Section):

@@ -34,6 +34,7 @@ from omx.runtime.replication import PeerCommands, ReplicationService, Replicatio
 from omx.runtime.scheduler import ModelScheduler
 from omx.runtime.server import H3Listener, Listener, bind_tcp, bind_udp, serve_app, serve_transfers
 from omx.runtime.tls import TlsFiles, ensure_tls
+from omx.runtime.web import DashboardApp
 from omx.storage import ModelStore
 
 __all__ = ["Node", "NodeReady", "run_node"]
@@ -83,6 +84,7 @@ class Node:
         self.listener: Listener | None = None
         self.transfer_listener: Listener | None = None
         self.h3_listener: Listener | None = None
+        self.web_listener: Listener | None = None
         self.services: Services | None = None
         self.app: Any = None
         self.peer_transport = HttpPeerTransport(self.node_id, key=lambda: self.cluster.secret.peer_auth_key(),
@@ -107,11 +109,13 @@ class Node:
         self.transfer_listener = bind_tcp(self.settings.api.host, self.settings.p2p.transfer_port,
                                           what="transfer", key="p2p.transfer_port")
         self.h3_listener = self._bind_h3(self.listener)
+        if self.settings.web.enabled:
+            self.web_listener = bind_tcp(self.settings.api.host, self.settings.web.port, what="web", key="web.port")
         self.services = Services(
             store=self.store,
             scheduler=self.scheduler,
             node=NodeInfo(node_id=self.node_id, version=omx.__version__, name=self.settings.node.name,
-                          api_url=self.listener.url),
+                          api_url=self.listener.url, web_url=self.web_listener.url if self.web_listener else None),
             defaults=EngineDefaults(
                 keep_alive=self.settings.engine.keep_alive,
                 num_ctx=self.settings.engine.num_ctx,
@@ -165,7 +169,8 @@ class Node:
         assert self.listener is not None
         topo = self.cluster.topology
         return NodeReady(node_id=self.node_id, url=self.listener.url, api_port=self.listener.port,
-                         web_port=None, p2p_port=topo.p2p_port if topo else None, config_path=self.config_path)
+                         web_port=self.web_listener.port if self.web_listener else None,
+                         p2p_port=topo.p2p_port if topo else None, config_path=self.config_path)
 
     def _write_node_json(self) -> Path:
         """Write ``run/node.json`` (pid and its start time, ports, gossip address, agent pid) for the CLI.
@@ -189,7 +194,7 @@ class Node:
     async def serve(self, stop: asyncio.Event, *, on_ready: Callable[[NodeReady], None] | None = None) -> None:
         listener = self.listener or self.bind()
         await asyncio.to_thread(self.store.recover)
-        transfer = self.transfer_listener
+        transfer, web = self.transfer_listener, self.web_listener
         assert transfer is not None
         h3_sock = self.h3_listener
         await self.cluster.start(listener.host, listener.port, transfer.port,
@@ -210,6 +215,8 @@ class Node:
         try:
             async with asyncio.TaskGroup() as servers:
                 servers.create_task(serve_transfers(self.app, transfer, stop.wait), name="transfer-listener")
+                if web is not None:
+                    servers.create_task(serve_app(DashboardApp(self.app), web, stop.wait), name="web-listener")
                 await serve_app(self.app, listener, shutdown, h3=h3)
         finally:
             self.cluster.on_agent_change = None
@@ -217,6 +224,8 @@ class Node:
             await self.transfers.aclose()
             await self.peer_transport.aclose()
             transfer.sock.close()
+            if web is not None:
+                web.sock.close()
             await self.cluster.stop(leave=True)
             with contextlib.suppress(OSError):
                 if json.loads(path.read_text()).get("pid") == os.getpid():

@@ -16,6 +16,9 @@ apt_packages=(serf util-linux docker-registry cmake build-essential python3-venv
 # node and npm (unless some install of node already brings npm): the official Ollama JavaScript
 # client, driven by tests/test_integrations.py.
 if [ "${1:-}" = "--test" ] && ! command -v npm >/dev/null; then apt_packages+=(nodejs npm); fi
+# chromium: the headless browser tests/test_web_dashboard.py drives through Playwright (its executable_path;
+# Playwright's own browser download is never used).
+if [ "${1:-}" = "--test" ]; then apt_packages+=(chromium); fi
 missing=()
 for pkg in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

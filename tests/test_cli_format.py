@@ -126,4 +126,4 @@ def test_banner_lines() -> None:
     assert "   Web:  http://localhost:8081" in lines
     assert "   Health: http://localhost:8080/health" in lines
     assert lines[-1] == "Use 'ollama-distributed status' to monitor the node."
-    assert "   Web:  not served yet" in banner("http://10.0.0.9:8080", None, None)
+    assert "   Web:  off (web.enabled: false)" in banner("http://10.0.0.9:8080", None, None)

@@ -152,7 +152,7 @@ def fake_node(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
         seen.append(settings)
         assert on_ready is not None
         on_ready(_Ready("omx-1234abcd", f"http://{settings.api.host}:{settings.api.port}", settings.api.port,
-                        None, settings.p2p.port, None))
+                        settings.web.port, settings.p2p.port, None))
 
     module = types.ModuleType("omx.runtime.node")
     module.run_node = run_node  # type: ignore[attr-defined]
@@ -176,7 +176,7 @@ def test_start_passes_flags_and_prints_banner(home: Path, fake_node: list[Any], 
     assert lines[0] == "• Starting OllamaMax node..."
     assert "✅ Node started successfully" in lines
     assert "   API:  http://127.0.0.5:9400" in lines and "   Health: http://127.0.0.5:9400/health" in lines
-    assert "   Web:  not served yet" in lines
+    assert "   Web:  http://127.0.0.5:9401" in lines
 
 
 def test_start_bad_config_exits_2_naming_key(home: Path, fake_node: list[Any], tmp_path: Path) -> None:

@@ -64,7 +64,7 @@ def test_status_verbose_adds_resources_models_and_services(api: FakeClusterApi) 
                                       "     📦 llama2:7b (7GB) - 23 requests"]
     start = lines.index("• Network Services")
     assert lines[start:start + 5] == ["• Network Services", "   API: listening on 127.0.0.1:8080",
-                                      "   Web: not served yet", "   P2P: gossip on 127.0.0.1:4001",
+                                      "   Web: off (web.enabled: false)", "   P2P: gossip on 127.0.0.1:4001",
                                       "   Connections: 3"]
 
 

@@ -54,7 +54,7 @@ def test_status_basic_verbose_and_json(cluster3: Cluster) -> None:  # noqa: F811
     cpu = next(line for line in verbose if line.startswith("   CPU: "))
     assert cpu.endswith(f"({psutil.cpu_count()} cores)")
     assert f"   API: listening on {a.host}:8080" in verbose
-    assert "   Web: not served yet" in verbose
+    assert f"   Web: dashboard at http://{a.host}:8081" in verbose
     assert f"   P2P: gossip on {a.host}:4001" in verbose
 
     data = json.loads(run(cluster3, "status", "--json").stdout)

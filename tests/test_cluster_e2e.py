@@ -73,7 +73,7 @@ def test_status_and_metrics_shapes(cluster3: Cluster) -> None:  # noqa: F811
     res = node["resources"]
     assert 0.0 <= res["cpu"] <= 1.0 and 0.0 < res["memory"] < 1.0 and 0.0 < res["disk"] < 1.0
     assert res["memory_total"] > res["memory_used"] > 0 and res["cpu_count"] >= 1
-    assert node["services"] == {"api": a.url, "web": None, "p2p": a.p2p}
+    assert node["services"] == {"api": a.url, "web": f"http://{a.host}:8081", "p2p": a.p2p}
     metrics = a.get("/api/distributed/metrics")
     assert metrics["node_id"] == a.node_id and metrics["is_leader"] is False
     assert metrics["nodes_online"] >= 3 and metrics["connected_peers"] >= 2

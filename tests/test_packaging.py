@@ -33,6 +33,14 @@ def test_wheel_installs_only_the_omx_namespace(wheel: Path) -> None:
     assert "omx = omx.cli.main:main" in text and "ollama-distributed = omx.cli.main:main" in text
 
 
+def test_wheel_ships_the_dashboard(wheel: Path) -> None:
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {f"omx/runtime/web/{p.name}" for p in (ROOT / "runtime" / "web").iterdir()
+               if p.suffix in (".html", ".js", ".css")}
+    assert "omx/runtime/web/index.html" in shipped and "omx/runtime/web/main.js" in shipped
+    assert shipped <= names
+
+
 def _mirror_package(root: Path) -> Path:
     """Copy the layer folders into one ``root/omx`` tree laid out as the wheel lays them out.
 

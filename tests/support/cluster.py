@@ -1,7 +1,7 @@
 """Real multi-node clusters for end-to-end tests.
 
 Each node is an ``omx start`` process with its own home, its own loopback
-address (127.0.0.N with the default ports 8080/4001, so nodes never race for
+address (127.0.0.N with the default ports 8080/8081/4001, so nodes never race for
 ports) and its own Serf agent on the ``local`` profile. Addresses are taken
 under a lock file, so test processes running side by side never share one.
 
@@ -39,9 +39,11 @@ import pytest
 from tests.support.node import NodeProcess, start_node, wait_until
 from tests.support.serf import require_serf, serf_pids
 
-__all__ = ["API_PORT", "P2P_PORT", "Cluster", "ClusterNode", "HostLease", "cluster3", "lease_host", "start_cluster"]
+__all__ = ["API_PORT", "P2P_PORT", "WEB_PORT", "Cluster", "ClusterNode", "HostLease", "cluster3", "lease_host",
+           "start_cluster"]
 
 API_PORT = 8080
+WEB_PORT = 8081
 P2P_PORT = 4001
 MEMBER_DEADLINE_S = 40.0
 _LOCK_DIR = Path(tempfile.gettempdir()) / "omx-test-hosts"
@@ -65,7 +67,8 @@ class HostLease:
 
 
 def _ports_free(host: str) -> bool:
-    checks = ((socket.SOCK_STREAM, API_PORT), (socket.SOCK_STREAM, P2P_PORT), (socket.SOCK_DGRAM, P2P_PORT))
+    checks = ((socket.SOCK_STREAM, API_PORT), (socket.SOCK_STREAM, WEB_PORT), (socket.SOCK_STREAM, P2P_PORT),
+              (socket.SOCK_DGRAM, P2P_PORT))
     for kind, port in checks:
         with socket.socket(socket.AF_INET, kind) as sock:
             try:
@@ -76,7 +79,7 @@ def _ports_free(host: str) -> bool:
 
 
 def lease_host(first: int = 11, last: int = 250) -> HostLease:
-    """Take a free 127.0.0.N (ports 8080 tcp, 4001 tcp+udp free) and hold it until released."""
+    """Take a free 127.0.0.N (ports 8080 and 8081 tcp, 4001 tcp+udp free) and hold it until released."""
     _LOCK_DIR.mkdir(exist_ok=True)
     start = first + (os.getpid() % (last - first + 1))
     for i in range(last - first + 1):
@@ -112,6 +115,11 @@ class ClusterNode:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{API_PORT}"
+
+    @property
+    def web_url(self) -> str:
+        """The dashboard (``web.port``)."""
+        return f"http://{self.host}:{WEB_PORT}"
 
     @property
     def p2p(self) -> str:

@@ -81,8 +81,9 @@ def start_node(home: Path, *, host: str = "127.0.0.1", port: int = 0, args: Sequ
     log_path = home / "node.log"
     full_env = {**os.environ, "OMX_HOME": str(home), "PYTHONUNBUFFERED": "1", **(env or {})}
     if port == 0:
-        # An ephemeral API port gets an ephemeral gossip port too, so nodes sharing 127.0.0.1 never clash.
+        # An ephemeral API port gets ephemeral gossip and web ports too, so nodes sharing 127.0.0.1 never clash.
         full_env.setdefault("OMX_P2P__PORT", "0")
+        full_env.setdefault("OMX_WEB__PORT", "0")
     full_env.pop("OMX_HOST", None)
     cmd = [sys.executable, "-c", "from omx.cli.main import main; main()", "start",
            "--host", host, "--api-port", str(port), *args]

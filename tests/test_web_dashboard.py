@@ -1,0 +1,248 @@
+"""The web dashboard in a real browser (Debian's headless Chromium driven by Playwright) against real nodes.
+
+A 2-node cluster (real Serf) with the tiny generated model on A; the page is A's
+web listener. Each test checks that the page logs no console error and that every
+request it makes (HTTP and WebSocket) goes to A's web origin. The tests run in
+file order on one cluster: the chat and traffic run while A alone holds the model,
+then a factor change made in the page replicates it, and last a third node joins
+(it appears without reload) and is killed with ``kill -9`` (it shows failed).
+Screenshots of each view go to ``$OMX_TEST_ARTIFACTS/web`` (else a temp folder).
+Playwright's own browser download is never used: ``executable_path`` is Debian's.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import TINY_TEMPLATE
+from tests.support.cluster import Cluster, start_cluster
+from tests.support.node import NodeProcess, create_model, start_node, wait_until
+
+pytestmark = [pytest.mark.serf, pytest.mark.e2e]
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+MODEL = "tiny:latest"
+DEADLINE_MS = 40_000
+API_KEY = "dash-key-7"
+
+
+def _require_browser() -> Any:
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not os.access(CHROMIUM, os.X_OK):
+        message = f"{CHROMIUM} is not installed (Debian package 'chromium')"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return playwright
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """A Chromium context with a fresh profile (nothing downloaded: Debian's binary)."""
+    sync_api = _require_browser()
+    profile = tempfile.mkdtemp(prefix="omx-chromium-")
+    try:
+        with sync_api.sync_playwright() as p:
+            context = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, args=ARGS,
+                                                           headless=True, viewport={"width": 1280, "height": 800})
+            context.set_default_timeout(DEADLINE_MS)
+            sync_api.expect.set_options(timeout=DEADLINE_MS)
+            yield context
+            context.close()
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) -> Iterator[Cluster]:
+    c = start_cluster(tmp_path_factory.mktemp("web") / "nodes", 2)
+    try:
+        with c[0].client() as client:
+            create_model(client, "tiny", tiny_gguf, template=TINY_TEMPLATE,
+                         parameters={"temperature": 0, "seed": 42, "num_ctx": 256, "num_predict": 24})
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = os.environ.get("OMX_TEST_ARTIFACTS")
+    out = Path(root) / "web" if root else tmp_path_factory.mktemp("web-screens")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+@dataclass
+class Watched:
+    """A page with what it logged and asked for."""
+
+    page: Any
+    origin: str
+    errors: list[str] = field(default_factory=list)
+    urls: list[str] = field(default_factory=list)
+
+    def check(self) -> None:
+        ws_origin = "ws" + self.origin.removeprefix("http")
+        foreign = [u for u in self.urls if not (u.startswith(self.origin + "/") or u.startswith(ws_origin + "/"))]
+        assert not foreign, f"requests left the node: {foreign}"
+        assert self.urls, "the page made no request"
+        assert not self.errors, f"console errors: {self.errors}"
+
+
+def open_page(browser: Any, origin: str) -> Watched:
+    page = browser.new_page()
+    watched = Watched(page, origin)
+    page.on("console", lambda m: watched.errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: watched.errors.append(str(e)))
+    page.on("request", lambda r: watched.urls.append(r.url))
+    page.on("websocket", lambda ws: watched.urls.append(ws.url))
+    page.goto(origin + "/")
+    return watched
+
+
+def node_row(page: Any, node_id: str) -> Any:
+    return page.locator(f'#nodes-body tr[data-node-id="{node_id}"]')
+
+
+def test_cluster_view_lists_both_nodes_live(browser: Any, cluster: Cluster, shots: Path) -> None:
+    from playwright.sync_api import expect
+
+    a, b = cluster[0], cluster[1]
+    w = open_page(browser, a.web_url)
+    page = w.page
+    expect(page.get_by_role("status").filter(has_text="live")).to_be_visible()
+    table = page.get_by_role("table", name="Nodes")
+    expect(table.get_by_role("columnheader", name="Status")).to_be_visible()
+    for node in (a, b):
+        row = node_row(page, node.node_id)
+        expect(row.locator("td").first).to_have_text("alive")
+        expect(row).to_contain_text(f"{node.host}:8080")
+    expect(node_row(page, a.node_id)).to_contain_text(MODEL)
+    page.screenshot(path=str(shots / "cluster.png"))
+    w.check()
+    page.close()
+
+
+def test_chat_streams_a_reply_with_timings_and_the_serving_node(browser: Any, cluster: Cluster,
+                                                                shots: Path) -> None:
+    from playwright.sync_api import expect
+
+    a = cluster[0]
+    w = open_page(browser, a.web_url)
+    page = w.page
+    page.get_by_role("tab", name="Chat").click()
+    expect(page.get_by_role("combobox", name="Model").locator(f'option[value="{MODEL}"]')).to_have_count(1)
+    page.get_by_role("combobox", name="Model").select_option(MODEL)
+    page.get_by_role("textbox", name="Message").fill("hello there")
+    page.get_by_role("button", name="Send").click()
+    log = page.get_by_role("log", name="Conversation")
+    expect(log.locator(".msg.user")).to_have_text("userhello there")
+    timings = page.locator("#chat-timings")
+    expect(timings).to_contain_text("tokens/s")
+    assert "time to first token" in timings.inner_text()
+    assert timings.get_attribute("data-node") == a.node_id  # A alone holds the model
+    reply = log.locator(".msg.assistant .text").inner_text()
+    assert reply.strip(), "the reply is empty"
+    with a.client() as client:  # the same reply the API gives (temperature 0, fixed seed)
+        r = client.post("/api/chat", json={"model": MODEL, "stream": False,
+                                           "messages": [{"role": "user", "content": "hello there"}]})
+    assert r.json()["message"]["content"] == reply
+    page.screenshot(path=str(shots / "chat.png"))
+
+    page.get_by_role("tab", name="Traffic").click()
+    row = page.get_by_role("table", name="Traffic").locator("tbody tr").filter(has_text=MODEL)
+    expect(row).to_have_count(1)
+    requests = int(row.locator("td").nth(4).inner_text())
+    assert requests >= 1
+    expect(page.locator("#chart-requests svg path")).not_to_have_count(0)
+    page.screenshot(path=str(shots / "traffic.png"))
+    w.check()
+    page.close()
+
+
+def test_models_view_sets_the_factor_and_shows_the_new_replica(browser: Any, cluster: Cluster,
+                                                               shots: Path) -> None:
+    from playwright.sync_api import expect
+
+    a, b = cluster[0], cluster[1]
+    w = open_page(browser, a.web_url)
+    page = w.page
+    page.get_by_role("tab", name="Models").click()
+    row = page.locator(f'#models-body tr[data-model="{MODEL}"]')
+    expect(row.locator("td").nth(3)).to_have_text("1")  # replicas
+    page.get_by_role("spinbutton", name=f"Factor of {MODEL}").fill("2")
+    page.get_by_role("button", name=f"Set factor of {MODEL}").click()
+
+    def placed() -> dict[str, Any]:
+        return next(m for m in a.get("/api/distributed/models")["models"] if m["name"] == MODEL)
+
+    wait_until(lambda: placed()["factor"] == 2, timeout=20, what="the factor set in the page to reach the API")
+    expect(row.locator("td").nth(3)).to_have_text("2")  # B got its copy; the table follows without reload
+    expect(row.locator("td").nth(5)).to_contain_text(b.node_id)
+    assert set(placed()["nodes"]) == {a.node_id, b.node_id}
+    page.screenshot(path=str(shots / "models.png"))
+    w.check()
+    page.close()
+
+
+def test_joining_node_appears_and_killed_node_shows_failed(browser: Any, cluster: Cluster) -> None:
+    from playwright.sync_api import expect
+
+    a = cluster[0]
+    w = open_page(browser, a.web_url)
+    page = w.page
+    expect(page.get_by_role("status").filter(has_text="live")).to_be_visible()
+    c = cluster.add_node("C")
+    row = node_row(page, c.node_id)
+    expect(row.locator("td").first).to_have_text("alive")  # appeared without reload
+    c.kill9()
+    expect(row.locator("td").first).to_have_text("failed")
+    w.check()
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    proc = start_node(tmp_path_factory.mktemp("web-keyed"),
+                      env={"OMX_SECURITY__API_KEYS": f'["{API_KEY}"]', "OMX_P2P__PROFILE": "local"})
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def test_with_api_keys_the_page_asks_for_one_and_then_works(browser: Any, keyed: NodeProcess,
+                                                            shots: Path) -> None:
+    from playwright.sync_api import expect
+
+    origin = f"http://127.0.0.1:{keyed.info['web_port']}"
+    assert httpx.get(origin + "/api/distributed/status", timeout=10).status_code == 401
+    w = open_page(browser, origin)
+    page = w.page
+    dialog = page.get_by_role("dialog", name="API key")
+    expect(dialog).to_be_visible()
+    page.screenshot(path=str(shots / "api-key.png"))
+    dialog.get_by_label("API key").fill(API_KEY)
+    dialog.get_by_role("button", name="Use key").click()
+    expect(page.get_by_role("status").filter(has_text="live")).to_be_visible()  # the event WebSocket took the key
+    expect(node_row(page, keyed.info["node_id"]).locator("td").first).to_have_text("alive")
+    assert page.evaluate("sessionStorage.getItem('omx.apiKey')") == API_KEY
+    # Only the refused first requests (before the key) may have logged errors, all of them 401s.
+    assert all("401" in e for e in w.errors), w.errors
+    w.errors.clear()
+    page.get_by_role("tab", name="Models").click()
+    expect(page.locator("#models-body")).to_be_attached()
+    w.check()
+    page.close()
