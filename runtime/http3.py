@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -28,9 +29,26 @@ from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, QuicEvent
 
-__all__ = ["AsyncHttp3Transport", "Http3Transport"]
+__all__ = ["AsyncHttp3Transport", "Http3Transport", "datagram_size"]
 
 _END = object()
+
+LOOPBACK_DATAGRAM = 16384
+"""Datagram size towards a loopback address. aioquic's per-packet Python work bounds throughput, so
+bigger packets carry more for the same work (an upload ran 1.7 MB/s at 1200 bytes, 18 MB/s at 16 KiB);
+loopback's MTU (64 KiB) means no fragmentation, and aioquic refused packets past 16 KiB when measured."""
+SAFE_DATAGRAM = 1200
+"""Elsewhere QUIC's minimum, which every path carries (aioquic does no path-MTU discovery)."""
+
+
+def datagram_size(host: str) -> int:
+    """The largest QUIC datagram to send to ``host``."""
+    if host == "localhost":
+        return LOOPBACK_DATAGRAM
+    try:
+        return LOOPBACK_DATAGRAM if ipaddress.ip_address(host).is_loopback else SAFE_DATAGRAM
+    except ValueError:
+        return SAFE_DATAGRAM
 
 
 class _Stream:
@@ -148,7 +166,8 @@ class AsyncHttp3Transport(httpx.AsyncBaseTransport):
                 self._connections.pop((host, port))
                 with contextlib.suppress(Exception):
                     await known[0].aclose()
-            config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, server_name=host)
+            config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, server_name=host,
+                                       max_datagram_size=datagram_size(host))
             config.load_verify_locations(cafile=self.cafile)
             stack = contextlib.AsyncExitStack()
             try:

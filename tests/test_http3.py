@@ -199,3 +199,20 @@ def test_cli_http3_needs_a_ca(node: NodeProcess, tmp_path: Path) -> None:
     missing = _omx(node, "--http3", "--ca", str(tmp_path / "nope.crt"), "list")
     assert missing.returncode == 2
     assert "no cluster CA certificate" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_garbage_datagrams_leave_the_node_serving(node: NodeProcess) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        for i in range(200):
+            # Random bytes, and random bytes behind a QUIC long-header Initial's first byte.
+            udp.sendto((b"\xc0\x00\x00\x00\x01" if i % 2 else b"") + os.urandom(1200), ("127.0.0.1",
+                                                                                     node.info["h3_port"]))
+    with h3_client(node) as client:
+        assert client.get("/api/version").status_code == 200
+
+
+def test_datagram_size_is_large_only_on_loopback() -> None:
+    from omx.runtime.http3 import LOOPBACK_DATAGRAM, SAFE_DATAGRAM, datagram_size
+
+    assert datagram_size("127.0.0.1") == datagram_size("::1") == datagram_size("localhost") == LOOPBACK_DATAGRAM
+    assert datagram_size("10.0.0.5") == datagram_size("node.example") == SAFE_DATAGRAM == 1200
