@@ -197,6 +197,43 @@ def test_models_view_sets_the_factor_and_shows_the_new_replica(browser: Any, clu
     page.close()
 
 
+def test_fifty_nodes_and_two_hundred_models_render_and_stay_usable(browser: Any, cluster: Cluster,
+                                                                   shots: Path) -> None:
+    """The views fed with many entries (members through the page's own event path, models through the API
+    route answered by the test) list them all, and the page still answers the keyboard."""
+    from playwright.sync_api import expect
+
+    a = cluster[0]
+    nodes = [{"id": f"omx-{i:08x}", "name": f"n{i}", "status": ("alive", "suspect", "failed", "left")[i % 4],
+              "address": f"10.0.{i // 250}.{i % 250}:8080", "p2p_address": None, "models": [f"m{i}:latest"],
+              "model_sizes": {}, "inventory_version": "", "resources": {"cpu": 0.5, "memory": 0.25, "disk": 0.1},
+              "self": False, "last_change": "2026-01-01T00:00:00Z"} for i in range(50)]
+    models = [{"name": f"m{i}:latest", "replicas": 1, "factor": 2, "nodes": [nodes[i % 50]["id"]],
+               "total_size": 1000 * i, "status": "under_replicated"} for i in range(200)]
+    w = open_page(browser, a.web_url)
+    page = w.page
+    page.route("**/api/distributed/models", lambda route: route.fulfill(json={"models": models}))
+    expect(page.get_by_role("status").filter(has_text="live")).to_be_visible()
+    page.evaluate("""async (nodes) => {
+        const view = await import("/ui/cluster.js");
+        for (const node of nodes) view.applyEvent({type: "member", change: "join", node});
+    }""", nodes)
+    expect(page.locator("#nodes-body tr")).to_have_count(50 + 2)  # and the cluster's own two
+    expect(node_row(page, nodes[2]["id"]).locator("td").first).to_have_text("failed")
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.screenshot(path=str(shots / "cluster-phone.png"))
+    page.set_viewport_size({"width": 1280, "height": 800})
+    page.get_by_role("tab", name="Cluster").focus()
+    page.keyboard.press("ArrowRight")
+    expect(page.get_by_role("tab", name="Models")).to_be_focused()
+    expect(page.get_by_role("tab", name="Models")).to_have_attribute("aria-selected", "true")
+    expect(page.locator("#models-body tr")).to_have_count(200)
+    expect(page.locator('#models-body tr[data-model="m199:latest"]')).to_contain_text(nodes[199 % 50]["name"])
+    page.screenshot(path=str(shots / "models-many.png"))
+    w.check()
+    page.close()
+
+
 def test_joining_node_appears_and_killed_node_shows_failed(browser: Any, cluster: Cluster) -> None:
     from playwright.sync_api import expect
 

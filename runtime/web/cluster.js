@@ -44,7 +44,7 @@ const ORDER = { alive: 0, suspect: 1, leaving: 2, failed: 3, left: 4 };
 function render() {
   const body = document.getElementById("nodes-body");
   const rows = [...cluster.nodes.values()].sort((a, b) =>
-    (ORDER[a.status] ?? 9) - (ORDER[b.status] ?? 9) || (a.name || a.id).localeCompare(b.name || b.id));
+    (ORDER[a.status] ?? 9) - (ORDER[b.status] ?? 9) || (a.name || a.id).localeCompare(b.name || b.id, undefined, { numeric: true }));
   const alive = rows.filter((n) => n.status === "alive").length;
   document.getElementById("cluster-summary").textContent = `${rows.length} node${rows.length === 1 ? "" : "s"}, ${alive} alive`;
   body.replaceChildren(...rows.map((n) => {
