@@ -197,6 +197,33 @@ def test_models_view_sets_the_factor_and_shows_the_new_replica(browser: Any, clu
     page.close()
 
 
+def test_pull_from_peers_and_delete_in_the_page(browser: Any, cluster: Cluster, tiny_gguf: Path, shots: Path) -> None:
+    """On B's dashboard: pull a model only A holds (it comes from A, no registry), then delete B's copy."""
+    from playwright.sync_api import expect
+
+    a, b = cluster[0], cluster[1]
+    with a.client() as client:
+        create_model(client, "webpull", tiny_gguf, template=TINY_TEMPLATE)
+    w = open_page(browser, b.web_url)
+    page = w.page
+    page.get_by_role("tab", name="Models").click()
+    row = page.locator('#models-body tr[data-model="webpull:latest"]')
+    expect(row.locator("td").nth(3)).to_have_text("1")
+    page.get_by_role("textbox", name="Pull model").fill("webpull")
+    page.get_by_role("button", name="Pull", exact=True).click()
+    expect(page.locator("#pull-status")).to_have_text("success")
+    expect(row.locator("td").nth(3)).to_have_text("2")
+    expect(row.locator("td").nth(5)).to_contain_text(b.node_id)
+    page.screenshot(path=str(shots / "models-pulled.png"))
+    page.once("dialog", lambda d: d.accept())
+    page.get_by_role("button", name="Delete webpull:latest").click()
+    expect(row.locator("td").nth(3)).to_have_text("1")
+    placed = {m["name"]: m for m in b.get("/api/distributed/models")["models"]}
+    assert placed["webpull:latest"]["nodes"] == [a.node_id]  # B's copy went, A's stayed
+    w.check()
+    page.close()
+
+
 def test_fifty_nodes_and_two_hundred_models_render_and_stay_usable(browser: Any, cluster: Cluster,
                                                                    shots: Path) -> None:
     """The views fed with many entries (members through the page's own event path, models through the API
