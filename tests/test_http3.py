@@ -216,3 +216,16 @@ def test_datagram_size_is_large_only_on_loopback() -> None:
 
     assert datagram_size("127.0.0.1") == datagram_size("::1") == datagram_size("localhost") == LOOPBACK_DATAGRAM
     assert datagram_size("10.0.0.5") == datagram_size("node.example") == SAFE_DATAGRAM == 1200
+
+
+def test_a_taken_h3_port_stops_the_start_with_a_clear_message(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        env = {**os.environ, "OMX_HOME": str(tmp_path), "OMX_API__H3_PORT": str(port), "OMX_P2P__PORT": "0",
+               "OMX_WEB__ENABLED": "false"}
+        done = subprocess.run([sys.executable, "-c", "from omx.cli.main import main; main()", "start",
+                               "--api-port", "0"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert f"HTTP/3 UDP port {port} on 127.0.0.1 is already in use" in done.stderr
+    assert "Traceback" not in done.stderr
