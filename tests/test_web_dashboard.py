@@ -160,6 +160,8 @@ def test_chat_streams_a_reply_with_timings_and_the_serving_node(browser: Any, cl
                                            "messages": [{"role": "user", "content": "hello there"}]})
     assert r.json()["message"]["content"] == reply
     page.screenshot(path=str(shots / "chat.png"))
+    page.get_by_role("tab", name="Cluster").click()
+    expect(node_row(page, a.node_id).locator("td").nth(8)).to_contain_text(MODEL)  # loaded now, on the next tick
 
     page.get_by_role("tab", name="Traffic").click()
     row = page.get_by_role("table", name="Traffic").locator("tbody tr").filter(has_text=MODEL)

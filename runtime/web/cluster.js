@@ -2,7 +2,7 @@
 import { getJSON } from "./api.js";
 import { el, percent } from "./util.js";
 
-export const cluster = { nodes: new Map(), selfId: null, self: null, listeners: [] };
+export const cluster = { nodes: new Map(), selfId: null, self: null, loaded: new Map(), listeners: [] };
 
 function changed() { render(); for (const fn of cluster.listeners) fn(); }
 
@@ -22,8 +22,14 @@ export async function refreshSelf() {
   const [status, ps] = await Promise.all([getJSON("/api/distributed/status"), getJSON("/api/ps")]);
   const stats = status.scheduler_stats || {};
   cluster.selfId = status.node.id;
+  // Rows of /api/ps name their node where the node answers for the cluster; rows without one are its own.
+  cluster.loaded = new Map();
+  for (const m of ps.models) {
+    const node = m.node || status.node.id;
+    cluster.loaded.set(node, [...(cluster.loaded.get(node) || []), m.name]);
+  }
   cluster.self = {
-    loaded: ps.models.map((m) => m.name),
+    loaded: cluster.loaded.get(status.node.id) || [],
     inFlight: stats.active_requests ?? 0,
     queued: stats.queued_requests ?? 0,
     name: status.node.name,
@@ -57,7 +63,7 @@ function render() {
       el("td", {}, n.address || "—"),
       el("td", {}, percent(res.cpu)), el("td", {}, percent(res.memory)), el("td", {}, percent(res.disk)),
       el("td", {}, (n.models || []).join(", ") || "—"),
-      el("td", {}, own ? own.loaded.join(", ") || "none" : "—"),
+      el("td", {}, own ? own.loaded.join(", ") || "none" : (cluster.loaded.get(n.id) || ["—"]).join(", ")),
       el("td", {}, own ? own.inFlight : "—"),
       el("td", {}, own ? own.queued : "—"));
   }));
