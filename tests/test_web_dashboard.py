@@ -312,3 +312,14 @@ def test_with_api_keys_the_page_asks_for_one_and_then_works(browser: Any, keyed:
     expect(page.locator("#models-body")).to_be_attached()
     w.check()
     page.close()
+
+
+def test_web_disabled_means_no_listener_and_no_url(tmp_path_factory: pytest.TempPathFactory) -> None:
+    node = start_node(tmp_path_factory.mktemp("web-off"), env={"OMX_WEB__ENABLED": "false"})
+    try:
+        assert node.info["web_port"] is None
+        with node.client() as client:
+            status = client.get("/api/distributed/status").json()
+        assert status["node"]["services"]["web"] is None and status["integration_stats"]["web"] is None
+    finally:
+        node.stop()
