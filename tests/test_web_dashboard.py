@@ -222,6 +222,13 @@ def test_pull_from_peers_and_delete_in_the_page(browser: Any, cluster: Cluster, 
     expect(row.locator("td").nth(3)).to_have_text("1")
     placed = {m["name"]: m for m in b.get("/api/distributed/models")["models"]}
     assert placed["webpull:latest"]["nodes"] == [a.node_id]  # B's copy went, A's stayed
+
+    page.get_by_role("button", name="Migrate webpull:latest").click()
+    dialog = page.get_by_role("dialog", name="Migrate webpull:latest")
+    expect(dialog.get_by_label("From node")).to_have_value(a.node_id)
+    dialog.get_by_label("To node").select_option(b.node_id)
+    dialog.get_by_role("button", name="Migrate").click()
+    expect(row.locator("td").nth(5)).to_have_text(b.node_id)  # the copy moved from A to B
     w.check()
     page.close()
 
