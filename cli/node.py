@@ -63,7 +63,7 @@ def _display_host(host: str) -> str:
     return "localhost" if host in ("127.0.0.1", "0.0.0.0", "::", "::1", "") else host
 
 
-def banner(url: str, web_port: int | None, config_path: Path | None) -> list[str]:
+def banner(url: str, web_port: int | None, config_path: Path | None, h3_port: int | None = None) -> list[str]:
     """The lines printed once the node serves (pure); the docs' layout, honest about the web port."""
     api = url.rstrip("/")
     scheme, _, rest = api.partition("://")
@@ -71,6 +71,8 @@ def banner(url: str, web_port: int | None, config_path: Path | None) -> list[str
     shown_host = _display_host(host)
     api_shown = f"{scheme}://{shown_host}:{rest.rsplit(':', 1)[1]}" if ":" in rest else api
     web = f"http://{shown_host}:{web_port}" if web_port else "off (web.enabled: false)"
+    h3 = f"https://{shown_host}:{h3_port} (UDP; 'omx cluster ca' prints the CA)" if h3_port else \
+        "off (api.http3: false)"
     return [
         "",
         f"Using configuration: {config_path if config_path else 'built-in defaults (no config file)'}",
@@ -79,6 +81,7 @@ def banner(url: str, web_port: int | None, config_path: Path | None) -> list[str
         "",
         "• Services:",
         f"   API:  {api_shown}",
+        f"   HTTP/3: {h3}",
         f"   Web:  {web}",
         f"   Health: {api_shown}/health",
         "",
@@ -120,7 +123,7 @@ def start_cmd(
     fallback = config_path or (default_config_path() if default_config_path().exists() else None)
 
     def on_ready(ready: NodeReady) -> None:
-        for line in banner(ready.url, ready.web_port, ready.config_path or fallback):
+        for line in banner(ready.url, ready.web_port, ready.config_path or fallback, ready.h3_port):
             click.echo(line)
 
     try:

@@ -52,6 +52,8 @@ class NodeReady:
     web_port: int | None
     p2p_port: int | None
     config_path: Path | None
+    h3_port: int | None = None
+    """UDP port of HTTP/3 (``None`` when ``api.http3`` is off)."""
 
 
 class Node:
@@ -170,7 +172,8 @@ class Node:
         topo = self.cluster.topology
         return NodeReady(node_id=self.node_id, url=self.listener.url, api_port=self.listener.port,
                          web_port=self.web_listener.port if self.web_listener else None,
-                         p2p_port=topo.p2p_port if topo else None, config_path=self.config_path)
+                         p2p_port=topo.p2p_port if topo else None, config_path=self.config_path,
+                         h3_port=self.h3_listener.port if self.h3_listener else None)
 
     def _write_node_json(self) -> Path:
         """Write ``run/node.json`` (pid and its start time, ports, gossip address, agent pid) for the CLI.

@@ -127,3 +127,6 @@ def test_banner_lines() -> None:
     assert "   Health: http://localhost:8080/health" in lines
     assert lines[-1] == "Use 'ollama-distributed status' to monitor the node."
     assert "   Web:  off (web.enabled: false)" in banner("http://10.0.0.9:8080", None, None)
+    assert "   HTTP/3: https://localhost:8080 (UDP; 'omx cluster ca' prints the CA)" in banner(
+        "http://127.0.0.1:8080", None, None, 8080)
+    assert "   HTTP/3: off (api.http3: false)" in lines

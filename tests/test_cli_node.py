@@ -140,6 +140,7 @@ class _Ready:
     web_port: int | None
     p2p_port: int | None
     config_path: Path | None
+    h3_port: int | None = None
 
 
 @pytest.fixture
