@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from omx.functions.cluster_view import ClusterView, ServedBytes, UsageSink
     from omx.functions.registry import HandlerSpec
     from omx.functions.replication_view import ReplicationView
+    from omx.functions.router import Router
     from omx.storage import ModelStore
     from omx.storage.registry import RegistryClient
 
@@ -65,6 +66,8 @@ class Services:
     """The registry client behind pull and push."""
     transfer_stats: ServedBytes | None = None
     """Told how many chunk bytes each peer response sent."""
+    router: Router | None = None
+    """Routes model-routed calls to the best holder and answers the cluster-wide views; None alone."""
 
 
 async def _no_body() -> AsyncIterator[bytes]:
@@ -93,4 +96,10 @@ class Call:
     path: str = ""
     """The request path with its query string, as sent (what peer signatures cover)."""
     peer: str | None = None
-    """The authenticated peer node, on peer endpoints."""
+    """The authenticated peer node, on peer endpoints and hop requests."""
+    hop: bool = False
+    """A peer forwarded this call (``X-Omx-Hop``, signed): answer it here, never forward it again."""
+    body_bytes: bytes = b""
+    """The request body as received, on model-routed calls (what forwarding sends on unchanged)."""
+    response_headers: dict[str, str] = field(default_factory=dict)
+    """Headers the adapter adds to the response, whatever it is (``X-Omx-Node`` on model-routed calls)."""

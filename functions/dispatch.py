@@ -1,14 +1,16 @@
 """The dispatcher: the one place between the HTTP adapter and the handlers.
 
-Authentication, metrics hooks and (later) routing of model-routed calls to
-peers happen here, so built-in handlers, custom functions and in-process
-callers all take the same path.
+Authentication, metrics hooks and routing of model-routed calls to peers
+(:class:`~omx.functions.router.Router`) happen here, so built-in handlers,
+custom functions and in-process callers all take the same path.
 
 Authorization comes in two steps so that a node never reads a body for a
 caller it will refuse: :meth:`Dispatcher.precheck` needs only the request
 line and headers (it is complete for API-key and admin handlers), and peer
 handlers finish with :meth:`Dispatcher.authorize` once the body's sha256 is
-known (the adapter hashes while it reads).
+known (the adapter hashes while it reads). A hop request (a call a peer
+forwarded, marked ``X-Omx-Hop``) to a ``hop`` handler is authenticated the same
+way as a peer handler: by the peer signature, never by an API key.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from omx.errors import Forbidden, Unauthorized
 from omx.functions.call import Call
 from omx.functions.forwarded import client_address, is_loopback, parse_networks
 from omx.functions.registry import HandlerSpec
+from omx.functions.router import HOP_HEADER, Router
 from omx.mesh.peer_auth import Verifier
 
 __all__ = [
@@ -116,6 +119,8 @@ class Dispatcher:
         self._observers = list(observers)
         self._done_observers: list[RequestObserver] = []
         self.in_flight = 0
+        self.router: Router | None = None
+        """Set by a node in a cluster: model-routed calls go through it."""
 
     @property
     def api_keys_required(self) -> bool:
@@ -135,20 +140,22 @@ class Dispatcher:
     def precheck(self, spec: HandlerSpec, call: Call) -> None:
         """Every check that needs only the request line and headers, run before any body byte is read.
 
-        Complete for every kind but ``peer``, whose signature covers the body:
-        call :meth:`authorize` with the body's digest once it is read.
+        Complete for every kind but ``peer`` and hop requests (``call.hop``, set
+        here), whose signature covers the body: call :meth:`authorize` with the
+        body's digest once it is read.
         """
-        if spec.auth == "peer":
+        call.hop = spec.hop and HOP_HEADER.lower() in call.headers
+        if spec.auth == "peer" or call.hop:
             self._peers().precheck(call)
         else:
             self.authorize(spec, call)
 
     def authorize(self, spec: HandlerSpec, call: Call, body_digest: str = EMPTY_BODY_DIGEST) -> None:
         """Raise :class:`Unauthorized` / :class:`Forbidden` unless the call may run ``spec``."""
-        if spec.auth == "public":
-            return
-        if spec.auth == "peer":
+        if spec.auth == "peer" or call.hop:
             self._peers().verify(call, body_digest)
+            return
+        if spec.auth == "public":
             return
         if not self._api_keys:
             if spec.auth == "admin" and not is_loopback(call.client):
@@ -185,4 +192,6 @@ class Dispatcher:
     async def invoke(self, spec: HandlerSpec, body: Any, call: Call) -> Any:
         for observer in self._observers:
             observer(spec, call)
+        if spec.model_routed and self.router is not None:
+            return await self.router.serve(spec, body, call)
         return await spec.func(body, call)

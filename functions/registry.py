@@ -29,6 +29,7 @@ __all__ = [
     "Accepted",
     "Auth",
     "BodyKind",
+    "ByteStream",
     "FileRange",
     "FunctionRegistry",
     "HandlerFunc",
@@ -73,6 +74,20 @@ class Reply:
 
 
 @dataclass(eq=False)
+class ByteStream:
+    """A response body sent as its pieces come, unchanged (a response relayed from a peer).
+
+    The adapter writes ``chunks`` byte for byte and closes the iterator when the
+    client goes away (which closes whatever feeds it).
+    """
+
+    chunks: AsyncIterator[bytes]
+    status: int = 200
+    headers: Mapping[str, str] = field(default_factory=dict)
+    media_type: str = "application/octet-stream"
+
+
+@dataclass(eq=False)
 class FileRange:
     """``length`` bytes at ``offset`` of an open file, as a response body (``response="file"``).
 
@@ -111,7 +126,10 @@ class HandlerSpec:
     """How one endpoint is served.
 
     ``model_field`` names the request field that holds a model name; a
-    ``model_routed`` handler runs on a node holding that model. ``max_body``
+    ``model_routed`` handler runs on a node holding that model. A ``hop``
+    handler also answers peers' signed hop requests (``X-Omx-Hop``) with this
+    node's own answer, never forwarded again (model-routed handlers and the
+    cluster-wide views). ``max_body``
     caps the bytes the adapter reads before the handler runs (None: the
     adapter's default for the body kind and auth, small for peer handlers).
     """
@@ -126,6 +144,7 @@ class HandlerSpec:
     auth: Auth = "apikey"
     model_field: str | None = None
     model_routed: bool = False
+    hop: bool = False
     headers: Mapping[str, str] = field(default_factory=dict)
     summary: str = ""
     tags: tuple[str, ...] = ()
@@ -173,11 +192,12 @@ class FunctionRegistry:
         auth: Auth = "apikey",
         model_field: str | None = None,
         model_routed: bool = False,
+        hop: bool | None = None,
         headers: Mapping[str, str] | None = None,
         tags: tuple[str, ...] = (),
         max_body: int | None = None,
     ) -> Callable[[HandlerFunc], HandlerFunc]:
-        """Decorator registering ``func`` as the handler of ``methods path``."""
+        """Decorator registering ``func`` as the handler of ``methods path`` (``hop``: ``model_routed`` unless set)."""
 
         def register(func: HandlerFunc) -> HandlerFunc:
             self.add(
@@ -192,6 +212,7 @@ class FunctionRegistry:
                     auth=auth,
                     model_field=model_field,
                     model_routed=model_routed,
+                    hop=model_routed if hop is None else hop,
                     headers=dict(headers or {}),
                     summary=(func.__doc__ or "").strip().splitlines()[0] if func.__doc__ else "",
                     tags=tags,

@@ -43,6 +43,7 @@ __all__ = [
     "MAX_REPORTED_MODELS",
     "Avoidance",
     "Candidate",
+    "DEFAULT_WEIGHTS",
     "Holders",
     "LoadBook",
     "ModelLoad",
@@ -117,6 +118,9 @@ class RouteWeights:
         return self.load_base_s + max(0, size) / self.load_bytes_per_s
 
 
+DEFAULT_WEIGHTS = RouteWeights()
+
+
 @dataclass(frozen=True)
 class Candidate:
     """A holder as the router sees it: its estimated load (None: unknown) and facts."""
@@ -130,7 +134,7 @@ class Candidate:
 
 
 def expected_wait(load: ModelLoad | None, size: int, free_memory: int | None,
-                  weights: RouteWeights = RouteWeights()) -> float:
+                  weights: RouteWeights = DEFAULT_WEIGHTS) -> float:
     """Seconds before ``load``'s node would start a request for a model of ``size`` bytes (see the module doc).
 
     An unknown load counts as idle and not loaded.
@@ -144,7 +148,7 @@ def expected_wait(load: ModelLoad | None, size: int, free_memory: int | None,
     return wait
 
 
-def rank(candidates: Iterable[Candidate], size: int, weights: RouteWeights = RouteWeights()) -> tuple[NodeId, ...]:
+def rank(candidates: Iterable[Candidate], size: int, weights: RouteWeights = DEFAULT_WEIGHTS) -> tuple[NodeId, ...]:
     """``candidates`` best first: (avoided last, expected wait, local first, more free memory, node id)."""
     def key(c: Candidate) -> tuple[bool, float, bool, int, str]:
         return (c.avoided, expected_wait(c.load, size, c.free_memory, weights), not c.local,

@@ -32,7 +32,15 @@ from starlette.websockets import WebSocket
 from omx.errors import InvalidRequest, OmxError, ServiceBusy
 from omx.functions.call import Call, Services
 from omx.functions.dispatch import Dispatcher
-from omx.functions.registry import Accepted, FileRange, FunctionRegistry, HandlerSpec, Reply, is_stream
+from omx.functions.registry import (
+    Accepted,
+    ByteStream,
+    FileRange,
+    FunctionRegistry,
+    HandlerSpec,
+    Reply,
+    is_stream,
+)
 from omx.runtime.file_response import FileRangeResponse
 
 __all__ = ["build_app", "error_response", "json_response"]
@@ -266,9 +274,9 @@ async def _replay(body: bytes) -> AsyncIterator[bytes]:
 
 
 async def _read_peer_body(request: Request, spec: HandlerSpec, call: Call, dispatcher: Dispatcher) -> Any:
-    """Read a peer handler's body (tightly bounded, hashed while read), check the signature, then parse."""
+    """Read a peer handler's or hop request's body (bounded, hashed while read), check the signature, then parse."""
     digest = hashlib.sha256()
-    raw = await _read_body(request, spec.max_body or PEER_MAX_BODY, digest)
+    raw = await _read_body(request, spec.max_body or (MAX_JSON_BODY if call.hop else PEER_MAX_BODY), digest)
     dispatcher.authorize(spec, call, digest.hexdigest())
     if spec.body == "raw":
         call.stream_body = lambda: _replay(bytes(raw))
@@ -276,6 +284,22 @@ async def _read_peer_body(request: Request, spec: HandlerSpec, call: Call, dispa
     if spec.body == "json":
         return _parse_json(raw, spec)
     return None
+
+
+def _relayed(result: ByteStream, on_end: Callable[[], None]) -> Response:
+    """A peer's response sent on byte for byte; closing it (the client left) closes the peer's."""
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for piece in result.chunks:
+                yield piece
+        finally:
+            on_end()
+            aclose = getattr(result.chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    return _Stream(body(), status_code=result.status, headers=dict(result.headers), media_type=result.media_type)
 
 
 def _endpoint(spec: HandlerSpec, services: Services, dispatcher: Dispatcher) -> Callable[[Request], Any]:
@@ -301,31 +325,42 @@ def _endpoint(spec: HandlerSpec, services: Services, dispatcher: Dispatcher) -> 
                 report(response.status_code)
 
     async def _serve(request: Request, on_stream_end: Callable[[], None]) -> Response:
+        call = Call(
+            services=services,
+            spec=spec,
+            method=request.method,
+            path_params={k: str(v) for k, v in request.path_params.items()},
+            query=dict(request.query_params),
+            headers={k.lower(): v for k, v in request.headers.items()},
+            client=_client(request, dispatcher),
+            stream_body=request.stream,
+            is_disconnected=request.is_disconnected,
+            path=_raw_path(request.scope),
+        )
+        response = await _answer(request, call, on_stream_end)
+        if call.response_headers:
+            response.headers.update(call.response_headers)
+        return response
+
+    async def _answer(request: Request, call: Call, on_stream_end: Callable[[], None]) -> Response:
         try:
-            call = Call(
-                services=services,
-                spec=spec,
-                method=request.method,
-                path_params={k: str(v) for k, v in request.path_params.items()},
-                query=dict(request.query_params),
-                headers={k.lower(): v for k, v in request.headers.items()},
-                client=_client(request, dispatcher),
-                stream_body=request.stream,
-                is_disconnected=request.is_disconnected,
-                path=_raw_path(request.scope),
-            )
             dispatcher.precheck(spec, call)  # headers only: nothing is read for a caller who will be refused
             body: Any = None
-            if spec.auth == "peer":
+            if spec.auth == "peer" or call.hop:
                 body = await _read_peer_body(request, spec, call, dispatcher)
             elif spec.body == "json" and request.method not in ("GET", "HEAD"):
-                body = _parse_json(await _read_body(request, spec.max_body or MAX_JSON_BODY), spec)
+                raw = await _read_body(request, spec.max_body or MAX_JSON_BODY)
+                if spec.hop:
+                    call.body_bytes = bytes(raw)  # sent on unchanged when a peer answers the call
+                body = _parse_json(raw, spec)
             elif spec.body == "json" and spec.request is not None:
                 body = spec.request.model_validate({})
             elif spec.max_body is not None:
                 _check_length(request, spec.max_body)
                 call.stream_body = _bounded_stream(request, spec.max_body)
             result = await dispatcher.invoke(spec, body, call)
+            if isinstance(result, ByteStream):
+                return _relayed(result, on_stream_end)
             if is_stream(result):
                 return _streaming(spec, result, await _first_item(result), on_stream_end)
             return _render(spec, result)

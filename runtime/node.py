@@ -22,9 +22,11 @@ from omx.fsutil import atomic_write
 from omx.functions.builtin import builtin_registry, pull
 from omx.functions.call import EngineDefaults, NodeInfo, Services
 from omx.functions.dispatch import Dispatcher
+from omx.functions.router import Router
 from omx.processes import start_ticks
 from omx.runtime.app import build_app
 from omx.runtime.cluster import ClusterService
+from omx.runtime.cluster.peer_link import HttpPeerLink
 from omx.runtime.config import Settings
 from omx.runtime.engine import make_engine
 from omx.runtime.identity import load_or_create_node_id
@@ -105,6 +107,10 @@ class Node:
                 default_factor=settings.replication.factor, auto_cleanup=settings.models.auto_cleanup,
                 max_cache_size=settings.models.max_cache_size, max_bandwidth=settings.replication.max_bandwidth))
         self.cluster.change_listeners.append(self.replicator.kick)
+        self.peer_link = HttpPeerLink(self.node_id, key=lambda: self.cluster.secret.peer_auth_key(),
+                                      api_of=self.cluster.api_of, snapshot=self.cluster.cluster_snapshot)
+        self.router: Router | None = None
+        """Model-routed calls go to the best holder through it (made in :meth:`bind`)."""
 
     def bind(self) -> Listener:
         self.listener = bind_tcp(self.settings.api.host, self.settings.api.port)
@@ -129,6 +135,8 @@ class Node:
         self.services.usage = self.cluster
         self.services.transfer_stats = self.cluster.metrics
         self.services.replication = ReplicationService(self.replicator)
+        self.router = Router(self.node_id, self.peer_link, self.services, observer=self.cluster.metrics)
+        self.services.router = self.dispatcher.router = self.router
         models = self.settings.models
         self.services.registry = pull.make_registry_client(
             self.store, self.registry_transport, default_registry=models.registry, insecure=models.insecure,
@@ -208,6 +216,8 @@ class Node:
         path = self._write_node_json()
         self.cluster.on_agent_change = self._write_node_json
         self.replicator.start()
+        assert self.router is not None
+        self.router.start()
         if on_ready is not None:
             on_ready(self.ready)
 
@@ -223,6 +233,8 @@ class Node:
                 await serve_app(self.app, listener, shutdown, h3=h3)
         finally:
             self.cluster.on_agent_change = None
+            await self.router.aclose()
+            await self.peer_link.aclose()
             await self.replicator.stop()
             await self.transfers.aclose()
             await self.peer_transport.aclose()

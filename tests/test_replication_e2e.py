@@ -62,7 +62,8 @@ def holders(node: ClusterNode, model: str = MODEL) -> dict[str, Any]:
 
 
 def local_models(node: ClusterNode) -> set[str]:
-    return {m["name"] for m in node.get("/api/tags")["models"]}
+    """The models ``node`` holds itself (``/api/tags`` also lists those held elsewhere, without it in held_by)."""
+    return {m["name"] for m in node.get("/api/tags")["models"] if node.node_id in m["held_by"]}
 
 
 def blob_path(node: ClusterNode, digest: str) -> Path:

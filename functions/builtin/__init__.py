@@ -10,6 +10,7 @@ from omx.functions.builtin import (
     models,
     openai,
     peer_blobs,
+    peer_load,
     pull,
     replication,
 )
@@ -22,7 +23,8 @@ __all__ = ["builtin_registry"]
 def builtin_registry(*, metrics_public: bool = True) -> FunctionRegistry:
     """A registry holding every built-in handler; ``/metrics`` needs an API key unless ``metrics_public``."""
     registry = FunctionRegistry()
-    for module in (models, generate, embed, openai, pull, cluster_admin, peer_blobs, replication):
+    for module in (models, generate, embed, openai, pull, cluster_admin, peer_blobs, peer_load,
+                   replication):
         module.register(registry)
     cluster.register(registry, metrics_public=metrics_public)
     register_openapi(registry)

@@ -1,5 +1,10 @@
 """Model management: ``/api/tags``, ``show``, ``create``, ``copy``, ``delete``,
-``blobs``, ``ps``, ``version`` and ``/``."""
+``blobs``, ``ps``, ``version`` and ``/``.
+
+``tags``, ``ps`` and ``show`` answer for the whole cluster on a node with a
+router (:mod:`omx.functions.cluster_models`), and for this node alone on a
+peer's hop request.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import omx
-from omx.errors import InvalidRequest
+from omx.errors import InvalidRequest, ModelNotFound
 from omx.functions.call import Call
+from omx.functions.cluster_models import cluster_ps, held_by, remote_tags, show_elsewhere
 from omx.functions.registry import FunctionRegistry, Reply
 from omx.functions.schemas import CopyRequest, CreateRequest, DeleteRequest, ShowRequest
 from omx.storage import ModelDetails, model_row, parse_digest
@@ -22,16 +28,30 @@ _NEVER = datetime(2318, 1, 1, tzinfo=UTC)
 
 
 async def tags(_body: None, call: Call) -> dict[str, Any]:
-    """List the models held in this node's store."""
+    """List the models held in the cluster: this node's first, then those only peers hold (``held_by``)."""
     entries = await call.services.store.list_models()
-    return {"models": [{**e.to_dict(), "status": "ready"} for e in entries]}  # the docs' status beside Ollama's
+    rows = [{**e.to_dict(), "status": "ready"} for e in entries]  # the docs' status beside Ollama's
+    router = call.services.router
+    if router is None or call.hop:
+        return {"models": rows}
+    rows = [{**r, "held_by": sorted({*held_by(router, r["name"]), router.node_id})} for r in rows]
+    return {"models": rows + await remote_tags(router, [e.name for e in entries])}
 
 
 async def show(body: ShowRequest, call: Call) -> dict[str, Any]:
-    """Show a model's modelfile, parameters, template, details and GGUF metadata."""
+    """Show a model's modelfile, parameters, template, details and GGUF metadata (from a holder if not here)."""
     if not body.model:
         raise InvalidRequest("model is required")
-    return await call.services.store.show(body.model, verbose=body.verbose)
+    try:
+        return await call.services.store.show(body.model, verbose=body.verbose)
+    except ModelNotFound:
+        router = call.services.router
+        if router is None or call.hop:
+            raise
+        found = await show_elsewhere(router, body.model, call.body_bytes)
+        if found is None:
+            raise
+        return found
 
 
 async def create(body: CreateRequest, call: Call) -> Any:
@@ -88,7 +108,7 @@ async def blob_upload(_body: None, call: Call) -> Reply:
 
 
 async def ps(_body: None, call: Call) -> dict[str, Any]:
-    """List the models loaded in memory."""
+    """List the models loaded in memory on every node (each row with its ``node``)."""
     store = call.services.store
     rows = []
     for loaded in call.services.scheduler.loaded():
@@ -102,7 +122,10 @@ async def ps(_body: None, call: Call) -> dict[str, Any]:
             "size_vram": 0,
             "context_length": loaded.context_length,
         })
-    return {"models": rows}
+    router = call.services.router
+    if router is None or call.hop:
+        return {"models": rows}
+    return {"models": await cluster_ps(router, rows)}
 
 
 async def version(_body: None, _call: Call) -> dict[str, str]:
@@ -119,9 +142,9 @@ def register(registry: FunctionRegistry) -> None:
     h = registry.handler
     h("/", methods=("GET",), response="text", auth="public", name="root", tags=("ollama",))(root)
     h("/api/version", methods=("GET",), auth="public", name="version", tags=("ollama",))(version)
-    h("/api/tags", methods=("GET",), name="tags", tags=("ollama",))(tags)
-    h("/api/ps", methods=("GET",), name="ps", tags=("ollama",))(ps)
-    h("/api/show", request=ShowRequest, name="show", tags=("ollama",))(show)
+    h("/api/tags", methods=("GET",), name="tags", hop=True, tags=("ollama",))(tags)
+    h("/api/ps", methods=("GET",), name="ps", hop=True, tags=("ollama",))(ps)
+    h("/api/show", request=ShowRequest, name="show", hop=True, tags=("ollama",))(show)
     h("/api/create", request=CreateRequest, response="ndjson", name="create", tags=("ollama",))(create)
     h("/api/copy", request=CopyRequest, name="copy", tags=("ollama",))(copy)
     h("/api/delete", methods=("DELETE",), request=DeleteRequest, name="delete", tags=("ollama",))(delete)

@@ -13,6 +13,7 @@ import secrets
 import struct
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -22,10 +23,12 @@ from omx.functions.builtin.embed import embed_texts, truncate_dimensions
 from omx.functions.builtin.prompts import chat_prompt, fit_chat_prompt, generate_prompt
 from omx.functions.builtin.toolcalls import parse_tool_calls
 from omx.functions.call import Call
+from omx.functions.cluster_models import remote_tags
 from omx.functions.inference import Target, Timings, resolve_target, run_completion
 from omx.functions.registry import Accepted, FunctionRegistry
 from omx.functions.schemas import ChatMessage, null_is_unset
 from omx.protocols import Completion, Runner
+from omx.storage.holdings import model_key
 
 __all__ = ["register"]
 
@@ -314,16 +317,40 @@ def _model_object(entry: Any) -> dict[str, Any]:
     return {"id": entry.name, "object": "model", "created": created, "owned_by": owner}
 
 
+def _row_object(row: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI model object from a peer's ``/api/tags`` row."""
+    try:
+        created = int(datetime.fromisoformat(str(row.get("modified_at"))).timestamp())
+    except ValueError:
+        created = int(time.time())
+    name = str(row["name"])
+    return {"id": name, "object": "model", "created": created,
+            "owned_by": name.split("/")[0] if "/" in name else "library"}
+
+
+async def _elsewhere(call: Call, local: list[str]) -> list[dict[str, Any]]:
+    router = call.services.router
+    return [] if router is None else [_row_object(r) for r in await remote_tags(router, local)]
+
+
 async def list_models(_body: None, call: Call) -> dict[str, Any]:
-    """OpenAI model list."""
+    """OpenAI model list: the models held in the cluster, this node's first."""
     entries = await call.services.store.list_models()
-    return {"object": "list", "data": [_model_object(e) for e in entries]}
+    data = [_model_object(e) for e in entries] + await _elsewhere(call, [e.name for e in entries])
+    return {"object": "list", "data": data}
 
 
 async def retrieve_model(_body: None, call: Call) -> dict[str, Any]:
-    """One OpenAI model object."""
+    """One OpenAI model object (of a model held here or by a peer)."""
     name = call.path_params["model"]
-    resolved = await call.services.store.resolve(name)
+    try:
+        resolved = await call.services.store.resolve(name)
+    except ModelNotFound:
+        key = model_key(name)
+        found = [o for o in await _elsewhere(call, []) if model_key(o["id"]) == key]
+        if not found:
+            raise
+        return found[0]
     wanted = resolved.name.display
     for entry in await call.services.store.list_models():
         if entry.name == wanted:

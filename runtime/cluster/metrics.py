@@ -83,6 +83,10 @@ class NodeMetrics:
                                        "Chunks received that failed BLAKE3 verification", registry=r)
         self.transfers_active = Gauge("omx_replication_transfers_active", "Blob transfers from peers under way",
                                       registry=r)
+        self.routed_requests = Counter("omx_routed_requests", "Model-routed requests this node took in, by model "
+                                       "and the node that served them", ("model", "node"), registry=r)
+        self.route_retries = Counter("omx_route_retries", "Model-routed requests tried again on another node "
+                                     "after their node failed before answering", registry=r)
         self._chunk_cache: dict[str, tuple[int, int]] = {}
 
     def request_done(self, done: RequestDone) -> None:
@@ -117,6 +121,14 @@ class NodeMetrics:
 
     def transfer_finished(self) -> None:
         self.transfers_active.dec()
+
+    # Routing: a RouteObserver for the router.
+
+    def routed(self, model: str, node: str) -> None:
+        self.routed_requests.labels(model, node).inc()
+
+    def retried(self) -> None:
+        self.route_retries.inc()
 
     def set_live(self, facts: LiveFacts) -> None:
         self.in_flight.set(facts.in_flight)

@@ -1,0 +1,439 @@
+"""Model-routed calls go to the best holder: the shell around :mod:`omx.functions.routing`.
+
+The dispatcher hands every model-routed call to :meth:`Router.serve`. It finds
+the alive holders of the call's model, ranks them by expected wait, and either
+runs the handler here or forwards the raw request body unchanged to the chosen
+peer as a signed *hop* request (``X-Omx-Hop``), which the peer answers itself
+and never forwards again. The peer's answer goes back byte for byte: a JSON
+reply whole, an NDJSON or SSE stream as it arrives. Every model-routed response
+names the node that ran it in ``X-Omx-Node``.
+
+**Failover.** A peer that cannot be reached, refuses (503, 429), no longer holds
+the model (404), fails (5xx) or breaks off before the first body byte is retried
+on the next candidate (at most :data:`MAX_TRIES` nodes), and is avoided for a
+few seconds. A JSON reply is only sent once complete, so a non-streamed request
+is retried whenever its node fails. A stream that breaks after its first byte
+ends with an error object in the stream's own format. A model held nowhere falls
+through to the handler (Ollama's 404); one held only by members that are down
+answers 503 with ``Retry-After``.
+
+**Load.** The router counts the model-routed requests running here per model
+(:meth:`local_load`); hop answers carry that load in ``X-Omx-Load``, and peers
+are polled (``GET /api/peer/load``) when their last report is older than half a
+second while requests flow, and every couple of seconds otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+from omx.errors import PeerError, ServiceBusy
+from omx.functions.registry import ByteStream, HandlerSpec, Reply, is_stream
+from omx.functions.routing import (
+    DEFAULT_WEIGHTS,
+    LOAD_HEADER,
+    Avoidance,
+    Candidate,
+    Holders,
+    LoadBook,
+    ModelLoad,
+    NodeLoad,
+    RouteWeights,
+    holders_of,
+    load_from_header,
+    load_to_header,
+    rank,
+)
+from omx.storage.holdings import model_key
+from omx.storage.placement import ClusterSnapshot
+from omx.types import NodeId
+
+if TYPE_CHECKING:
+    from omx.functions.call import Call, Services
+
+__all__ = ["HOP_HEADER", "MAX_TRIES", "NODE_HEADER", "PeerLink", "PeerReply", "RouteObserver", "Router"]
+
+log = logging.getLogger("omx.routing")
+
+HOP_HEADER = "X-Omx-Hop"
+NODE_HEADER = "X-Omx-Node"
+MAX_TRIES = 3
+"""Nodes tried for one request before it fails with 503."""
+AVOID_S = 5.0
+"""Seconds a node that failed a request is tried only after every other holder."""
+BUSY_AVOID_S = 1.0
+"""The same for a node that was only busy (503, 429)."""
+DOWN_RETRY_AFTER = 5
+MAX_JSON_REPLY = 256 << 20
+IDLE_POLL_S = 2.0
+"""How often peers' loads are polled while no request asks for them."""
+_RETRYABLE = frozenset({401, 403, 404, 408, 429})
+
+
+class PeerReply(Protocol):
+    """A peer's answer whose body is still arriving."""
+
+    @property
+    def status(self) -> int:
+        ...
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """Lower-cased names."""
+        ...
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives; raises :class:`~omx.errors.PeerError` when the transfer breaks."""
+        ...
+
+    async def aclose(self) -> None:
+        """Drop the connection if the body was not read to its end."""
+        ...
+
+
+class PeerLink(Protocol):
+    """What the router needs of the network (implemented by the runtime)."""
+
+    def snapshot(self) -> ClusterSnapshot:
+        """Every known member with its holdings (cheap, no I/O)."""
+        ...
+
+    async def request(self, node: NodeId, method: str, path: str, headers: Mapping[str, str], body: bytes, *,
+                      head_timeout_s: float | None = None) -> PeerReply:
+        """Send a signed hop request; raises :class:`~omx.errors.PeerError` when ``node`` does not answer.
+
+        ``head_timeout_s`` bounds the wait for the response head (None: the link's default).
+        """
+        ...
+
+    async def load(self, node: NodeId) -> NodeLoad:
+        """``node``'s load report (``GET /api/peer/load``); raises PeerError or ValueError."""
+        ...
+
+
+class RouteObserver(Protocol):
+    """Told where requests went (the node's metrics)."""
+
+    def routed(self, model: str, node: str) -> None:
+        ...
+
+    def retried(self) -> None:
+        ...
+
+
+class _Failed(Exception):
+    def __init__(self, node: NodeId, reason: str, avoid_s: float) -> None:
+        super().__init__(reason)
+        self.node = node
+        self.avoid_s = avoid_s
+
+
+def _retryable(status: int) -> bool:
+    return status >= 500 or status in _RETRYABLE
+
+
+def _streamed(media: str) -> bool:
+    return media.startswith(("application/x-ndjson", "text/event-stream"))
+
+
+def _cut_error(node: str, reason: str, *, sse: bool) -> bytes:
+    message = f"node {node} stopped answering mid-stream: {reason}"
+    if sse:
+        return b"data: " + json.dumps({"error": {"message": message, "type": "server_error"}}).encode() + b"\n\n"
+    return json.dumps({"error": message}).encode() + b"\n"
+
+
+async def read_all(reply: PeerReply, limit: int = MAX_JSON_REPLY) -> bytes:
+    """A peer reply's whole body (at most ``limit`` bytes); raises PeerError."""
+    body = bytearray()
+    async for piece in reply.chunks():
+        body += piece
+        if len(body) > limit:
+            raise PeerError(f"peer reply is larger than {limit} bytes")
+    return bytes(body)
+
+
+def _error_text(body: bytes, status: int) -> str:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return f"status {status}"
+    error = doc.get("error") if isinstance(doc, dict) else None
+    if isinstance(error, dict):
+        error = error.get("message")
+    return str(error) if error else f"status {status}"
+
+
+class Router:
+    """Runs model-routed calls here or on the best holder (see the module docstring)."""
+
+    def __init__(self, node_id: str, link: PeerLink, services: Services, *,
+                 observer: RouteObserver | None = None, clock: Callable[[], float] = time.monotonic,
+                 weights: RouteWeights = DEFAULT_WEIGHTS, book: LoadBook | None = None,
+                 avoidance: Avoidance | None = None) -> None:
+        self.node_id = NodeId(node_id)
+        self.link = link
+        self.services = services
+        self.observer = observer
+        self.clock = clock
+        self.weights = weights
+        self.book = book or LoadBook()
+        self.avoid = avoidance or Avoidance(AVOID_S)
+        self._busy: dict[str, int] = {}
+        self._names: dict[str, str] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.tags_cache: dict[NodeId, tuple[str, list[dict[str, Any]]]] = {}
+        """Each peer's ``/api/tags`` rows with the inventory version they were fetched at."""
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Keep peers' loads fresh in the background (every :data:`IDLE_POLL_S`)."""
+        self._spawn(self._keep_fresh(), "route-loads")
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _keep_fresh(self) -> None:
+        while True:
+            await asyncio.sleep(IDLE_POLL_S)
+            now = self.clock()
+            for view in self.link.snapshot().nodes:
+                if view.alive and view.node != self.node_id:
+                    self._maybe_poll(view.node, now)
+
+    # ------------------------------------------------------------ load
+
+    def local_load(self) -> NodeLoad:
+        """This node's load: loaded models with their running and waiting requests, free memory."""
+        scheduler = self.services.scheduler
+        slots = scheduler.num_parallel
+        models: dict[str, ModelLoad] = {}
+        names = dict(self._names)
+        for loaded in scheduler.loaded():
+            key = model_key(loaded.name)
+            names[key] = loaded.name
+            busy = max(self._busy.get(key, 0), loaded.active_requests)
+            models[key] = ModelLoad(True, loaded.active_requests, busy - loaded.active_requests, slots)
+        for key, busy in self._busy.items():
+            if busy and key not in models:
+                models[key] = ModelLoad(False, 0, busy, slots)
+        free = None
+        if self.services.cluster is not None:
+            res = self.services.cluster.resources()
+            free = max(0, res.memory_total - res.memory_used) if res.memory_total else None
+        return NodeLoad(models, free, slots, {k: names[k] for k in models if k in names})
+
+    def _begin(self, key: str, name: str) -> None:
+        self._busy[key] = self._busy.get(key, 0) + 1
+        self._names.setdefault(key, name)
+
+    def _end(self, key: str) -> None:
+        left = self._busy.get(key, 0) - 1
+        if left > 0:
+            self._busy[key] = left
+        else:
+            self._busy.pop(key, None)
+            self._names.pop(key, None)
+
+    def _maybe_poll(self, node: NodeId, now: float) -> None:
+        if self.book.wants_refresh(node, now):
+            self.book.asked(node, now)
+            self._spawn(self._poll(node), f"route-load-{node}")
+
+    async def _poll(self, node: NodeId) -> None:
+        try:
+            load = await self.link.load(node)
+        except (PeerError, ValueError) as exc:
+            log.debug("load of %s not fetched: %s", node, exc)
+            return
+        self.book.report(node, load, self.clock())
+
+    def _heard(self, node: NodeId, headers: Mapping[str, str]) -> None:
+        value = headers.get(LOAD_HEADER.lower())
+        if value:
+            try:
+                self.book.report(node, load_from_header(value), self.clock())
+            except ValueError as exc:
+                log.debug("bad load header from %s: %s", node, exc)
+
+    def ranked(self, holders: Holders) -> tuple[NodeId, ...]:
+        """``holders.alive`` best first (polling the loads that are getting old)."""
+        now = self.clock()
+        cands = []
+        for node in holders.alive:
+            if node == self.node_id:
+                load = self.local_load()
+                cands.append(Candidate(node, load.model(holders.key), load.free_memory, local=True))
+                continue
+            self._maybe_poll(node, now)
+            cands.append(Candidate(node, self.book.estimate(node, holders.key, now),
+                                   self.book.free_memory(node, now), avoided=self.avoid.avoided(node, now)))
+        return rank(cands, holders.size, self.weights)
+
+    # ------------------------------------------------------------ serving
+
+    async def serve(self, spec: HandlerSpec, body: Any, call: Call) -> Any:
+        """Run ``spec`` for ``call`` on the best node holding its model (here when that is this node)."""
+        name = getattr(body, spec.model_field, None) if spec.model_field and body is not None else None
+        if call.hop or not isinstance(name, str) or not name:
+            return await self.run_here(spec, body, call, name if isinstance(name, str) else "")
+        holders = holders_of(self.link.snapshot(), name)
+        if not holders.alive:
+            if holders.down:
+                raise ServiceBusy(f"model '{name}' is held only by nodes that are down ({', '.join(holders.down)}); "
+                                  "retry when one of them is back", retry_after=DOWN_RETRY_AFTER)
+            return await self.run_here(spec, body, call, name)  # the handler answers Ollama's 404
+        failures: list[str] = []
+        for attempt, node in enumerate(self.ranked(holders)[:MAX_TRIES]):
+            if attempt and self.observer is not None:
+                self.observer.retried()
+            if node == self.node_id:
+                self._count(holders.name, node)
+                return await self.run_here(spec, body, call, name)
+            try:
+                result = await self._forward(node, holders.key, spec, call)
+            except _Failed as exc:
+                call.response_headers.pop(NODE_HEADER, None)
+                log.info("%s of %s on %s failed: %s", spec.name, name, node, exc)
+                self.avoid.failed(node, self.clock(), exc.avoid_s)
+                failures.append(str(exc))
+                continue
+            self._count(holders.name, node)
+            return result
+        raise ServiceBusy(f"no node holding model '{name}' could serve it: {'; '.join(failures)}", retry_after=1)
+
+    def _count(self, model: str, node: str) -> None:
+        if self.observer is not None:
+            self.observer.routed(model, node)
+
+    async def run_here(self, spec: HandlerSpec, body: Any, call: Call, name: str) -> Any:
+        """Run the handler on this node, counted in :meth:`local_load`."""
+        call.response_headers[NODE_HEADER] = self.node_id
+        key = model_key(name) if name else ""
+        self._begin(key, name)
+        try:
+            result = await spec.func(body, call)
+        except BaseException:
+            self._end(key)
+            raise
+        if is_stream(result):
+            return self._tracked(result, key, call)
+        if call.hop:
+            call.response_headers[LOAD_HEADER] = load_to_header(self.local_load())
+        self._end(key)
+        return result
+
+    async def _tracked(self, stream: AsyncIterator[Any], key: str, call: Call) -> AsyncIterator[Any]:
+        """``stream``, counted until it ends; a hop answer's load header is taken once it started."""
+        try:
+            async for item in stream:
+                if call.hop and LOAD_HEADER not in call.response_headers:
+                    call.response_headers[LOAD_HEADER] = load_to_header(self.local_load())
+                yield item
+        finally:
+            self._end(key)
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    # ------------------------------------------------------------ forwarding
+
+    async def _forward(self, node: NodeId, key: str, spec: HandlerSpec, call: Call) -> Any:
+        headers = {"Content-Type": call.headers.get("content-type", "application/json"), HOP_HEADER: "1"}
+        if "accept" in call.headers:
+            headers["Accept"] = call.headers["accept"]
+        self.book.sent(node, key)
+        ended = False
+
+        def end() -> None:
+            nonlocal ended
+            if not ended:
+                ended = True
+                self.book.finished(node, key)
+
+        try:
+            reply = await self.link.request(node, call.method, call.path or spec.path, headers, call.body_bytes)
+        except PeerError as exc:
+            end()
+            raise _Failed(node, str(exc), AVOID_S) from exc
+        relayed = False
+        try:
+            self._heard(node, reply.headers)
+            status, media = reply.status, reply.headers.get("content-type", "application/json")
+            if _retryable(status):
+                text = _error_text(await read_all(reply, 1 << 20), status)
+                raise _Failed(node, f"{node} answered {status}: {text}",
+                              BUSY_AVOID_S if status in (429, 503) else AVOID_S)
+            call.response_headers[NODE_HEADER] = reply.headers.get(NODE_HEADER.lower()) or node
+            if status == 200 and _streamed(media):
+                chunks = reply.chunks()
+                first = await anext(chunks, b"")
+                relayed = True
+                relay = self._relay(node, first, chunks, reply, end, sse=media.startswith("text/event-stream"))
+                return ByteStream(relay, status, {"Cache-Control": "no-cache"}, media)
+            return Reply(await read_all(reply), status=status, media_type=media)
+        except PeerError as exc:
+            raise _Failed(node, str(exc), AVOID_S) from exc
+        finally:
+            if not relayed:
+                end()
+                await reply.aclose()
+
+    async def _relay(self, node: NodeId, first: bytes, chunks: AsyncIterator[bytes], reply: PeerReply,
+                     end: Callable[[], None], *, sse: bool) -> AsyncIterator[bytes]:
+        """The peer's stream byte for byte, in whole lines (events); a break ends it with an error object."""
+        sep = b"\n\n" if sse else b"\n"
+        pending = bytearray()
+        try:
+            piece: bytes | None = first
+            while piece is not None:
+                if not pending and piece.endswith(sep):
+                    yield piece  # the usual case: one whole line per piece
+                elif piece:
+                    pending += piece
+                    cut = pending.rfind(sep)
+                    if cut >= 0:
+                        cut += len(sep)
+                        out = bytes(pending[:cut])
+                        del pending[:cut]
+                        yield out
+                piece = await anext(chunks, None)
+            if pending:
+                yield bytes(pending)
+        except PeerError as exc:
+            log.warning("stream from %s broke off: %s", node, exc)
+            yield _cut_error(node, str(exc), sse=sse)
+        finally:
+            end()
+            await reply.aclose()
+
+    async def peer_json(self, node: NodeId, method: str, path: str, body: bytes = b"", *,
+                        within_s: float = 5.0) -> tuple[int, Any]:
+        """A hop request's status and JSON answer (for the cluster-wide views); raises PeerError."""
+        headers = {"Content-Type": "application/json", HOP_HEADER: "1"}
+        try:
+            async with asyncio.timeout(within_s):
+                reply = await self.link.request(node, method, path, headers, body, head_timeout_s=within_s)
+                try:
+                    raw = await read_all(reply)
+                finally:
+                    await reply.aclose()
+        except TimeoutError as exc:
+            raise PeerError(f"{node} did not answer {path} within {within_s:g} s") from exc
+        try:
+            return reply.status, json.loads(raw) if raw else None
+        except ValueError as exc:
+            raise PeerError(f"{node} answered {path} with invalid JSON") from exc

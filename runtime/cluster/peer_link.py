@@ -1,0 +1,111 @@
+"""The router's :class:`~omx.functions.router.PeerLink`: signed hop requests to peers' APIs over httpx.
+
+Forwarded calls and the cluster-wide views go to a member's API address (its
+``api`` Serf tag) on pooled keep-alive HTTP/1.1 connections, signed as every
+peer request is (:func:`omx.mesh.sign`: method, path with query, body digest;
+the secret never travels). Response bodies are read raw, so a relayed stream
+is the peer's bytes exactly. Transport failures become
+:class:`~omx.errors.PeerError`, which is what the router retries on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable, Mapping
+
+import httpx
+
+from omx.errors import PeerError
+from omx.functions.routing import NodeLoad, load_from_json
+from omx.mesh import sign
+from omx.storage.placement import ClusterSnapshot
+from omx.types import NodeId
+
+__all__ = ["CONNECT_TIMEOUT_S", "FIRST_BYTE_TIMEOUT_S", "LOAD_PATH", "HttpPeerLink"]
+
+LOAD_PATH = "/api/peer/load"
+CONNECT_TIMEOUT_S = 3.0
+FIRST_BYTE_TIMEOUT_S = 300.0
+"""How long a forwarded call may wait for its peer's answer to start (a non-streamed one: to end)."""
+LOAD_TIMEOUT_S = 2.0
+_MAX_LOAD = 1 << 20
+
+
+def _broken(node: str, exc: BaseException) -> PeerError:
+    return PeerError(f"peer {node}: {exc or type(exc).__name__}")
+
+
+class _Reply:
+    """A peer's answer whose body is still arriving (:class:`~omx.functions.router.PeerReply`)."""
+
+    def __init__(self, node: str, response: httpx.Response) -> None:
+        self.node = node
+        self._response = response
+        self.status = response.status_code
+        self.headers = {k.lower(): v for k, v in response.headers.items()}
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for piece in self._response.aiter_raw():
+                yield piece
+        except (httpx.HTTPError, OSError) as exc:
+            raise _broken(self.node, exc) from exc
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+class HttpPeerLink:
+    """Signed requests to alive members' APIs; ``api_of`` maps a node id to ``host:port`` (None: not alive)."""
+
+    def __init__(self, node_id: str, key: Callable[[], bytes], api_of: Callable[[str], str | None],
+                 snapshot: Callable[[], ClusterSnapshot]) -> None:
+        self.node_id = node_id
+        self._key = key
+        self._api_of = api_of
+        self._snapshot = snapshot
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(FIRST_BYTE_TIMEOUT_S, connect=CONNECT_TIMEOUT_S, pool=CONNECT_TIMEOUT_S),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            trust_env=False)  # never through an HTTP proxy named in the environment
+
+    def snapshot(self) -> ClusterSnapshot:
+        return self._snapshot()
+
+    def _url(self, node: NodeId, path: str) -> str:
+        api = self._api_of(node)
+        if api is None:
+            raise PeerError(f"peer {node} is not an alive member")
+        return f"http://{api}{path}"
+
+    async def request(self, node: NodeId, method: str, path: str, headers: Mapping[str, str], body: bytes, *,
+                      head_timeout_s: float | None = None) -> _Reply:
+        """Send a signed request and return once the response head arrived; raises PeerError."""
+        signed = {**headers, **sign(self._key(), self.node_id, method, path, body)}
+        request = self._client.build_request(method, self._url(node, path), headers=signed, content=body,
+                                             timeout=httpx.USE_CLIENT_DEFAULT if head_timeout_s is None else
+                                             httpx.Timeout(head_timeout_s,
+                                                           connect=min(head_timeout_s, CONNECT_TIMEOUT_S)))
+        try:
+            response = await self._client.send(request, stream=True)
+        except (httpx.HTTPError, OSError) as exc:
+            raise _broken(node, exc) from exc
+        return _Reply(node, response)
+
+    async def load(self, node: NodeId) -> NodeLoad:
+        """``node``'s load report; raises PeerError (unreachable, refused) or ValueError (malformed)."""
+        reply = await self.request(node, "GET", LOAD_PATH, {}, b"", head_timeout_s=LOAD_TIMEOUT_S)
+        try:
+            body = bytearray()
+            async for piece in reply.chunks():
+                body += piece
+                if len(body) > _MAX_LOAD:
+                    raise PeerError(f"peer {node}: load report too large")
+        finally:
+            await reply.aclose()
+        if reply.status != 200:
+            raise PeerError(f"peer {node} answered {LOAD_PATH} with status {reply.status}")
+        return load_from_json(json.loads(body))
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
