@@ -230,6 +230,10 @@ async def test_event_stream_join_by_api_then_graceful_leave(scratch: Cluster) ->
         report("join through POST /api/cluster/join until A's stream shows it alive", time.monotonic() - started)
         assert msg["change"] in ("joined", "status") and msg["node"]["address"] == f"{joiner.host}:8080"
         assert read_secret(joiner.secret_path) == read_secret(a.secret_path)
+        # The adopted secret brings the cluster's CA: the joiner's TLS files are rewritten under it.
+        assert (joiner.home / "tls" / "ca.crt").read_bytes() == (a.home / "tls" / "ca.crt").read_bytes()
+        served = await asyncio.to_thread(httpx.get, joiner.url + "/api/cluster/ca")
+        assert served.text.encode() == (a.home / "tls" / "ca.crt").read_bytes()
         await asyncio.to_thread(scratch.wait_alive, [b], [joiner])
         started = time.monotonic()
         await asyncio.to_thread(joiner.stop)
