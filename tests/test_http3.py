@@ -229,3 +229,53 @@ def test_a_taken_h3_port_stops_the_start_with_a_clear_message(tmp_path: Path) ->
     assert done.returncode == 2
     assert f"HTTP/3 UDP port {port} on 127.0.0.1 is already in use" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def _qh3_get(port: int, cafile: Path, path: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """GET ``path`` with qh3 (another QUIC and TLS stack: rustls verifies the chain), not omx's client."""
+    import asyncio
+
+    from qh3.asyncio.client import connect
+    from qh3.asyncio.protocol import QuicConnectionProtocol
+    from qh3.h3.connection import H3_ALPN, H3Connection
+    from qh3.h3.events import DataReceived, HeadersReceived
+    from qh3.quic.configuration import QuicConfiguration
+
+    class Client(QuicConnectionProtocol):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            self.h3 = H3Connection(self._quic)
+            self.events: asyncio.Queue[object] = asyncio.Queue()
+
+        def quic_event_received(self, event: object) -> None:
+            for h3_event in self.h3.handle_event(event):  # type: ignore[arg-type]
+                self.events.put_nowait(h3_event)
+
+    config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, server_name="127.0.0.1")
+    config.load_verify_locations(cafile=str(cafile))
+    async with connect("127.0.0.1", port, configuration=config, create_protocol=Client) as client:
+        assert isinstance(client, Client)
+        stream = client._quic.get_next_available_stream_id()
+        client.h3.send_headers(stream, [(b":method", b"GET"), (b":scheme", b"https"),
+                                        (b":authority", f"127.0.0.1:{port}".encode()), (b":path", path.encode())],
+                               end_stream=True)
+        client.transmit()
+        headers: list[tuple[bytes, bytes]] = []
+        body = b""
+        while True:
+            event = await asyncio.wait_for(client.events.get(), 30)
+            if isinstance(event, HeadersReceived):
+                headers = list(event.headers)
+            elif isinstance(event, DataReceived):
+                body += event.data
+            if getattr(event, "stream_ended", False):
+                return headers, body
+
+
+async def test_another_quic_stack_trusts_the_node_under_the_ca_only(node: NodeProcess, tmp_path: Path) -> None:
+    headers, body = await _qh3_get(node.info["h3_port"], node.home / "tls" / "ca.crt", "/api/version")
+    assert (b":status", b"200") in headers and (b"server", b"hypercorn-h3") in headers
+    assert json.loads(body)["version"]
+    ensure_tls(tmp_path, ClusterSecret.generate(), "omx-other", ["127.0.0.1"])
+    with pytest.raises(ConnectionError):
+        await _qh3_get(node.info["h3_port"], tmp_path / "tls" / "ca.crt", "/api/version")
