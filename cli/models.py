@@ -28,7 +28,7 @@ _json_option = click.option("--json", "as_json", is_flag=True, help="Print the r
 @_json_option
 @click.pass_context
 def list_cmd(ctx: click.Context, as_json: bool) -> None:
-    """List the models this node holds."""
+    """List the models available in the cluster (this node's first)."""
     with client_for(ctx) as client:
         data = client.get("/api/tags")
     if as_json:
@@ -50,15 +50,17 @@ def list_cmd(ctx: click.Context, as_json: bool) -> None:
 @_json_option
 @click.pass_context
 def ps_cmd(ctx: click.Context, as_json: bool) -> None:
-    """List the models loaded in memory."""
+    """List the models loaded in memory on every node of the cluster."""
     with client_for(ctx) as client:
         data = client.get("/api/ps")
     if as_json:
         echo_json(data)
         return
     now = datetime.now(UTC)
-    table = plain_table("NAME", "ID", "SIZE", "PROCESSOR", "UNTIL")
-    for model in data.get("models") or []:
+    rows = data.get("models") or []
+    by_node = any("node" in model for model in rows)  # a cluster node says where each model is loaded
+    table = plain_table("NAME", "ID", "SIZE", "PROCESSOR", "UNTIL", *(("NODE",) if by_node else ()))
+    for model in rows:
         size = int(model.get("size") or 0)
         expires = parse_timestamp(model.get("expires_at"))
         until = "Stopping..." if expires and expires < now else human_time(expires, now=now, zero="Never")
@@ -68,6 +70,7 @@ def ps_cmd(ctx: click.Context, as_json: bool) -> None:
             human_bytes(size),
             processor(size, int(model.get("size_vram") or 0)),
             until,
+            *((str(model.get("node") or ""),) if by_node else ()),
         )
     console().print(table)
 

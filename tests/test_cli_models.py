@@ -74,6 +74,14 @@ def test_ps_table(api: FakeOllamaApi) -> None:
     assert json.loads(invoke("ps", "--json").stdout) == {"models": api.running}
 
 
+def test_ps_names_the_node_of_each_model_when_a_cluster_node_answers(api: FakeOllamaApi) -> None:
+    api.running.append({**api.running[0], "node": "omx-b"})
+    api.running[0]["node"] = "omx-a"
+    lines = invoke("ps").stdout.splitlines()
+    assert lines[0].split() == ["NAME", "ID", "SIZE", "PROCESSOR", "UNTIL", "NODE"]
+    assert lines[1].split()[-1] == "omx-a" and lines[2].split()[-1] == "omx-b"
+
+
 def test_show_sections_and_flags(api: FakeOllamaApi) -> None:
     result = invoke("show", "gemma3:270m")
     assert result.exit_code == 0
