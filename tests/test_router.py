@@ -11,11 +11,14 @@ from typing import Any, cast
 
 import pytest
 
-from omx.errors import PeerError, ServiceBusy
+from omx.errors import PeerError, ServiceBusy, Unauthorized
 from omx.functions.call import Call, NodeInfo, Services
+from omx.functions.dispatch import Dispatcher, peer_verifier
 from omx.functions.registry import ByteStream, HandlerSpec, Reply
 from omx.functions.router import HOP_HEADER, NODE_HEADER, Router
 from omx.functions.routing import LOAD_HEADER, ModelLoad, NodeLoad, load_from_header, load_to_header
+from omx.mesh import Verifier, sign
+from omx.mesh.peer_auth import body_digest
 from omx.protocols import LoadedModel
 from omx.storage.placement import ClusterSnapshot
 from omx.types import BlobDigest, NodeId
@@ -364,3 +367,33 @@ async def test_a_failing_local_handler_is_not_counted_any_more() -> None:
     with pytest.raises(ServiceBusy):
         await router.serve(spec(fails), body(), call(router))
     assert router.local_load().models == {}
+
+
+# ------------------------------------------------------------------ hop authentication
+
+
+def test_a_hop_request_is_authenticated_by_the_peer_signature_not_an_api_key() -> None:
+    key = b"k" * 32
+    dispatcher = Dispatcher(api_keys=["client-key"], peer_verifier=peer_verifier(Verifier(key)))
+    raw = b'{"model":"tiny"}'
+    routed = spec()
+    signed = {k.lower(): v for k, v in sign(key, "omx-b", "POST", "/api/generate", raw).items()}
+    hop = Call(services=cast(Any, None), spec=routed, path="/api/generate", headers={**signed, "x-omx-hop": "1"})
+    dispatcher.precheck(routed, hop)
+    dispatcher.authorize(routed, hop, body_digest(raw))
+    assert hop.hop and hop.peer == "omx-b"
+    forged = Call(services=cast(Any, None), spec=routed, path="/api/generate",
+                  headers={"x-omx-hop": "1", "authorization": "Bearer client-key"})
+    with pytest.raises(Unauthorized):
+        dispatcher.precheck(routed, forged)  # a client cannot pass off its request as a peer's
+    tampered = Call(services=cast(Any, None), spec=routed, path="/api/generate",
+                    headers={**{k.lower(): v for k, v in sign(key, "omx-b", "POST", "/api/generate", raw).items()},
+                             "x-omx-hop": "1"})
+    dispatcher.precheck(routed, tampered)
+    with pytest.raises(Unauthorized):
+        dispatcher.authorize(routed, tampered, body_digest(b'{"model":"other"}'))
+    not_hop = HandlerSpec(name="tags", path="/api/tags", methods=("GET",), func=_local_json)
+    plain = Call(services=cast(Any, None), spec=not_hop, path="/api/tags", headers={"x-omx-hop": "1"})
+    with pytest.raises(Unauthorized, match="API key"):
+        dispatcher.precheck(not_hop, plain)  # no hop handler: the header means nothing, the key is needed
+    assert not plain.hop
