@@ -15,7 +15,7 @@ from typing import Any
 import click
 import yaml
 
-from omx.cli.client import CliFailure, NodeClient, config_failure, discover_url, pid_alive, read_node_file
+from omx.cli.client import CliFailure, NodeClient, ca_file, config_failure, discover_url, pid_alive, read_node_file
 from omx.errors import ConfigError
 from omx.fsutil import atomic_write
 from omx.runtime.config import Settings, default_config_path, load_settings
@@ -27,13 +27,16 @@ _LOOPBACK = ("127.", "::1", "localhost")
 
 def running_node(ctx: click.Context) -> NodeClient | None:
     """A client for the node to administer: ``--host`` if given, else the local running node."""
-    host = (ctx.find_root().obj or {}).get("host")
+    obj = ctx.find_root().obj or {}
+    host = obj.get("host")
+    http3 = bool(obj.get("http3"))
+    ca = ca_file(obj.get("ca")) if http3 else None
     if host:
-        return NodeClient(discover_url(host), timeout=60.0)
+        return NodeClient(discover_url(host, http3=http3), timeout=60.0, ca=ca)
     info = read_node_file()
     pid = info.get("pid") if info else None
     if info and isinstance(pid, int) and pid_alive(pid) and isinstance(info.get("url"), str):
-        return NodeClient(discover_url(info["url"]), timeout=60.0)
+        return NodeClient(discover_url(None, http3=http3), timeout=60.0, ca=ca)
     return None
 
 

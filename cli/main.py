@@ -11,7 +11,7 @@ from importlib import metadata
 
 import click
 
-from omx.cli.client import NodeClient, discover_url
+from omx.cli.client import NodeClient, ca_file, discover_url
 from omx.cli.cluster import cluster_group
 from omx.cli.config_cmd import config_group
 from omx.cli.import_ollama import register as register_import_ollama
@@ -74,9 +74,10 @@ def cli(ctx: click.Context, host: str | None, http3: bool, ca: str | None) -> No
 @click.pass_context
 def version_cmd(ctx: click.Context, as_json: bool) -> None:
     """Show the client version and, when one answers, the node's."""
-    url = discover_url(ctx.obj.get("host"))
+    http3 = bool(ctx.obj.get("http3"))
+    url = discover_url(ctx.obj.get("host"), http3=http3)
     node_version: str | None = None
-    client = NodeClient(url, timeout=3.0)
+    client = NodeClient(url, timeout=3.0, ca=ca_file(ctx.obj.get("ca")) if http3 else None)
     try:
         node_version = str(client.get("/api/version").get("version"))
     except click.ClickException:

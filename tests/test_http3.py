@@ -193,6 +193,12 @@ def test_cli_over_http3(node: NodeProcess) -> None:
     assert ran.stdout.strip()
     ca = _omx(node, "cluster", "ca")
     assert ca.returncode == 0 and ca.stdout.encode() == (node.home / "tls" / "ca.crt").read_bytes()
+    # Cluster administration too (loopback, no keys: allowed), and the version check.
+    token = _omx(node, "--http3", "cluster", "token")
+    assert token.returncode == 0 and token.stdout.startswith("omx1."), token.stderr
+    version = _omx(node, "--http3", "version", "--json")
+    assert json.loads(version.stdout)["node"]["url"].startswith("https://")
+    assert json.loads(version.stdout)["node"]["version"]
 
 
 def test_cli_http3_needs_a_ca(node: NodeProcess, tmp_path: Path) -> None:
