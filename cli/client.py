@@ -217,6 +217,9 @@ class NodeClient:
         self.close()
 
     def unreachable(self) -> NoReturn:
+        if self.ca is not None:
+            raise CliFailure(f"omx: no HTTP/3 answer from {self.url} that verifies against {self.ca} "
+                             "(is a node serving HTTP/3 there, is UDP let through, is it this cluster's CA?)")
         raise CliFailure(f"omx: no node is running at {self.url} (start one with 'omx start')")
 
     @contextmanager

@@ -205,6 +205,11 @@ def test_cli_http3_needs_a_ca(node: NodeProcess, tmp_path: Path) -> None:
     missing = _omx(node, "--http3", "--ca", str(tmp_path / "nope.crt"), "list")
     assert missing.returncode == 2
     assert "no cluster CA certificate" in missing.stderr and "Traceback" not in missing.stderr
+    other = tmp_path / "other"
+    ensure_tls(other, ClusterSecret.generate(), "omx-other", ["127.0.0.1"])
+    wrong = _omx(node, "--http3", "--ca", str(other / "tls" / "ca.crt"), "list")
+    assert wrong.returncode == 1 and "Traceback" not in wrong.stderr
+    assert "no HTTP/3 answer" in wrong.stderr and "this cluster's CA" in wrong.stderr
 
 
 def test_garbage_datagrams_leave_the_node_serving(node: NodeProcess) -> None:
