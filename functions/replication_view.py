@@ -70,6 +70,8 @@ class ReplicationSummary:
     failed_replications: int
     replication_health: Literal["healthy", "degraded", "critical"]
     transfers: tuple[TransferFacts, ...] = ()
+    reconciles: int = 0
+    """Reconcile rounds this node finished since it started (so a client can wait for one)."""
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,8 @@ def transfer_json(t: TransferFacts) -> dict[str, Any]:
 def summary_json(s: ReplicationSummary) -> dict[str, Any]:
     return {"total_models": s.total_models, "replicated_models": s.replicated_models,
             "pending_replications": s.pending_replications, "failed_replications": s.failed_replications,
-            "replication_health": s.replication_health, "transfers": [transfer_json(t) for t in s.transfers]}
+            "replication_health": s.replication_health, "transfers": [transfer_json(t) for t in s.transfers],
+            "reconciles": s.reconciles}
 
 
 def rebalance_json(r: RebalanceStarted) -> dict[str, Any]:

@@ -102,12 +102,18 @@ class PartialBlob:
                 part.chunks = tuple(ChunkDigest(c) for c in saved["chunks"])
         elif saved is not None:
             part.data_path.unlink(missing_ok=True)
-        if not part.data_path.is_file() or part.data_path.stat().st_size != size:
-            part._have = bytearray(len(part._have))
-            with open(part.data_path, "wb") as f:
-                f.truncate(size)
-                os.fsync(f.fileno())
-        part._save_state()
+        created = not part.data_path.is_file() or part.data_path.stat().st_size != size
+        try:
+            if created:
+                part._have = bytearray(len(part._have))
+                with open(part.data_path, "wb") as f:
+                    f.truncate(size)
+                    os.fsync(f.fileno())
+            part._save_state()
+        except OSError:
+            if created:  # nothing is held yet: leave no data file without a state (e.g. the disk is full)
+                part.abort()
+            raise
         return part
 
     @classmethod

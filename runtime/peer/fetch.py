@@ -12,6 +12,13 @@ counted, its source penalised, and the chunk fetched elsewhere. The sha256 of
 the whole blob is computed in order as chunks arrive (:class:`Sha256Frontier`),
 and the blob is published only once it matches its name.
 
+A write that this node's disk refuses stops the transfer with a
+:class:`~omx.errors.StoreError` saying why (:func:`omx.storage.space.disk_error`).
+When the disk is full, a partial blob this run started is removed again, so
+the chunks received do not keep the store full (every other write of the node,
+its metadata included, needs that space); one it resumed stays as its bitmap
+recorded it.
+
 Usage::
 
     index, sources = await probe_sources(transport, digest, size, peers)
@@ -40,6 +47,7 @@ from omx.storage import BlobInfo, BlobStore, ChunkIndex, PartialBlob
 from omx.storage.damaged import clear_damaged
 from omx.storage.fetch_plan import ALL, LOCAL, Assignment, Availability, FetchPlan
 from omx.storage.local_chunks import LocalChunks
+from omx.storage.space import disk_error, is_disk_full
 from omx.types import BlobDigest, NodeId
 
 __all__ = ["BlobTransfer", "TransferFailed", "TransferObserver", "TransferProgress", "TransferSettings",
@@ -194,6 +202,9 @@ class BlobTransfer:
         self._done_bytes = 0
         self._state = "transferring"
         self._fatal: OmxError | None = None
+        self._disk_full = False
+        self._fresh = False
+        """The partial blob was started by this run (it held nothing): removed again after a full disk."""
         self._unsynced = 0
         self._synced_at = clock()
         self._sync: asyncio.Future[int] | None = None
@@ -234,9 +245,14 @@ class BlobTransfer:
             self._done_bytes, self._state = self.index.size, "completed"
             path = await asyncio.to_thread(self.blobs.path, self.digest)
             return BlobInfo(self.digest, self.index.size, path, created=False, index=self.index)
-        part = await asyncio.to_thread(PartialBlob.open, self.blobs, self.digest, self.index.size,
-                                       index=self.index)
+        try:
+            part = await asyncio.to_thread(PartialBlob.open, self.blobs, self.digest, self.index.size,
+                                           index=self.index)
+        except OSError as exc:
+            self._state = "failed"
+            raise disk_error(exc, f"blob {self.digest}", self.blobs.root) from exc
         held = part.held()
+        self._fresh = not held
         for i in held:
             self.plan.mark_held(i)
         self._done_bytes = sum(self.index.chunk_range(i)[1] for i in held)
@@ -256,12 +272,18 @@ class BlobTransfer:
             self._state = "completed"
             self._report()
             return info
-        except BaseException:
+        except BaseException as exc:
             self._state = "failed"
             self._report()
+            if isinstance(exc, OSError):  # writing the index or publishing the blob
+                self._disk_failed(exc)
+                assert self._fatal is not None
+                raise self._fatal from exc
             raise
         finally:
             frontier.close()
+            if self._disk_full and self._fresh:
+                await self._discard(part)
             if self.observer is not None:
                 self.observer.transfer_finished()
 
@@ -309,8 +331,25 @@ class BlobTransfer:
     def _synced(self, fut: asyncio.Future[int]) -> None:
         exc = None if fut.cancelled() else fut.exception()
         if isinstance(exc, OSError):
-            self._fatal = self._fatal or StoreError(f"cannot write blob {self.digest}: {exc.strerror or exc}")
+            self._disk_failed(exc)
             self._wake.set()
+
+    def _disk_failed(self, exc: OSError) -> None:
+        """This node's disk refused a write (full, failing): the transfer stops with the reason."""
+        self._disk_full = self._disk_full or is_disk_full(exc)
+        if self._fatal is None:
+            self._fatal = disk_error(exc, f"blob {self.digest}", self.blobs.root)
+            if self._disk_full and self._fresh:
+                self._fatal = StoreError(f"{self._fatal.message}; the chunks received were removed to give the "
+                                         f"space back")
+            log.warning("transfer of %s stopped: %s", self.digest, self._fatal.message)
+
+    async def _discard(self, part: PartialBlob) -> None:
+        """Remove the partial blob after a full disk: its chunks must not keep the store full."""
+        try:
+            await asyncio.to_thread(part.abort)
+        except OSError as exc:
+            log.warning("cannot remove the partial blob %s: %s", self.digest, exc)
 
     async def _read(self, a: Assignment, buffer: bytearray | None) -> bytes | bytearray | memoryview:
         offset, length = self.index.chunk_range(a.chunk)
@@ -356,9 +395,9 @@ class BlobTransfer:
             # 416 (a swarm peer that does not hold it after all), network errors, 5xx: try elsewhere.
             log.info("chunk %d of %s from %s failed: %s", a.chunk, self.digest, a.source, exc)
             self.plan.failed(a, self._clock(), bad=False)
-        except OSError as exc:  # this node's disk (full, failing): the transfer stops with the reason
+        except OSError as exc:
             self.plan.cancelled(a)
-            self._fatal = self._fatal or StoreError(f"cannot write blob {self.digest}: {exc.strerror or exc}")
+            self._disk_failed(exc)
         except asyncio.CancelledError:
             self.plan.cancelled(a)
             raise

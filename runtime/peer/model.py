@@ -4,9 +4,11 @@ The manifest is taken byte for byte from a holder (so its digest, and this
 node's inventory version, match theirs), checked against ``expected_digest``
 when the caller knows it (e.g. from the holder's inventory), parsed, and
 published only after every blob it names is present and verified: a model is
-never visible half-fetched. Blobs already held are skipped; the others come
-from all holders at once through :class:`~omx.runtime.peer.transfers.Transfers`
-(which also copies chunks this node already has in other blobs).
+never visible half-fetched, and nothing is written when the store's disk has
+less free space than the blobs still missing (a :class:`~omx.errors.StoreError`
+says so). Blobs already held are skipped; the others come from all holders at
+once through :class:`~omx.runtime.peer.transfers.Transfers` (which also copies
+chunks this node already has in other blobs).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from omx.errors import IntegrityError, NotFound, OmxError, PeerError
 from omx.runtime.peer.fetch import TransferProgress
 from omx.runtime.peer.transfers import Transfers
 from omx.storage import Layer, Manifest, ModelName, ModelStore, manifest_digest
+from omx.storage.partial import read_partial_state
 from omx.storage.registry.pending import FileManifests
+from omx.storage.space import disk_error, require_room
 from omx.types import BlobDigest, NodeId
 
 __all__ = ["ModelFetched", "fetch_manifest", "fetch_model"]
@@ -62,6 +66,8 @@ async def fetch_model(store: ModelStore, transfers: Transfers, name: ModelName |
     """Fetch ``name`` from ``holders`` (peers that hold it complete) into ``store`` and publish it."""
     model = ModelName.parse(name) if isinstance(name, str) else name
     data, manifest = await fetch_manifest(transfers, model, holders, expected_digest=expected_digest)
+    need = await asyncio.to_thread(_missing_bytes, store, manifest)
+    await asyncio.to_thread(require_room, store.root, need, f"'{model.display}'")
     fetched: list[BlobDigest] = []
     for layer in (*manifest.layers, manifest.config):
         if await asyncio.to_thread(store.blobs.has, layer.digest):
@@ -76,5 +82,21 @@ async def fetch_model(store: ModelStore, transfers: Transfers, name: ModelName |
     missing = [d for d in manifest.blobs if not await asyncio.to_thread(store.blobs.has, d)]
     if missing:
         raise IntegrityError(f"blob {missing[0]} of '{model.display}' is missing after the transfer")
-    await asyncio.to_thread(FileManifests(store.root, store.extra_roots).write_manifest, model, data)
+    try:
+        await asyncio.to_thread(FileManifests(store.root, store.extra_roots).write_manifest, model, data)
+    except OSError as exc:
+        raise disk_error(exc, f"the manifest of '{model.display}'", store.root) from exc
     return ModelFetched(model, manifest, manifest_digest(data), tuple(fetched))
+
+
+def _missing_bytes(store: ModelStore, manifest: Manifest) -> int:
+    """Bytes of ``manifest``'s blobs this node still has to write (chunks of partial blobs count as held)."""
+    need = 0
+    for layer in {layer.digest: layer for layer in (*manifest.layers, manifest.config)}.values():
+        if store.blobs.has(layer.digest):
+            continue
+        part = read_partial_state(store.blobs, layer.digest)
+        held = sum(min(part.chunk_size, layer.size - i * part.chunk_size) for i in part.held()) \
+            if part is not None and part.size == layer.size else 0
+        need += layer.size - held
+    return need

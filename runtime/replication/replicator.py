@@ -8,6 +8,14 @@ replicas it should drop, after re-checking against fresh inventories of the
 holders that keep the model. Reconcile runs after membership or inventory
 changes (:meth:`Replicator.kick`), periodically, and on rebalance.
 
+A failed fetch is not a loop: placement only picks a node whose free space (and
+cache limit) covers what it lacks, and a fetch runs only when the store's disk
+has that room (a full disk fails it with a clear error and gives the space
+back), so a node whose disk filled is passed over for another; should placement
+still pick it, reconcile starts the fetch again only after
+:attr:`ReplicationSettings.retry_s`, doubled for each failure in a row. A
+user's pull or migration is tried at once.
+
 Migrations, verification and the pull-from-peers path live in
 :mod:`omx.runtime.replication.operations`, whose :class:`ReplicationService` is
 what handlers see; this module owns the loop, the transfers it started and the
@@ -42,6 +50,7 @@ from omx.storage.holdings import Origin, model_key
 from omx.storage.holdings_meta import HoldingsMeta
 from omx.storage.placement import Action, ClusterSnapshot, Constraints, ModelView, Plan, plan
 from omx.storage.replication_status import replication_health, status_of
+from omx.storage.space import disk_error
 from omx.types import BlobDigest, NodeId
 
 __all__ = ["ReplicationSettings", "Replicator"]
@@ -64,6 +73,14 @@ class ReplicationSettings:
     """Reconcile at least this often."""
     settle_s: float = 0.2
     """Coalesce kicks arriving within this long into one reconcile."""
+    retry_s: float = 10.0
+    """After a failed fetch, reconcile adds the model here again only after this long, doubled for every
+    further failure in a row up to ``max_retry_s`` (a user's pull or migration is not held back)."""
+    max_retry_s: float = 600.0
+
+    def retry_delay(self, failures: int) -> float:
+        """Seconds before reconcile retries a fetch that failed ``failures`` times in a row."""
+        return float(min(self.max_retry_s, self.retry_s * 2 ** min(max(failures, 1) - 1, 30)))
 
 
 @dataclass
@@ -80,6 +97,9 @@ class _Fetch:
     error: str | None = None
     task: asyncio.Task[None] | None = None
     finished_at: float | None = None
+    failures: int = 0
+    """Failed fetches of this model in a row before this one."""
+    exc: OmxError | None = None
 
     @property
     def done_total(self) -> tuple[int, int]:
@@ -111,6 +131,7 @@ class Replicator:
         """Copies placement must not add back (a migration's source), until the given time."""
         self.last_plan: Plan = Plan()
         self.reconciles = 0
+        """Rounds of the reconcile loop finished (drops and evictions included), for status reports."""
 
     # ------------------------------------------------------------ lifecycle
 
@@ -144,6 +165,7 @@ class Replicator:
                 raise
             except Exception:  # noqa: BLE001 - one failed round is retried on the next
                 log.exception("reconcile failed")
+            self.reconciles += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.settings.interval_s)
             await asyncio.sleep(self.settings.settle_s)
@@ -165,7 +187,6 @@ class Replicator:
 
     async def reconcile(self) -> Plan:
         """One round: compute the plan, start this node's adds, carry out its drops and evictions."""
-        self.reconciles += 1
         snapshot = self.link.cluster_snapshot()
         self._adopt_factors(snapshot)
         full = self.compute_plan(snapshot)
@@ -173,7 +194,7 @@ class Replicator:
         mine = full.for_node(self.node_id)
         views = {v.key: v for v in full.views}
         for action in mine.adds:
-            if action.key not in self._fetches:
+            if action.key not in self._fetches and not self._backing_off(action.key):
                 view = views[action.key]
                 self.start_fetch(action.model, view.digest, "replica", view.holders)
         for action in mine.drops:
@@ -182,6 +203,13 @@ class Replicator:
             for model in evictions(snapshot, self.node_id, self.settings.max_cache_size):
                 await self._evict(model.name, model.digest)
         return full
+
+    def _backing_off(self, key: str) -> bool:
+        """Whether a failed fetch of ``key`` is too recent for reconcile to retry it (see ``retry_s``)."""
+        failed = self._failed.get(key)
+        if failed is None or failed.finished_at is None:
+            return False
+        return self.clock() < failed.finished_at + self.settings.retry_delay(failed.failures + 1)
 
     def _adopt_factors(self, snapshot: ClusterSnapshot) -> None:
         overrides = snapshot.factors()
@@ -199,8 +227,8 @@ class Replicator:
             if origin == "user" and running.origin != "user":
                 running.origin = "user"
             return running
-        fetch = _Fetch(model, digest, origin, tuple(holders))
-        self._failed.pop(key, None)
+        failed = self._failed.pop(key, None)
+        fetch = _Fetch(model, digest, origin, tuple(holders), failures=failed.failures + 1 if failed is not None else 0)
         self._fetches[key] = fetch
         fetch.task = asyncio.create_task(self._fetch(fetch), name=f"fetch-{model}")
         return fetch
@@ -236,14 +264,21 @@ class Replicator:
             fetch.error = "cancelled"
             raise
         except OmxError as exc:
-            fetch.state, fetch.error = "failed", exc.message
+            fetch.state, fetch.error, fetch.exc = "failed", exc.message, exc
             log.warning("fetching %s failed: %s", fetch.model, exc.message)
+        except OSError as exc:  # this node's records (holdings.json) could not be written
+            error = disk_error(exc, f"the records of '{fetch.model}'", self.store.root)
+            fetch.state, fetch.error, fetch.exc = "failed", error.message, error
+            log.warning("fetching %s failed: %s", fetch.model, error.message)
         except Exception as exc:  # noqa: BLE001 - a transfer never takes the node down
             fetch.state, fetch.error = "failed", f"internal error: {type(exc).__name__}"
             log.exception("fetching %s failed", fetch.model)
         finally:
             fetch.finished_at = self.clock()
-            self.meta.end(fetch.model)
+            try:
+                self.meta.end(fetch.model)
+            except OSError as exc:  # gone from the records in memory; the file catches up on its next write
+                log.warning("cannot record the end of fetching %s: %s", fetch.model, exc)
             if self._fetches.get(key) is fetch:
                 del self._fetches[key]
             if fetch.state == "failed":
@@ -264,7 +299,8 @@ class Replicator:
         if fetch.task is not None:
             await asyncio.shield(fetch.task)
         if fetch.state != "completed":
-            raise OmxError(f"fetching '{fetch.model}' failed: {fetch.error}")
+            raise OmxError(f"fetching '{fetch.model}' failed: {fetch.error}",
+                           status=fetch.exc.status if fetch.exc is not None else None)
 
     # ------------------------------------------------------------ dropping
 
@@ -328,7 +364,7 @@ class Replicator:
         return ReplicationSummary(
             total_models=len(views), replicated_models=ready, pending_replications=pending,
             failed_replications=len(self._failed), replication_health=replication_health(statuses),
-            transfers=self.transfers_facts())
+            transfers=self.transfers_facts(), reconciles=self.reconciles)
 
     async def set_factor(self, model: str, factor: int) -> ModelPlacement:
         """Record ``model``'s factor (gossiped in this node's inventory; the newest setting wins)."""
