@@ -163,7 +163,9 @@ class Node:
     def _ensure_tls(self) -> TlsFiles:
         """Write the cluster CA and this node's leaf (names: the bind and advertised addresses)."""
         topo = self.cluster.topology
-        hosts = [self.settings.api.host, *([topo.api_address.rsplit(":", 1)[0]] if topo else [])]
+        api = self.settings.api
+        hosts = [api.host, *([api.advertise] if api.advertise else []),
+                 *([topo.api_address.rsplit(":", 1)[0]] if topo else [])]
         return ensure_tls(self.settings.home, self.cluster.secret, self.node_id, hosts)
 
     @contextlib.asynccontextmanager

@@ -290,3 +290,17 @@ async def test_another_quic_stack_trusts_the_node_under_the_ca_only(node: NodePr
     ensure_tls(tmp_path, ClusterSecret.generate(), "omx-other", ["127.0.0.1"])
     with pytest.raises(ConnectionError):
         await _qh3_get(node.info["h3_port"], tmp_path / "tls" / "ca.crt", "/api/version")
+
+
+def test_leaf_names_cover_names_addresses_and_wildcards() -> None:
+    from omx.runtime.tls import leaf_names
+
+    dns, ips = leaf_names(["Node-A.example", "[::ffff:10.1.2.3]", "10.0.0.7", "0.0.0.0"])
+    assert "node-a.example" in dns and "localhost" in dns
+    assert {"10.0.0.7", "::ffff:a01:203", "127.0.0.1", "::1"} <= set(ips)
+    # A wildcard bind names every interface address; without one, only the addresses given (and loopback).
+    import psutil
+
+    iface = {a.address for addrs in psutil.net_if_addrs().values() for a in addrs if a.family == socket.AF_INET}
+    assert iface <= set(ips)
+    assert set(leaf_names(["10.0.0.7"])[1]) == {"10.0.0.7", "127.0.0.1", "::1"}
