@@ -96,9 +96,21 @@ def push_cmd(ctx: click.Context, model: str, insecure: bool) -> None:
     _transfer(ctx, "/api/push", model, insecure)
 
 
+def _self_id(client: NodeClient) -> str | None:
+    try:
+        nodes = client.get("/api/distributed/nodes").get("nodes") or []
+    except CliFailure:
+        return None
+    return next((str(n.get("id")) for n in nodes if n.get("self")), None)
+
+
 def _ready_rows(client: NodeClient) -> list[dict[str, Any]]:
-    return [{"name": m["name"], "size": int(m.get("size") or 0), "status": READY}
-            for m in client.get("/api/tags").get("models") or []]
+    """Models this node holds (``/api/tags`` of a cluster node also lists those only peers hold)."""
+    models = client.get("/api/tags").get("models") or []
+    if any("held_by" in m for m in models):
+        me = _self_id(client)
+        models = [m for m in models if me is None or me in (m.get("held_by") or [me])]
+    return [{"name": m["name"], "size": int(m.get("size") or 0), "status": READY} for m in models]
 
 
 def _downloading_rows(client: NodeClient) -> list[dict[str, Any]]:
