@@ -12,8 +12,11 @@ Rules:
 * at most ``concurrency`` assignments run at once (stalled ones do not count);
 * the :data:`LOCAL` source (chunks copied from a blob already on this node) is
   used first for every chunk it has; peers are given the **rarest** chunk they
-  hold (fewest usable sources), lowest chunk number first among equals, and the
-  least busy source takes the next slot, so every source stays busy;
+  hold (fewest usable sources), lowest chunk number first among equals (with
+  :meth:`~FetchPlan.share`, the node's share first), and the least busy source
+  takes the next slot (among equally busy ones, the one with the rarest chunk
+  to give: a source that holds everything keeps being asked for what nobody
+  else has), so every source stays busy;
 * a chunk is never fetched from two sources at once, unless its assignment has
   run for ``stall_timeout`` seconds: then one duplicate from another source is
   allowed, and whichever finishes first wins (:meth:`~FetchPlan.completed`
@@ -121,6 +124,11 @@ class FetchPlan:
         self.sources: dict[str, SourceState] = {}
         self._running: dict[int, list[Assignment]] = {}
         self._order: list[int] = []
+        self._rarity: dict[int, int] = {}
+        self._share = (0, chunk_count)
+        """This node's run of chunks (see :meth:`share`); all of them when it fetches alone."""
+        self._spread_order: dict[int, tuple[bool, int, int]] = {}
+        """The order in which the chunks outside the share are taken (see :meth:`share`)."""
         self._dirty = True
 
     # ------------------------------------------------------------ sources
@@ -136,6 +144,33 @@ class FetchPlan:
             state.chunks = avail
             if state.dropped:
                 state.dropped, state.failures, state.rest_until = False, 0, 0.0
+        self._dirty = True
+
+    def share(self, rank: int, together: int) -> None:
+        """This node is number ``rank`` of ``together`` fetching the blob at the same time.
+
+        The chunks are cut into ``together`` equal runs, one per node. Among equally rare
+        chunks this node takes its own run first, in order, so the nodes ask the sources
+        that hold everything for different chunks and trade them. Then it helps with the
+        other runs from their ends, backwards (their owners come there last), each helper
+        with its own stripe (the ``j``-th chunk from a run's end goes first to the helper
+        ``1 + j % (together - 1)`` places after its owner), so helpers race neither the
+        owner chunk for chunk nor each other. A source that holds everything is asked for
+        a chunk outside the run only while nothing else of this node's runs there.
+        """
+        if not 0 <= rank < together:
+            raise ValueError("rank must be between 0 and together - 1")
+        count = self.chunk_count
+        bounds = [count * k // together for k in range(together + 1)]
+        self._share = (bounds[rank], bounds[rank + 1])
+        self._spread_order = {}
+        for k in range(together):
+            if k == rank:
+                continue
+            distance = (rank - k) % together
+            for i in range(bounds[k], bounds[k + 1]):
+                from_end = bounds[k + 1] - 1 - i
+                self._spread_order[i] = (from_end % (together - 1) != distance - 1, from_end, distance)
         self._dirty = True
 
     def add_chunks(self, source: str, chunks: Iterable[int]) -> None:
@@ -216,17 +251,22 @@ class FetchPlan:
         queued = [i for i in range(self.chunk_count) if i not in self.held and i not in self._running]
         alive = [s for s in self.sources.values() if not s.banned and not s.dropped]
         rarity = {i: sum(1 for s in alive if s.holds(i)) for i in queued}
-        queued.sort(key=lambda i: (rarity[i], i))
+        start, end = self._share
+        queued.sort(key=lambda i: (rarity[i], False, i, 0, 0) if start <= i < end
+                    else (rarity[i], True, *self._spread_order[i]))
         self._order = queued
+        self._rarity = rarity
         self._dirty = False
 
     def _candidate(self, source: SourceState, now: float) -> int | None:
         """Position in the queue of the chunk ``source`` should fetch next, or None."""
         if self._dirty:
             self._rebuild()
+        start, end = self._share
+        only_share = isinstance(source.chunks, AllChunks) and source.in_flight > 0
         fallback = None
         for pos, chunk in enumerate(self._order):
-            if not source.holds(chunk):
+            if not source.holds(chunk) or (only_share and not start <= chunk < end):
                 continue
             if chunk not in source.failed_chunks:
                 return pos
@@ -249,12 +289,17 @@ class FetchPlan:
         return out
 
     def _pick_queued(self, now: float) -> Assignment | None:
+        best: tuple[tuple[bool, int, int], int, str, SourceState] | None = None
         for name, state in self._usable_sources(now):
             pos = self._candidate(state, now)
             if pos is not None:
-                chunk = self._order.pop(pos)
-                return self._start(chunk, name, state, now)
-        return None
+                key = (name != LOCAL, state.in_flight, self._rarity[self._order[pos]])
+                if best is None or key < best[0]:
+                    best = (key, pos, name, state)
+        if best is None:
+            return None
+        _, pos, name, state = best
+        return self._start(self._order.pop(pos), name, state, now)
 
     def _pick_stalled(self, now: float) -> Assignment | None:
         stalled = sorted((runs[0].started, chunk) for chunk, runs in self._running.items()

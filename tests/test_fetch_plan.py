@@ -62,6 +62,60 @@ def test_rarest_first_and_the_least_busy_source_takes_each_slot() -> None:
     assert got == [(5, "A"), (0, "B"), (6, "A")]
 
 
+def outside_order(rank: int, held: frozenset[int] = frozenset(), together: int = 3) -> list[int]:
+    """The chunks a node of ``rank`` takes from one complete source after its own run (12 chunks)."""
+    plan = FetchPlan(12, held=held, concurrency=4)
+    plan.set_source("A", ALL)
+    plan.share(rank, together)
+    run = range(12 * rank // together, 12 * (rank + 1) // together)
+    first = plan.assign(0.0)
+    assert [a.chunk for a in first] == [c for c in run if c not in held]  # never past its run meanwhile
+    for a in first:
+        plan.completed(a)
+    got = []
+    while not plan.done:
+        batch = plan.assign(0.0)
+        assert len(batch) == 1, "a source holding everything gets one chunk outside the run at a time"
+        plan.completed(batch[0])
+        got.append(batch[0].chunk)
+    assert sorted(got) == sorted(set(range(12)) - set(run) - held)
+    return got
+
+
+def test_a_node_takes_its_run_first_then_helps_from_the_ends_of_the_others_in_its_stripe() -> None:
+    # Runs 0..3, 4..7, 8..11. Node 1 helps run 0 with the chunks 0, 2 from its end, run 2 with 1, 3.
+    assert outside_order(1, held=frozenset({5})) == [3, 10, 1, 8, 11, 2, 9, 0]
+    # Helpers of one run take different chunks from its end first: node 1 takes 3, 1; node 2 takes 2, 0.
+    assert outside_order(2)[:4] == [7, 2, 5, 0]
+    alone = FetchPlan(12, concurrency=4)
+    alone.set_source("A", ALL)
+    alone.share(0, 1)
+    assert [c for c, _ in drain(alone)] == list(range(12))
+
+    plan = FetchPlan(12, concurrency=2)
+    plan.set_source("A", ALL)
+    plan.set_source("B", {0, 1, 2, 3, 4})
+    plan.share(0, 3)  # chunks 0..3, all held by B as well
+    # Chunks only A holds are rarer than the run's: A helps (the end of run 2); B takes the run's first.
+    assert [(a.chunk, a.source) for a in plan.assign(0.0)] == [(11, "A"), (0, "B")]
+
+    with pytest.raises(ValueError):
+        plan.share(3, 3)
+
+
+def test_among_idle_sources_the_one_with_the_rarest_chunk_goes_first() -> None:
+    plan = FetchPlan(10, concurrency=1)
+    plan.set_source("A", ALL)
+    plan.set_source("B", range(5))
+    got = []
+    for _ in range(6):
+        [a] = plan.assign(0.0)
+        plan.completed(a)
+        got.append((a.chunk, a.source))
+    # A was given more so far, yet it keeps the slot while it alone has chunks to give; then B's turn.
+    assert got == [(5, "A"), (6, "A"), (7, "A"), (8, "A"), (9, "A"), (0, "B")]
+
+
 def test_equal_sources_share_the_work() -> None:
     plan = FetchPlan(40, concurrency=4)
     for s in ("A", "B"):

@@ -13,6 +13,7 @@ import json
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -305,6 +306,57 @@ async def test_a_swarm_peer_serves_what_it_holds_and_the_rest_comes_from_the_see
         assert receiver.blobs.path(idx.blob).read_bytes() == data
         await settled(lambda: s.served.total + a.served.total == len(data), "the served bytes")
         assert s.served.total > 0
+
+
+class _DeadLinkTo:
+    """The real transport, except that chunk reads from ``peer`` never return (its link died mid-way)."""
+
+    def __init__(self, inner: Any, peer: str) -> None:
+        self.inner, self.peer = inner, peer
+
+    async def blob_state(self, peer: NodeId, digest: BlobDigest) -> Any:
+        return await self.inner.blob_state(peer, digest)
+
+    async def read_chunks(self, peer: NodeId, digest: BlobDigest, start: int, count: int, length: int, *,
+                          into: Any = None) -> Any:
+        if peer == self.peer:
+            await asyncio.Event().wait()
+        return await self.inner.read_chunks(peer, digest, start, count, length, into=into)
+
+    async def manifest(self, peer: NodeId, name: str) -> bytes:
+        return bytes(await self.inner.manifest(peer, name))
+
+
+async def test_a_swarm_peer_is_asked_again_during_the_transfer_and_its_new_chunks_are_used(tmp_path: Path) -> None:
+    data = _blob(15, 8 * CHUNK)
+    async with peer_harness(tmp_path / "a", "omx-a") as a, peer_harness(tmp_path / "s", "omx-s") as s:
+        idx = _put(a.store, data)
+        receiver = ModelStore(tmp_path / "b", chunk_size=CHUNK)
+        real = transport_for([a, s])
+        transfers = Transfers(receiver.blobs, _DeadLinkTo(real, "omx-a"),  # type: ignore[arg-type]
+                              settings=TransferSettings(concurrency=2, stall_timeout=0.1))
+        try:
+            fetching = asyncio.create_task(transfers.fetch_from_peers(
+                idx.blob, idx.size, [NodeId("omx-a"), NodeId("omx-s")], watch_s=0.02, spread=(0, 2)))
+
+            def asking_the_seed() -> bool:
+                transfer = transfers.get(idx.blob)
+                return transfer is not None and bool(transfer.plan.running)
+
+            await settled(asking_the_seed, "the transfer to ask the seed")
+            transfer = transfers.get(idx.blob)
+            assert transfer is not None and NodeId("omx-s") not in transfer.plan.sources  # s had nothing yet
+            part = PartialBlob.open(s.store.blobs, idx.blob, idx.size, index=idx)
+            for i in range(idx.chunk_count):  # meanwhile the swarm peer gets the chunks (from elsewhere)
+                off, length = idx.chunk_range(i)
+                part.write_chunk(i, data[off:off + length])
+            # Only the swarm peer can deliver now: the transfer must have asked it again.
+            await asyncio.wait_for(fetching, 30)
+        finally:
+            await real.aclose()
+        assert receiver.blobs.path(idx.blob).read_bytes() == data
+        await settled(lambda: s.served.total == len(data), "the served bytes")
+        assert a.served.total == 0
 
 
 async def test_a_transfer_with_chunks_nobody_has_fails_clearly_and_keeps_what_it_got(tmp_path: Path) -> None:

@@ -51,7 +51,7 @@ from omx.storage.space import disk_error, is_disk_full
 from omx.types import BlobDigest, NodeId
 
 __all__ = ["BlobTransfer", "TransferFailed", "TransferObserver", "TransferProgress", "TransferSettings",
-           "availability", "probe_sources"]
+           "availability", "availability_for", "probe_sources"]
 
 log = logging.getLogger("omx.runtime.peer")
 
@@ -150,16 +150,24 @@ async def probe_sources(transport: PeerTransport, digest: BlobDigest, size: int,
         return None, {}
     sources: dict[NodeId, Availability] = {}
     for peer, state in states.items():
-        if state.size != size or state.chunk_size != index.chunk_size:
-            continue
-        if state.index_json is not None:
-            try:
-                if ChunkIndex.from_json(state.index_json).root != index.root:
-                    continue
-            except IntegrityError:
-                continue
-        sources[peer] = availability(state)
+        chunks = availability_for(state, index)
+        if chunks is not None:
+            sources[peer] = chunks
     return index, sources
+
+
+def availability_for(state: PeerBlobState, index: ChunkIndex) -> Availability | None:
+    """The chunks of ``index``'s blob a peer in ``state`` can serve; None when its copy has another
+    layout (size, chunk size or chunk-index root)."""
+    if state.size != index.size or state.chunk_size != index.chunk_size:
+        return None
+    if state.index_json is not None:
+        try:
+            if ChunkIndex.from_json(state.index_json).root != index.root:
+                return None
+        except IntegrityError:
+            return None
+    return availability(state)
 
 
 class BlobTransfer:

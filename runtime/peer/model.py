@@ -8,7 +8,8 @@ never visible half-fetched, and nothing is written when the store's disk has
 less free space than the blobs still missing (a :class:`~omx.errors.StoreError`
 says so). Blobs already held are skipped; the others come from all holders at
 once through :class:`~omx.runtime.peer.transfers.Transfers` (which also copies
-chunks this node already has in other blobs).
+chunks this node already has in other blobs), and from the ``swarm``: peers
+fetching the same model, which serve the chunks they got.
 """
 
 from __future__ import annotations
@@ -61,9 +62,13 @@ async def fetch_manifest(transfers: Transfers, name: ModelName, holders: Sequenc
 
 
 async def fetch_model(store: ModelStore, transfers: Transfers, name: ModelName | str, holders: Sequence[NodeId], *,
-                      expected_digest: BlobDigest | None = None,
-                      on_progress: LayerProgress | None = None) -> ModelFetched:
-    """Fetch ``name`` from ``holders`` (peers that hold it complete) into ``store`` and publish it."""
+                      expected_digest: BlobDigest | None = None, on_progress: LayerProgress | None = None,
+                      swarm: Sequence[NodeId] = (), spread: tuple[int, int] = (0, 1)) -> ModelFetched:
+    """Fetch ``name`` from ``holders`` (peers that hold it complete) into ``store`` and publish it.
+
+    ``swarm``: peers still fetching it (or about to), asked for chunks but not for the manifest;
+    ``spread``: this node's rank among the nodes fetching it together, and their number.
+    """
     model = ModelName.parse(name) if isinstance(name, str) else name
     data, manifest = await fetch_manifest(transfers, model, holders, expected_digest=expected_digest)
     need = await asyncio.to_thread(_missing_bytes, store, manifest)
@@ -77,7 +82,8 @@ async def fetch_model(store: ModelStore, transfers: Transfers, name: ModelName |
             if on_progress is not None:
                 on_progress(layer, progress)
 
-        await transfers.fetch_from_peers(layer.digest, layer.size, holders, on_progress=report)
+        await transfers.fetch_from_peers(layer.digest, layer.size, [*holders, *swarm], on_progress=report,
+                                         spread=spread)
         fetched.append(layer.digest)
     missing = [d for d in manifest.blobs if not await asyncio.to_thread(store.blobs.has, d)]
     if missing:

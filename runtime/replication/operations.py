@@ -83,7 +83,7 @@ class ReplicationService:
         for v in self.r.compute_plan().views:
             if v.key == key:
                 return v
-        raise ModelNotFound(f"model '{model}' not found in the cluster")
+        raise ModelNotFound(model)
 
     def resolve_node(self, text: str) -> NodeId:
         """An alive member by id, name or unique id prefix."""

@@ -3,7 +3,8 @@
 Every node runs the same pure :func:`omx.storage.placement.plan` over its
 :class:`~omx.storage.placement.ClusterSnapshot` and acts only on the actions
 that name itself: it *fetches* the models it should add (from every peer that
-holds them, chunk by chunk, through :mod:`omx.runtime.peer`) and *drops* the
+holds them, chunk by chunk, through :mod:`omx.runtime.peer`, and from the peers
+fetching the same model at the same time, which trade the chunks they got) and *drops* the
 replicas it should drop, after re-checking against fresh inventories of the
 holders that keep the model. Reconcile runs after membership or inventory
 changes (:meth:`Replicator.kick`), periodically, and on rebalance.
@@ -91,6 +92,10 @@ class _Fetch:
     digest: BlobDigest | None
     origin: Origin
     sources: tuple[str, ...] = ()
+    swarm: tuple[str, ...] = ()
+    """Peers fetching the same model (or about to): sources of the chunks they got."""
+    spread: tuple[int, int] = (0, 1)
+    """This node's rank among the nodes fetching the model together, and their number."""
     layers: dict[BlobDigest, tuple[int, int]] = field(default_factory=dict)
     """Per blob: (bytes done, bytes total)."""
     state: str = "running"
@@ -196,7 +201,10 @@ class Replicator:
         for action in mine.adds:
             if action.key not in self._fetches and not self._backing_off(action.key):
                 view = views[action.key]
-                self.start_fetch(action.model, view.digest, "replica", view.holders)
+                fellows = sorted({a.node for a in full.adds if a.key == action.key} | {self.node_id})
+                swarm = sorted((set(fellows) | set(view.in_progress)) - {self.node_id} - set(view.holders))
+                self.start_fetch(action.model, view.digest, "replica", view.holders, swarm=swarm,
+                                 spread=(fellows.index(self.node_id), len(fellows)))
         for action in mine.drops:
             await self._drop(action)
         if self.settings.auto_cleanup and self.settings.max_cache_size > 0:
@@ -218,9 +226,12 @@ class Replicator:
 
     # ------------------------------------------------------------ fetching
 
-    def start_fetch(self, model: str, digest: BlobDigest | None, origin: Origin,
-                    holders: Sequence[str]) -> _Fetch:
-        """Fetch ``model`` from ``holders`` in the background (joined if already running)."""
+    def start_fetch(self, model: str, digest: BlobDigest | None, origin: Origin, holders: Sequence[str], *,
+                    swarm: Sequence[str] = (), spread: tuple[int, int] = (0, 1)) -> _Fetch:
+        """Fetch ``model`` from ``holders`` in the background (joined if already running).
+
+        ``swarm`` and ``spread``: see :func:`~omx.runtime.peer.model.fetch_model`.
+        """
         key = model_key(model)
         running = self._fetches.get(key)
         if running is not None and running.task is not None and not running.task.done():
@@ -228,7 +239,8 @@ class Replicator:
                 running.origin = "user"
             return running
         failed = self._failed.pop(key, None)
-        fetch = _Fetch(model, digest, origin, tuple(holders), failures=failed.failures + 1 if failed is not None else 0)
+        fetch = _Fetch(model, digest, origin, tuple(holders), tuple(swarm), spread,
+                       failures=failed.failures + 1 if failed is not None else 0)
         self._fetches[key] = fetch
         fetch.task = asyncio.create_task(self._fetch(fetch), name=f"fetch-{model}")
         return fetch
@@ -249,7 +261,8 @@ class Replicator:
                 self.meta.progress(fetch.model, self.clock())
 
             result = await fetch_model(self.store, self.transfers, fetch.model, [NodeId(n) for n in fetch.sources],
-                                       expected_digest=digest, on_progress=progress)
+                                       expected_digest=digest, on_progress=progress,
+                                       swarm=[NodeId(n) for n in fetch.swarm], spread=fetch.spread)
             for blob in result.manifest.blobs:
                 size = next((layer.size for layer in (*result.manifest.layers, result.manifest.config)
                              if layer.digest == blob), 0)
@@ -371,7 +384,7 @@ class Replicator:
         key = model_key(model)
         views = {v.key: v for v in self._views()}
         if key not in views:
-            raise ModelNotFound(f"model '{model}' not found in the cluster")
+            raise ModelNotFound(model)
         self.meta.set_factor(views[key].name, factor, self.clock())
         await self.link.publish_inventory()
         placed = next(p for p in self.placements() if model_key(p.name) == key)
