@@ -30,11 +30,11 @@ VIEW_TIMEOUT_S = 3.0
 """How long a view waits for each peer."""
 
 
-def holders_by_model(snapshot: ClusterSnapshot) -> dict[str, tuple[NodeId, ...]]:
-    """Alive members holding each model (by model key), in node id order."""
+def holders_by_model(snapshot: ClusterSnapshot, *, besides: str | None = None) -> dict[str, tuple[NodeId, ...]]:
+    """Alive members (but ``besides``) holding each model (by model key), in node id order."""
     held: dict[str, list[NodeId]] = {}
     for view in snapshot.nodes:
-        if view.alive and view.holdings is not None:
+        if view.alive and view.holdings is not None and view.node != besides:
             for m in view.holdings.models:
                 held.setdefault(m.key, []).append(view.node)
     return {k: tuple(v) for k, v in held.items()}
@@ -62,13 +62,17 @@ async def _peer_rows(router: Router, node: NodeId, version: str) -> list[dict[st
 
 
 async def remote_tags(router: Router, local_names: Iterable[str]) -> list[dict[str, Any]]:
-    """Rows of the models alive peers hold and this node does not, by name, each with ``held_by``."""
+    """Rows of the models alive peers hold and this node does not, by name, each with ``held_by``.
+
+    This node's store (``local_names``) is the truth about what it holds; its own
+    inventory, which lags the store by a rescan, is left out.
+    """
     snapshot = router.link.snapshot()
-    held = holders_by_model(snapshot)
+    held = holders_by_model(snapshot, besides=router.node_id)
     missing = set(held) - {model_key(n) for n in local_names}
     if not missing:
         return []
-    peers = sorted({n for k in missing for n in held[k]} - {router.node_id})
+    peers = sorted({n for k in missing for n in held[k]})
     versions = {v.node: v.holdings.version for v in snapshot.nodes if v.holdings is not None}
     answers = await asyncio.gather(*(_peer_rows(router, n, versions.get(n, "")) for n in peers))
     rows: dict[str, dict[str, Any]] = {}
@@ -78,7 +82,7 @@ async def remote_tags(router: Router, local_names: Iterable[str]) -> list[dict[s
             if key in missing:
                 rows.setdefault(key, row)
     for view in snapshot.nodes:  # models whose holders did not answer: described from their inventory
-        if view.alive and view.holdings is not None:
+        if view.alive and view.holdings is not None and view.node != router.node_id:
             for m in view.holdings.models:
                 if m.key in missing and m.key not in rows:
                     rows[m.key] = _inventory_row(m)

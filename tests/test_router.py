@@ -13,6 +13,7 @@ import pytest
 
 from omx.errors import PeerError, ServiceBusy, Unauthorized
 from omx.functions.call import Call, NodeInfo, Services
+from omx.functions.cluster_models import cluster_ps, remote_tags, show_elsewhere
 from omx.functions.dispatch import Dispatcher, peer_verifier
 from omx.functions.registry import ByteStream, HandlerSpec, Reply
 from omx.functions.router import HOP_HEADER, NODE_HEADER, Router
@@ -397,3 +398,48 @@ def test_a_hop_request_is_authenticated_by_the_peer_signature_not_an_api_key() -
     with pytest.raises(Unauthorized, match="API key"):
         dispatcher.precheck(not_hop, plain)  # no hop handler: the header means nothing, the key is needed
     assert not plain.hop
+
+
+# ------------------------------------------------------------------ cluster-wide views
+
+
+def tags_reply(*names: str) -> FakeReply:
+    rows = [{"name": n, "model": n, "size": 1, "digest": "ab", "details": {"format": "gguf"}} for n in names]
+    return FakeReply(pieces=[json.dumps({"models": rows}).encode()])
+
+
+async def test_remote_tags_lists_what_only_peers_hold_with_their_holders() -> None:
+    snap = cluster({A: holdings(model("gone"), model("shared")), B: holdings(model("tiny"), model("shared")),
+                    C: holdings(model("shared"), model("quiet"))})
+    router, link, _, _ = make({A: False})
+    link.snap = snap
+    link.answers[B] = [tags_reply("tiny:latest", "shared:latest")]
+    link.answers[C] = [PeerError("down")]
+    rows = await remote_tags(router, ["shared:latest"])  # A's store no longer has "gone": its inventory lags
+    assert [(r["name"], r["held_by"]) for r in rows] == [("quiet:latest", [C]), ("tiny:latest", [B])]
+    tiny = rows[1]
+    assert tiny["details"] == {"format": "gguf"} and tiny["status"] == "ready"  # as B lists it
+    quiet = rows[0]
+    assert quiet["size"] == model("quiet").size and quiet["details"] == {}  # C did not answer: from its inventory
+    assert all(s[2] == "/api/tags" and s[3][HOP_HEADER] == "1" for s in link.sent)
+    link.sent.clear()
+    await remote_tags(router, ["shared:latest"])
+    assert [s[0] for s in link.sent] == [C]  # B's rows are cached until its inventory changes
+
+
+async def test_ps_lists_every_nodes_loaded_models_with_the_node() -> None:
+    router, link, _, _ = make({A: False, B: False, C: False})
+    link.answers[B] = [FakeReply(pieces=[b'{"models": [{"name": "tiny:latest"}]}'])]
+    link.answers[C] = [PeerError("down")]
+    rows = await cluster_ps(router, [{"name": "here:latest"}])
+    assert rows == [{"name": "here:latest", "node": A}, {"name": "tiny:latest", "node": B}]
+
+
+async def test_show_of_a_model_held_elsewhere_asks_its_holders_in_turn() -> None:
+    router, link, _, _ = make({A: False, B: True, C: True})
+    link.answers[B] = [FakeReply(404, pieces=[b'{"error": "model not found"}'])]
+    link.answers[C] = [FakeReply(pieces=[b'{"modelfile": "FROM x"}'])]
+    assert await show_elsewhere(router, "tiny", b'{"model":"tiny"}') == {"modelfile": "FROM x"}
+    assert [(s[0], s[2], s[4]) for s in link.sent] == [(B, "/api/show", b'{"model":"tiny"}'),
+                                                      (C, "/api/show", b'{"model":"tiny"}')]
+    assert await show_elsewhere(router, "other", b"{}") is None

@@ -102,6 +102,10 @@ async def blob_upload(_body: None, call: Call) -> Reply:
     digest = parse_digest(call.path_params["digest"])
     blobs = call.services.store.blobs
     if blobs.has(digest):
+        # Read what the client sends anyway: a body left unread ends the keep-alive connection mid-upload,
+        # and the client's next request on it fails (ollama-python's create_blob posts without asking first).
+        async for _ in call.stream_body():
+            pass
         return Reply(None, status=200)
     await blobs.write(call.stream_body(), expected=digest)
     return Reply(None, status=201)

@@ -1,10 +1,11 @@
-"""The router's :class:`~omx.functions.router.PeerLink`: signed hop requests to peers' APIs over httpx.
+"""The router's :class:`~omx.functions.router.PeerLink`: signed hop requests to peers' APIs.
 
 Forwarded calls and the cluster-wide views go to a member's API address (its
-``api`` Serf tag) on pooled keep-alive HTTP/1.1 connections, signed as every
-peer request is (:func:`omx.mesh.sign`: method, path with query, body digest;
-the secret never travels). Response bodies are read raw, so a relayed stream
-is the peer's bytes exactly. Transport failures become
+``api`` Serf tag) on pooled keep-alive HTTP/1.1 connections
+(:class:`~omx.runtime.cluster.peer_http.PeerHttp`), signed as every peer
+request is (:func:`omx.mesh.sign`: method, path with query, body digest; the
+secret never travels). Response bodies come as the peer sent them, so a relayed
+stream is the peer's bytes exactly. Transport failures become
 :class:`~omx.errors.PeerError`, which is what the router retries on.
 """
 
@@ -13,11 +14,10 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Callable, Mapping
 
-import httpx
-
 from omx.errors import PeerError
 from omx.functions.routing import NodeLoad, load_from_json
 from omx.mesh import sign
+from omx.runtime.cluster.peer_http import PeerHttp, PeerHttpError, PeerHttpResponse
 from omx.storage.placement import ClusterSnapshot
 from omx.types import NodeId
 
@@ -38,17 +38,17 @@ def _broken(node: str, exc: BaseException) -> PeerError:
 class _Reply:
     """A peer's answer whose body is still arriving (:class:`~omx.functions.router.PeerReply`)."""
 
-    def __init__(self, node: str, response: httpx.Response) -> None:
+    def __init__(self, node: str, response: PeerHttpResponse) -> None:
         self.node = node
         self._response = response
-        self.status = response.status_code
-        self.headers = {k.lower(): v for k, v in response.headers.items()}
+        self.status = response.status
+        self.headers = response.headers
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
-            async for piece in self._response.aiter_raw():
+            async for piece in self._response.chunks():
                 yield piece
-        except (httpx.HTTPError, OSError) as exc:
+        except PeerHttpError as exc:
             raise _broken(self.node, exc) from exc
 
     async def aclose(self) -> None:
@@ -64,31 +64,26 @@ class HttpPeerLink:
         self._key = key
         self._api_of = api_of
         self._snapshot = snapshot
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(FIRST_BYTE_TIMEOUT_S, connect=CONNECT_TIMEOUT_S, pool=CONNECT_TIMEOUT_S),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
-            trust_env=False)  # never through an HTTP proxy named in the environment
+        self._client = PeerHttp(connect_timeout=CONNECT_TIMEOUT_S)
 
     def snapshot(self) -> ClusterSnapshot:
         return self._snapshot()
 
-    def _url(self, node: NodeId, path: str) -> str:
+    def _address(self, node: NodeId) -> str:
         api = self._api_of(node)
         if api is None:
             raise PeerError(f"peer {node} is not an alive member")
-        return f"http://{api}{path}"
+        return api
 
     async def request(self, node: NodeId, method: str, path: str, headers: Mapping[str, str], body: bytes, *,
                       head_timeout_s: float | None = None) -> _Reply:
         """Send a signed request and return once the response head arrived; raises PeerError."""
         signed = {**headers, **sign(self._key(), self.node_id, method, path, body)}
-        request = self._client.build_request(method, self._url(node, path), headers=signed, content=body,
-                                             timeout=httpx.USE_CLIENT_DEFAULT if head_timeout_s is None else
-                                             httpx.Timeout(head_timeout_s,
-                                                           connect=min(head_timeout_s, CONNECT_TIMEOUT_S)))
         try:
-            response = await self._client.send(request, stream=True)
-        except (httpx.HTTPError, OSError) as exc:
+            response = await self._client.request(
+                self._address(node), method, path, signed, body,
+                head_timeout=FIRST_BYTE_TIMEOUT_S if head_timeout_s is None else head_timeout_s)
+        except PeerHttpError as exc:
             raise _broken(node, exc) from exc
         return _Reply(node, response)
 
