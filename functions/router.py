@@ -32,6 +32,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
+from pydantic import BaseModel
+
 from omx.errors import PeerError, ServiceBusy
 from omx.functions.registry import ByteStream, HandlerSpec, Reply, is_stream
 from omx.functions.routing import (
@@ -73,6 +75,8 @@ MAX_JSON_REPLY = 256 << 20
 IDLE_POLL_S = 2.0
 """How often peers' loads are polled while no request asks for them."""
 _RETRYABLE = frozenset({401, 403, 404, 408, 429})
+_STREAM_ERRORS = (b'{"error"', b'data: {"error"')
+"""How a stream that failed before its first token starts (NDJSON, SSE), as the adapter writes it."""
 
 
 class PeerReply(Protocol):
@@ -131,6 +135,13 @@ class _Failed(Exception):
         super().__init__(reason)
         self.node = node
         self.avoid_s = avoid_s
+
+
+def _raw_body(body: Any, call: Call) -> bytes:
+    """The body to forward: as the client sent it, else (an in-process caller) the validated one, re-encoded."""
+    if call.body_bytes or not isinstance(body, BaseModel):
+        return call.body_bytes
+    return body.model_dump_json(exclude_unset=True).encode()
 
 
 def _retryable(status: int) -> bool:
@@ -304,7 +315,7 @@ class Router:
                 self._count(holders.name, node)
                 return await self.run_here(spec, body, call, name)
             try:
-                result = await self._forward(node, holders.key, spec, call)
+                result = await self._forward(node, holders.key, spec, body, call)
             except _Failed as exc:
                 call.response_headers.pop(NODE_HEADER, None)
                 log.info("%s of %s on %s failed: %s", spec.name, name, node, exc)
@@ -351,7 +362,7 @@ class Router:
 
     # ------------------------------------------------------------ forwarding
 
-    async def _forward(self, node: NodeId, key: str, spec: HandlerSpec, call: Call) -> Any:
+    async def _forward(self, node: NodeId, key: str, spec: HandlerSpec, body: Any, call: Call) -> Any:
         headers = {"Content-Type": call.headers.get("content-type", "application/json"), HOP_HEADER: "1"}
         if "accept" in call.headers:
             headers["Accept"] = call.headers["accept"]
@@ -365,7 +376,7 @@ class Router:
                 self.book.finished(node, key)
 
         try:
-            reply = await self.link.request(node, call.method, call.path or spec.path, headers, call.body_bytes)
+            reply = await self.link.request(node, call.method, call.path or spec.path, headers, _raw_body(body, call))
         except PeerError as exc:
             end()
             raise _Failed(node, str(exc), AVOID_S) from exc
@@ -381,6 +392,8 @@ class Router:
             if status == 200 and _streamed(media):
                 chunks = reply.chunks()
                 first = await anext(chunks, b"")
+                if first.startswith(_STREAM_ERRORS):  # failed before its first token: nothing reached the client
+                    raise _Failed(node, f"{node} answered {first[:300].decode(errors='replace').strip()}", AVOID_S)
                 relayed = True
                 relay = self._relay(node, first, chunks, reply, end, sse=media.startswith("text/event-stream"))
                 return ByteStream(relay, status, {"Cache-Control": "no-cache"}, media)

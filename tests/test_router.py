@@ -10,6 +10,7 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
+from pydantic import BaseModel
 
 from omx.errors import PeerError, ServiceBusy, Unauthorized
 from omx.functions.call import Call, NodeInfo, Services
@@ -443,3 +444,25 @@ async def test_show_of_a_model_held_elsewhere_asks_its_holders_in_turn() -> None
     assert [(s[0], s[2], s[4]) for s in link.sent] == [(B, "/api/show", b'{"model":"tiny"}'),
                                                       (C, "/api/show", b'{"model":"tiny"}')]
     assert await show_elsewhere(router, "other", b"{}") is None
+
+
+async def test_a_stream_that_fails_before_its_first_token_is_retried() -> None:
+    router, link, obs, _ = make({A: False, B: True, C: True})
+    link.answers[B] = [ndjson_reply([b'{"error":"runner for model \'tiny\' exited unexpectedly"}\n'])]
+    link.answers[C] = [ndjson_reply([b'{"response":"a","done":false}\n', b'{"done":true}\n'])]
+    result = await router.serve(spec(), body(), call(router))
+    assert isinstance(result, ByteStream)
+    assert await collect(result) == b'{"response":"a","done":false}\n{"done":true}\n'
+    assert [s[0] for s in link.sent] == [B, C] and obs.retries == 1
+
+
+async def test_an_in_process_call_forwards_its_validated_body() -> None:
+    class Body(BaseModel):
+        model: str
+        prompt: str = ""
+        stream: bool = True
+
+    router, link, _, _ = make({A: False, B: True})
+    link.answers[B] = [FakeReply()]
+    await router.serve(spec(), Body(model="tiny", prompt="hi"), call(router, body=b""))
+    assert json.loads(link.sent[0][4]) == {"model": "tiny", "prompt": "hi"}
