@@ -220,10 +220,18 @@ class Router:
     async def _keep_fresh(self) -> None:
         while True:
             await asyncio.sleep(IDLE_POLL_S)
-            now = self.clock()
-            for view in self.link.snapshot().nodes:
-                if view.alive and view.node != self.node_id:
-                    self._maybe_poll(view.node, now)
+            self.tend()
+
+    def tend(self) -> None:
+        """Poll alive peers whose load is getting old; forget what is known of members that are gone."""
+        now = self.clock()
+        alive = {v.node for v in self.link.snapshot().nodes if v.alive and v.node != self.node_id}
+        for node in alive:
+            self._maybe_poll(node, now)
+        for node in set(self.book.known()) - alive:
+            self.book.forget(node)
+        for node in set(self.tags_cache) - alive:
+            del self.tags_cache[node]
 
     # ------------------------------------------------------------ load
 

@@ -466,3 +466,15 @@ async def test_an_in_process_call_forwards_its_validated_body() -> None:
     link.answers[B] = [FakeReply()]
     await router.serve(spec(), Body(model="tiny", prompt="hi"), call(router, body=b""))
     assert json.loads(link.sent[0][4]) == {"model": "tiny", "prompt": "hi"}
+
+
+async def test_tending_polls_alive_peers_and_forgets_departed_ones() -> None:
+    router, link, _, _ = make({A: False, B: True, C: True}, dead=(C,))
+    link.loads[B] = NodeLoad.of({KEY: ModelLoad(True, 1, 0, 1)})
+    router.book.report(C, NodeLoad(), 100.0)
+    router.tags_cache[C] = ("v", [])
+    router.tend()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert router.book.estimate(B, KEY, 100.0) == ModelLoad(True, 1, 0, 1)
+    assert C not in router.book.known() and C not in router.tags_cache
