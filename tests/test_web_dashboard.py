@@ -4,8 +4,11 @@ A 2-node cluster (real Serf) with the tiny generated model on A; the page is A's
 web listener. Each test checks that the page logs no console error and that every
 request it makes (HTTP and WebSocket) goes to A's web origin. The tests run in
 file order on one cluster: the chat and traffic run while A alone holds the model,
-then a factor change made in the page replicates it, and last a third node joins
-(it appears without reload) and is killed with ``kill -9`` (it shows failed).
+then a factor change made in the page replicates it, a third node joins
+(it appears without reload) and is killed with ``kill -9`` (it shows failed), and
+last a fourth node with a small ``replication.max_bandwidth`` pulls a few-MiB model
+through its page slowly enough to watch the progress. The cluster's nodes store in
+64 KiB chunks, so a transfer advances chunk by chunk.
 Screenshots of each view go to ``$OMX_TEST_ARTIFACTS/web`` (else a temp folder).
 Playwright's own browser download is never used: ``executable_path`` is Debian's.
 """
@@ -26,6 +29,7 @@ import pytest
 from tests.conftest import TINY_TEMPLATE
 from tests.support.cluster import Cluster, start_cluster
 from tests.support.node import NodeProcess, create_model, start_node, wait_until
+from tests.support.transfer import write_big_gguf
 
 pytestmark = [pytest.mark.serf, pytest.mark.e2e]
 
@@ -35,6 +39,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 MODEL = "tiny:latest"
 DEADLINE_MS = 40_000
 API_KEY = "dash-key-7"
+CHUNK = {"OMX_MODELS__CHUNK_SIZE": "65536"}
 
 
 def _require_browser() -> Any:
@@ -66,7 +71,7 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) -> Iterator[Cluster]:
-    c = start_cluster(tmp_path_factory.mktemp("web") / "nodes", 2)
+    c = start_cluster(tmp_path_factory.mktemp("web") / "nodes", 2, env=CHUNK)
     try:
         with c[0].client() as client:
             create_model(client, "tiny", tiny_gguf, template=TINY_TEMPLATE,
@@ -282,6 +287,43 @@ def test_joining_node_appears_and_killed_node_shows_failed(browser: Any, cluster
     expect(row.locator("td").first).to_have_text("alive")  # appeared without reload
     c.kill9()
     expect(row.locator("td").first).to_have_text("failed")
+    w.check()
+    page.close()
+
+
+def test_a_slow_pull_shows_its_progress_and_ends_in_the_models_table(browser: Any, cluster: Cluster,
+                                                                     tmp_path: Path, shots: Path) -> None:
+    """A node that receives at 256 KiB/s pulls a 2 MiB model from A through its page: the pull's bar and
+    the Transfers row are seen part-way, then the model is listed as held by that node."""
+    from playwright.sync_api import expect
+
+    a = cluster[0]
+    with a.client() as client:
+        create_model(client, "slowpull", write_big_gguf(tmp_path / "slow.gguf", 2 * 2**20, seed=3))
+    d = cluster.add_node("D", env={**CHUNK, "OMX_REPLICATION__MAX_BANDWIDTH": "256KiB"})
+    w = open_page(browser, d.web_url)
+    page = w.page
+    page.get_by_role("tab", name="Models").click()
+    row = page.locator('#models-body tr[data-model="slowpull:latest"]')
+    expect(row.locator("td").nth(3)).to_have_text("1")
+    page.get_by_role("textbox", name="Pull model").fill("slowpull")
+    page.get_by_role("button", name="Pull", exact=True).click()
+    page.wait_for_function("""() => {
+        const part = (bar) => bar && bar.max > 1 && bar.value > 0 && bar.value < bar.max;
+        const pull = document.getElementById("pull-progress");
+        const rows = [...document.querySelectorAll("#transfers-body tr")];
+        const moving = rows.find((tr) => tr.textContent.startsWith("slowpull:latest")
+            && tr.cells[3].textContent === "running" && part(tr.querySelector("progress")));
+        return !pull.hidden && part(pull) && moving !== undefined;
+    }""", timeout=DEADLINE_MS)
+    assert page.locator("#pull-status").inner_text().startswith("pulling ")
+    page.screenshot(path=str(shots / "models-pull-progress.png"))
+    expect(page.locator("#pull-status")).to_have_text("success")
+    expect(page.locator("#pull-progress")).to_be_hidden()
+    expect(row.locator("td").nth(3)).to_have_text("2")
+    expect(row.locator("td").nth(5)).to_contain_text(d.node_id)
+    placed = {m["name"]: m for m in d.get("/api/distributed/models")["models"]}
+    assert set(placed["slowpull:latest"]["nodes"]) == {a.node_id, d.node_id}
     w.check()
     page.close()
 
