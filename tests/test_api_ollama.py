@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import ollama
@@ -16,8 +17,10 @@ GREEDY = {"temperature": 0, "seed": 1, "num_predict": 12}
 
 
 @pytest.fixture(scope="module")
-def client(node: NodeProcess) -> ollama.Client:
-    return ollama.Client(host=node.url, timeout=120)
+def client(node: NodeProcess) -> Iterator[ollama.Client]:
+    client = ollama.Client(host=node.url, timeout=120)
+    yield client
+    client.close()
 
 
 def test_list_shows_the_created_model(client: ollama.Client) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import math
 import struct
+from collections.abc import Iterator
 
 import openai
 import pytest
@@ -15,8 +16,9 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def client(node: NodeProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=node.url + "/v1", api_key="unused", timeout=120, max_retries=0)
+def client(node: NodeProcess) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=node.url + "/v1", api_key="unused", timeout=120, max_retries=0) as client:
+        yield client
 
 
 def test_models_list_and_retrieve(client: openai.OpenAI) -> None:

@@ -33,7 +33,8 @@ def gemma(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_gemma_created_with_cli_and_chats_like_bare_llama_cpp(node: NodeProcess, gemma: Path) -> None:
+def test_gemma_created_with_cli_and_chats_like_bare_llama_cpp(node: NodeProcess, gemma: Path,
+                                                               request: pytest.FixtureRequest) -> None:
     omx = [sys.executable, "-c", "from omx.cli.main import main; main()", "--host", node.url]
     env = {**os.environ, "OMX_HOME": str(node.home)}
     created = subprocess.run([*omx, "create", "gemma3:270m", "-f", str(gemma.parent / "Modelfile")],
@@ -42,6 +43,7 @@ def test_gemma_created_with_cli_and_chats_like_bare_llama_cpp(node: NodeProcess,
     assert "success" in created.stdout + created.stderr
 
     client = ollama.Client(host=node.url, timeout=300)
+    request.addfinalizer(client.close)
     info = client.show("gemma3:270m")
     assert info.modelinfo["general.architecture"] == "gemma3"
     assert info.details.quantization_level == "Q4_K_M"

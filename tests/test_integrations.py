@@ -10,6 +10,7 @@ library sees it: as many content chunks as the reply's ``eval_count``.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import math
@@ -17,6 +18,7 @@ import os
 import shutil
 import socket
 import subprocess
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -30,6 +32,8 @@ pytestmark = [
     pytest.mark.e2e,
     # LiteLLM's own types under this pydantic: a warning about LiteLLM's code, not about omx's wire.
     pytest.mark.filterwarnings("ignore:Item '.*' on TypedDict class .* `ReadOnly` qualifier:UserWarning"),
+    # LlamaIndex and LiteLLM keep HTTP clients they never close: their sockets' warnings are about them.
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
 ]
 
 TOKENS = 8
@@ -98,6 +102,15 @@ def offline() -> Iterator[_Offline]:
     finally:
         guard.uninstall()
     assert guard.attempts == [], f"a library tried to reach the network: {guard.attempts}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _collect_library_clients() -> Iterator[None]:
+    """Collect the clients those libraries dropped while their warnings are still silenced here."""
+    yield
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
 
 
 def _load(offline: _Offline, name: str) -> ModuleType:

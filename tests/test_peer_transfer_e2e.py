@@ -183,6 +183,7 @@ def test_a_receiver_killed_mid_transfer_resumes_without_fetching_what_it_held(sw
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
+        proc.stderr.close()  # type: ignore[union-attr]
     state = read_partial_state(BlobStore(root, chunk_size=CHUNK), blob.digest)
     assert state is not None
     held_bytes = sum(min(CHUNK, blob.size - i * CHUNK) for i in state.held())

@@ -86,24 +86,27 @@ async def test_ollama_client_push_then_pull_into_empty_store(server: RegistrySer
     source_manifest = server.add_model("library/orig", "latest", config, layers)
     target = await RegistryServer(host="127.0.0.3").start()
     try:
-        async with api_node(tmp_path / "a", server.netloc) as a:
+        async with api_node(tmp_path / "a", server.netloc) as a, httpx.AsyncClient(base_url=a.url) as http:
             client = ollama.AsyncClient(host=a.url)
             pulled = [p async for p in await client.pull("orig", stream=True)]
             assert pulled[-1].status == "success"
             assert any(p.digest and p.total and p.completed for p in pulled)
             copy = {"source": f"{server.netloc}/library/orig:latest", "destination": f"{target.netloc}/team/copy:v1"}
-            copied = await httpx.AsyncClient(base_url=a.url).post("/api/copy", json=copy)
+            copied = await http.post("/api/copy", json=copy)
             assert copied.status_code == 200
             pushed = [p async for p in await client.push(f"{target.netloc}/team/copy:v1", insecure=True,
                                                           stream=True)]
+            await client.close()
         statuses = [p.status for p in pushed]
         assert statuses[0] == "retrieving manifest" and statuses[-2:] == ["pushing manifest", "success"]
         assert all(s.startswith("pushing ") for s in statuses[1:-2])
         assert any(p.digest and p.total == p.completed for p in pushed)
-        async with api_node(tmp_path / "b", target.netloc) as b:
-            final = await ollama.AsyncClient(host=b.url).pull("team/copy:v1", insecure=True, stream=False)
+        async with api_node(tmp_path / "b", target.netloc) as b, httpx.AsyncClient(base_url=b.url) as http_b:
+            client = ollama.AsyncClient(host=b.url)
+            final = await client.pull("team/copy:v1", insecure=True, stream=False)
+            await client.close()
             assert final.status == "success"
-            tags = (await httpx.AsyncClient(base_url=b.url).get("/api/tags")).json()["models"]
+            tags = (await http_b.get("/api/tags")).json()["models"]
     finally:
         await target.stop()
     manifest = Manifest.from_bytes(source_manifest)

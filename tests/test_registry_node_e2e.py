@@ -36,8 +36,8 @@ async def test_ollama_client_pull_run_push_and_pull_elsewhere(tmp_path: Path, ti
     manifest = Manifest.from_bytes(source.add_model("library/tiny", "v1", CONFIG, layers))
     a = await _node(tmp_path / "a", source.netloc)
     b = None
+    client = ollama.AsyncClient(host=a.url, timeout=120)
     try:
-        client = ollama.AsyncClient(host=a.url, timeout=120)
         progress = [p async for p in await client.pull("tiny:v1", stream=True)]
         assert progress[0].status == "pulling manifest" and progress[-1].status == "success"
         layer_lines = [p for p in progress if p.digest]
@@ -54,7 +54,9 @@ async def test_ollama_client_pull_run_push_and_pull_elsewhere(tmp_path: Path, ti
         assert pushed[0].status == "retrieving manifest" and pushed[-1].status == "success"
 
         b = await _node(tmp_path / "b", target.netloc)
-        final = await ollama.AsyncClient(host=b.url, timeout=120).pull("team/tiny:v2", stream=False)
+        client_b = ollama.AsyncClient(host=b.url, timeout=120)
+        final = await client_b.pull("team/tiny:v2", stream=False)
+        await client_b.close()
         assert final.status == "success"
         async with httpx.AsyncClient(base_url=b.url) as http:
             shown = (await http.post("/api/show", json={"model": dest})).json()
@@ -65,6 +67,7 @@ async def test_ollama_client_pull_run_push_and_pull_elsewhere(tmp_path: Path, ti
             held_b = tmp_path / "b" / "data" / "models" / "blobs" / name
             assert await asyncio.to_thread(held_a.read_bytes) == await asyncio.to_thread(held_b.read_bytes)
     finally:
+        await client.close()
         await asyncio.to_thread(a.stop)
         if b is not None:
             await asyncio.to_thread(b.stop)

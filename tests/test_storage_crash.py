@@ -22,22 +22,22 @@ def _run_child(root: Path, scratch: Path, *, crash_at: int | None, seed: int) ->
     env = {**os.environ, "OMX_CRASH_SEED": str(seed)}
     if crash_at is not None:
         env["OMX_CRASH_AT"] = str(crash_at)
-    proc = subprocess.Popen(
+    with subprocess.Popen(  # leaving the block closes the pipes
         [sys.executable, "-m", "tests.support.storage_crash_child", str(root), str(scratch)],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        if crash_at is None:
-            assert proc.stdout is not None
-            assert proc.stdout.readline().strip() == "started", proc.stderr.read() if proc.stderr else ""
-            # A random moment: wherever the child happens to be.
-            time.sleep(random.Random(seed).uniform(0.05, 0.6))
-            proc.send_signal(signal.SIGKILL)
-        return proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
+    ) as proc:
+        try:
+            if crash_at is None:
+                assert proc.stdout is not None
+                assert proc.stdout.readline().strip() == "started", proc.stderr.read() if proc.stderr else ""
+                # A random moment: wherever the child happens to be.
+                time.sleep(random.Random(seed).uniform(0.05, 0.6))
+                proc.send_signal(signal.SIGKILL)
+            return proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
 
 
 def _assert_consistent(root: Path, *, deep: bool = False) -> int:
