@@ -309,8 +309,8 @@ def test_a_receiver_killed_mid_transfer_resumes_without_refetching(cluster: Clus
     assert 6 <= held < total_chunks
     cluster.wait_status(sources, d.node_id, "failed")
     before = served_total(sources)
-    d.start((), slow)
-    cluster.wait_alive(sources + [d], sources + [d])
+    d.start((), slow)  # no --join: it rejoins from its own Serf snapshot
+    cluster.wait_alive(sources + [d], sources + [d], timeout=90.0)
     wait_until(lambda: MODEL in local_models(d), timeout=DEADLINE, interval=0.25, what="D to complete the model")
     assert sha256_of(blob_path(d, digest)) == digest
     served = served_total(sources) - before
