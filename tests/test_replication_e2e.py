@@ -22,12 +22,11 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from omx.storage import BlobStore
 from omx.storage.partial import read_partial_state
 from omx.types import BlobDigest
-from tests.support.cluster import Cluster, ClusterNode, start_cluster
+from tests.support.cluster import Cluster, ClusterNode, metric, start_cluster
 from tests.support.node import create_model, wait_until
 from tests.support.transfer import sha256_of, write_big_gguf
 
@@ -69,14 +68,6 @@ def local_models(node: ClusterNode) -> set[str]:
 def blob_path(node: ClusterNode, digest: str) -> Path:
     return node.home / "data" / "models" / "blobs" / digest.replace(":", "-")
 
-
-def metric(node: ClusterNode, name: str, **labels: str) -> float:
-    text = httpx.get(node.url + "/metrics", timeout=10).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return 0.0
 
 
 def post(node: ClusterNode, path: str, body: Any) -> httpx.Response:

@@ -37,7 +37,6 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from omx.errors import PeerError
 from omx.runtime.peer.transfers import Transfers
@@ -47,7 +46,7 @@ from omx.storage import ModelStore
 from omx.storage.holdings_meta import HoldingsMeta
 from omx.storage.placement import ClusterSnapshot
 from omx.types import BlobDigest, NodeId
-from tests.support.cluster import Cluster, ClusterNode, start_cluster
+from tests.support.cluster import Cluster, ClusterNode, metric, start_cluster
 from tests.support.node import create_model, wait_until
 from tests.support.placement import cluster as placement_cluster
 from tests.support.placement import holdings
@@ -137,14 +136,6 @@ def status(node: ClusterNode) -> dict[str, Any]:
 def transfer(node: ClusterNode, model: str) -> dict[str, Any] | None:
     return next((t for t in status(node)["transfers"] if t["model"] == model), None)
 
-
-def metric(node: ClusterNode, name: str, **labels: str) -> float:
-    text = httpx.get(node.url + "/metrics", timeout=10).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return 0.0
 
 
 def received(node: ClusterNode) -> float:

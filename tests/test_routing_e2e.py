@@ -17,10 +17,9 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import TINY_TEMPLATE
-from tests.support.cluster import Cluster, ClusterNode, start_cluster
+from tests.support.cluster import Cluster, ClusterNode, metric, start_cluster
 from tests.support.node import create_model, wait_until
 from tests.support.tiny_gguf import write_tiny_llama
 
@@ -58,14 +57,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) -> Iterat
 def held_by(node: ClusterNode) -> dict[str, list[str]]:
     return {m["name"]: m.get("held_by") for m in node.get("/api/tags")["models"]}
 
-
-def metric(host: ClusterNode, name: str, **labels: str) -> float:
-    text = httpx.get(host.url + "/metrics", timeout=10).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return 0.0
 
 
 def post(node: ClusterNode, path: str, body: dict[str, Any], timeout: float = 60.0) -> httpx.Response:

@@ -35,6 +35,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.node import NodeProcess, start_node, wait_until
 from tests.support.serf import require_serf, serf_pids
@@ -286,3 +287,13 @@ def cluster3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield cluster
     finally:
         cluster.close()
+
+
+def metric(host: ClusterNode, name: str, /, **labels: str) -> float:
+    """The value of one sample of ``host``'s ``/metrics`` (0 when the series does not exist yet)."""
+    text = httpx.get(host.url + "/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
