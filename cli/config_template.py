@@ -39,7 +39,7 @@ SECTIONS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
     ("models", "The content-addressed model store.", [
         ("store_path", "null", "Where models live (default: $OMX_HOME/data/models)."),
         ("max_cache_size", "10GB", "Size above which least-recently-used models may be evicted "
-                                   "(only where another replica exists). Units: MB, GB, GiB..."),
+                                   "(only where another replica exists); 0: no limit. Units: MB, GB, GiB..."),
         ("auto_cleanup", "true", "Evict beyond max_cache_size automatically."),
         ("download_timeout", "30m", "Give up one blob's download from a registry (or its upload by "
                                    "'omx push') after this long (30s, 5m, 1h)."),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from pathlib import Path
@@ -95,3 +96,18 @@ def test_a_real_node_serves_its_holdings_with_the_gossiped_version(cluster3: Clu
             break
         time.sleep(0.2)
     assert seen == {parsed.version}
+
+
+@pytest.mark.parametrize(("size", "limit"), [("0", None), ("1GB", 10**9)])
+def test_max_cache_size_zero_means_no_limit_for_placement(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           size: str, limit: int | None) -> None:
+    from omx.runtime.config import load_settings
+    from omx.runtime.node import Node
+
+    monkeypatch.setenv("OMX_HOME", str(tmp_path))
+    monkeypatch.setenv("OMX_MODELS__MAX_CACHE_SIZE", size)
+    node = Node(load_settings())
+    asyncio.run(node.cluster.local.refresh())
+    holdings = node.cluster.local.current()
+    assert holdings.cache_limit == limit
+    assert holdings.room > 0

@@ -80,7 +80,8 @@ class ClusterService:
         self.bus = EventBus()
         self.metrics = NodeMetrics(store.root)
         self.meta = HoldingsMeta(store.root)
-        self.local = LocalInventory(store, self.meta, cache_limit=settings.models.max_cache_size)
+        # models.max_cache_size 0 means no limit, for placement as for eviction.
+        self.local = LocalInventory(store, self.meta, cache_limit=settings.models.max_cache_size or None)
         self.sampler = ResourceSampler(settings.store_path)
         self.secret = resolution.secret
         self.peers = PeerInventories(node_id, key=lambda: self.secret.peer_auth_key())
