@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import json
 import os
 import shutil
 import socket
@@ -45,6 +44,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+from _node import start_node
 from blake3 import blake3
 
 from omx.mesh import ClusterSecret
@@ -56,21 +56,7 @@ from omx.types import NodeId
 
 
 def _start_node(home: Path, chunk: int) -> tuple[subprocess.Popen[bytes], dict[str, object]]:
-    env = {**os.environ, "OMX_HOME": str(home), "OMX_P2P__PORT": "0", "OMX_WEB__ENABLED": "false",
-           "OMX_MODELS__CHUNK_SIZE": str(chunk)}
-    proc = subprocess.Popen([sys.executable, "-c", "from omx.cli.main import main; main()", "start",
-                             "--host", "127.0.0.1", "--api-port", "0"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    node_json = home / "run" / "node.json"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if node_json.exists():
-            info = json.loads(node_json.read_text())
-            if info.get("pid") == proc.pid:
-                return proc, info
-        time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("the node did not start")
+    return start_node(home, {"OMX_WEB__ENABLED": "false", "OMX_MODELS__CHUNK_SIZE": str(chunk)})
 
 
 def _free_port() -> int:

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
+
+from _node import start_node
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -30,20 +29,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 
 
 def _start_node(home: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
-    env = {**os.environ, "OMX_HOME": str(home), "OMX_P2P__PORT": "0", "OMX_WEB__PORT": "0"}
-    proc = subprocess.Popen([sys.executable, "-c", "from omx.cli.main import main; main()", "start",
-                             "--host", "127.0.0.1", "--api-port", "0"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    node_json = home / "run" / "node.json"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if node_json.exists():
-            info = json.loads(node_json.read_text())
-            if info.get("pid") == proc.pid and info.get("web_port"):
-                return proc, info
-        time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("the node did not start")
+    return start_node(home, {"OMX_WEB__PORT": "0"}, ready=lambda info: bool(info.get("web_port")))
 
 
 def _round(context: Any, url: str, node_id: str) -> dict[str, float]:
