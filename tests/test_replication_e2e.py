@@ -27,7 +27,7 @@ from omx.storage import BlobStore
 from omx.storage.partial import read_partial_state
 from omx.types import BlobDigest
 from tests.support.cluster import Cluster, ClusterNode, metric, start_cluster
-from tests.support.node import create_model, wait_until
+from tests.support.node import create_model, start_node, wait_until
 from tests.support.transfer import sha256_of, write_big_gguf
 
 pytestmark = [pytest.mark.serf, pytest.mark.e2e]
@@ -307,3 +307,25 @@ def test_a_receiver_killed_mid_transfer_resumes_without_refetching(cluster: Clus
     served = served_total(sources) - before
     # After the restart only the chunks D had not saved were sent again.
     assert served <= size - held * CHUNK + CHUNK, (served, size, held)
+
+
+def test_verify_exits_1_when_no_peer_can_repair(tmp_path: Path, gguf: Path) -> None:
+    """A lone node: the damage is found and reported, the blob is no longer served, and the CLI exits 1."""
+    node = start_node(tmp_path / "lone", env={"OMX_MODELS__CHUNK_SIZE": str(CHUNK)})
+    try:
+        with node.client() as client:
+            create_model(client, "lone:latest", gguf)
+        digest = sha256_of(gguf)
+        path = tmp_path / "lone" / "data" / "models" / "blobs" / digest.replace(":", "-")
+        data = bytearray(path.read_bytes())
+        data[CHUNK + 5] ^= 0x01
+        path.write_bytes(bytes(data))
+        result = omx("--host", node.url, "verify", "lone")
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "1 damaged, 0 repaired, 1 unrepaired" in result.stdout and "Traceback" not in result.stderr
+        assert "NOT repaired" in result.stdout
+        assert BlobStore(tmp_path / "lone" / "data" / "models", chunk_size=CHUNK).has(BlobDigest(digest))
+        # Marked damaged: the peer endpoints will not serve it.
+        assert (tmp_path / "lone" / "data" / "models" / "damaged" / digest.replace(":", "-")).is_file()
+    finally:
+        node.stop()
