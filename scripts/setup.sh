@@ -13,7 +13,7 @@ extras="demo"
 # util-linux: setpriv, with which the serf agent dies with its node. b3sum and curl: the baselines
 # bench/peer_transfer.py measures against. iproute2: ip and tc, with which bench/replication.py builds
 # its rate-limited network namespaces.
-apt_packages=(serf util-linux docker-registry cmake build-essential python3-venv python3-dev curl b3sum iproute2)
+apt_packages=(serf util-linux docker-registry cmake build-essential python3-venv python3-dev curl b3sum iproute2 bubblewrap)
 # node and npm (unless some install of node already brings npm): the official Ollama JavaScript
 # client, driven by tests/test_integrations.py.
 if [ "${1:-}" = "--test" ] && ! command -v npm >/dev/null; then apt_packages+=(nodejs npm); fi
