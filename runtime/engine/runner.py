@@ -69,6 +69,10 @@ class _Channel:
 def _load_backend(config: dict[str, Any]) -> Any:
     backend = config.get("backend", "llama-cpp")
     if backend == "llama-cpp":
+        if config.get("batching", True):
+            from omx.runtime.engine._batch_backend import BatchBackend
+
+            return BatchBackend(config)
         from omx.runtime.engine._llama_backend import LlamaBackend
 
         return LlamaBackend(config)
@@ -87,14 +91,22 @@ class _Server:
         # belong to the thread that drives them, and building a team for a fresh
         # thread on every request cost ~15 ms of time to first token.
         self._jobs: queue.SimpleQueue[tuple[int, dict[str, Any], threading.Event]] = queue.SimpleQueue()
-        for slot in range(len(backend.slots)):
+        # A batching backend runs its own decode loop; the others get one thread per slot.
+        self._batching = bool(getattr(backend, "batching", False))
+        for slot in range(0 if self._batching else len(backend.slots)):
             threading.Thread(target=self._slot_worker, args=(slot,), daemon=True, name=f"omx-slot-{slot}").start()
         self._cancels: dict[int, threading.Event] = {}
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="omx-runner-io")
 
     def dispatch(self, frame: list[Any]) -> None:
         op, rid = frame[0], frame[1]
-        if op == "complete":
+        if op == "complete" and self._batching:
+            send = self._channel.send
+            self._backend.submit(rid, frame[2], lambda text: send(["t", rid, text]),
+                                 lambda kind, value: self._finished(rid, kind, value))
+        elif op == "cancel" and self._batching:
+            self._backend.cancel(rid)
+        elif op == "complete":
             cancel = threading.Event()
             self._cancels[rid] = cancel
             self._jobs.put((rid, frame[2], cancel))
@@ -110,6 +122,12 @@ class _Server:
             self._pool.submit(self._one_shot, rid, self._embed, frame[2], bool(frame[3]), bool(frame[4]))
         else:
             self._channel.send(["err", rid, ERR_ENGINE, f"unknown operation {op!r}"])
+
+    def _finished(self, rid: int, kind: str, value: Any) -> None:
+        if kind == "done":
+            self._channel.send(["done", rid, value])
+        else:
+            self._channel.send(["err", rid, kind, value])
 
     def _embed(self, inputs: list[str], normalize: bool, truncate: bool) -> list[Any]:
         vectors, count = self._backend.embed(inputs, normalize, truncate)

@@ -1,0 +1,341 @@
+"""The continuous-batching llama.cpp backend, as it runs inside a runner process.
+
+One model, one ``llama_context`` with ``n_seq_max = n_parallel`` sequences,
+each with its own part of the KV cache (``n_ctx`` cells per sequence; the
+context holds ``n_ctx × n_parallel``). One thread runs the decode loop; every
+step it builds one batch holding the next token of every generating request
+plus prompt tokens of requests still being read, calls ``llama_decode`` once,
+and samples each request that produced logits with that request's own sampler
+chain (:mod:`._sequence`). Requests join and leave between steps.
+
+*Chunked prefill*: while other requests are generating, a prompt enters at
+most ``prefill_chunk`` tokens per step, so a long prompt delays the running
+streams by one chunk's worth of compute per token, never by the whole prompt.
+A request alone decodes its prompt in ``n_batch`` pieces, as
+``Llama.create_completion`` does, so its output is llama-cpp-python's.
+
+*Prefix reuse*: a finished request leaves its cells in its sequence. A new
+request goes to the free sequence whose cached tokens share the longest
+prefix with its prompt and decodes only the rest (a chat that continues
+re-reads nothing it has read before).
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import multiprocessing
+import threading
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import llama_cpp
+from llama_cpp import _internals as internals
+
+from omx.runtime.engine._sequence import Generation, build_sampler, prompt_tokens
+from omx.runtime.engine._wire import ERR_CANCELLED, ERR_ENGINE, ERR_INVALID, ERR_UNSUPPORTED, RequestError
+from omx.runtime.engine.cpu_quirks import avoid_broken_amx
+
+__all__ = ["BatchBackend", "Finish", "common_prefix"]
+
+Finish = Callable[[str, Any], None]
+"""``finish("done", body)`` or ``finish(error_kind, message)``: how a request ends."""
+
+DEFAULT_PREFILL_CHUNK = 128
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class _Slot:
+    """One sequence of the context and the tokens its cache cells hold."""
+
+    __slots__ = ("cached", "gen", "seq", "used")
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+        self.cached: list[int] = []
+        self.gen: Generation | None = None
+        self.used = 0
+
+
+class BatchBackend:
+    """Serves ``config['n_parallel']`` concurrent generations from one context by continuous batching."""
+
+    batching = True
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self._config = config
+        avoid_broken_amx()
+        adapters = config.get("adapters") or []
+        if len(adapters) > 1:
+            raise RequestError(ERR_UNSUPPORTED, "llama-cpp-python applies at most one LoRA adapter")
+        verbose = bool(config.get("verbose", False))
+        self.n_parallel = max(1, int(config.get("n_parallel", 1)))
+        n_ctx = int(config["n_ctx"])
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = int(config.get("n_gpu_layers", 0))
+        mparams.use_mmap = bool(config.get("use_mmap", True))
+        self.model = internals.LlamaModel(path_model=str(config["model_path"]), params=mparams, verbose=verbose)
+        if n_ctx == 0:
+            n_ctx = self.model.n_ctx_train()
+        # As llama_cpp.Llama sets them, so a request alone computes what Llama computes.
+        self.n_batch = max(min(n_ctx, int(config["n_batch"])), self.n_parallel)
+        cpus = multiprocessing.cpu_count()
+        self.n_threads = int(config.get("n_threads") or max(cpus // 2, 1))
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx * self.n_parallel
+        cparams.n_batch = self.n_batch
+        cparams.n_ubatch = min(self.n_batch, 512)
+        cparams.n_seq_max = self.n_parallel
+        cparams.kv_unified = False
+        cparams.n_threads = self.n_threads
+        cparams.n_threads_batch = cpus
+        cparams.rope_scaling_type = llama_cpp.LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED
+        cparams.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED
+        cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cparams.embeddings = False
+        self._context = internals.LlamaContext(model=self.model, params=cparams, verbose=verbose)
+        self.ctx = self._context.ctx
+        self._adapter = None
+        if adapters:
+            self._adapter = llama_cpp.llama_adapter_lora_init(self.model.model, str(adapters[0]).encode("utf-8"))
+            if self._adapter is None:
+                raise RequestError(ERR_INVALID, f"failed to load LoRA adapter {adapters[0]}")
+            arr = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._adapter)
+            if llama_cpp.llama_set_adapters_lora(self.ctx, arr, 1, (ctypes.c_float * 1)(1.0)):
+                raise RequestError(ERR_INVALID, f"failed to apply LoRA adapter {adapters[0]}")
+        self.n_ctx_seq = int(llama_cpp.llama_n_ctx_seq(self.ctx))
+        self._memory = llama_cpp.llama_get_memory(self.ctx)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.prefill_chunk = max(1, int(config.get("prefill_chunk") or DEFAULT_PREFILL_CHUNK))
+        self.metadata = self.model.metadata()
+        self._slots = [_Slot(seq) for seq in range(self.n_parallel)]
+        self._uses = 0
+        self._lock = threading.Condition()
+        self._incoming: collections.deque[tuple[int, dict[str, Any], Callable[[str], None], Finish]] = (
+            collections.deque())
+        self._cancelled: set[int] = set()
+        self._finishers: dict[int, tuple[Finish, bool]] = {}
+        self._embedder: llama_cpp.Llama | None = None
+        self._embed_lock = threading.Lock()
+        self.steps = 0
+        """Decode calls made so far."""
+        threading.Thread(target=self._run, daemon=True, name="omx-decode").start()
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "backend": "llama-cpp",
+            "batching": True,
+            "n_ctx": self.n_ctx_seq,
+            "n_ctx_train": self.model.n_ctx_train(),
+            "n_vocab": self.model.n_vocab(),
+            "n_embd": self.model.n_embd(),
+            "n_parallel": self.n_parallel,
+            "n_threads": self.n_threads,
+            "n_gpu_layers": int(self._config.get("n_gpu_layers", 0)),
+            "chat_template": self.metadata.get("tokenizer.chat_template"),
+        }
+
+    # ------------------------------------------------------------ requests (any thread)
+
+    def submit(self, rid: int, req: dict[str, Any], emit: Callable[[str], None], finish: Finish) -> None:
+        """Queue generation ``rid``; it ends with exactly one call of ``finish``."""
+        with self._lock:
+            self._incoming.append((rid, req, emit, finish))
+            self._lock.notify()
+
+    def cancel(self, rid: int) -> None:
+        """Stop generation ``rid`` before the next step (its ``finish`` gets ``cancelled``)."""
+        with self._lock:
+            self._cancelled.add(rid)
+            self._lock.notify()
+
+    def tokenize(self, text: str, add_special: bool) -> list[int]:
+        return list(self.model.tokenize(text.encode("utf-8"), add_special, True))
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return bytes(self.model.detokenize(list(tokens))).decode("utf-8", errors="replace")
+
+    def embed(self, inputs: Sequence[str], normalize: bool, truncate: bool) -> tuple[list[list[float]], int]:
+        with self._embed_lock:
+            if self._embedder is None:
+                self._embedder = self._make_embedder()
+            try:
+                vectors, count = self._embedder.embed(list(inputs), normalize=normalize, truncate=truncate,
+                                                      return_count=True)
+            except ValueError as exc:  # input longer than the context without truncate
+                raise RequestError(ERR_INVALID, str(exc)) from exc
+        return [list(map(float, v)) for v in vectors], int(count)
+
+    def _make_embedder(self) -> llama_cpp.Llama:
+        config = self._config
+        n_ctx = int(config["n_ctx"])
+        arch = self.metadata.get("general.architecture", "")
+        declared = self.metadata.get(f"{arch}.pooling_type")
+        kwargs: dict[str, Any] = {
+            "model_path": str(config["model_path"]), "n_ctx": n_ctx, "n_batch": n_ctx, "n_ubatch": n_ctx,
+            "n_gpu_layers": int(config.get("n_gpu_layers", 0)), "use_mmap": bool(config.get("use_mmap", True)),
+            "verbose": bool(config.get("verbose", False)), "embedding": True,
+            "pooling_type": int(declared) if declared is not None else llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+        }
+        if config.get("n_threads"):
+            kwargs["n_threads"] = config["n_threads"]
+        if config.get("adapters"):
+            kwargs["lora_path"] = str(config["adapters"][0])
+        return llama_cpp.Llama(**kwargs)
+
+    # ------------------------------------------------------------ the decode loop (its own thread)
+
+    def _run(self) -> None:
+        waiting: collections.deque[tuple[int, dict[str, Any], Callable[[str], None], Finish]] = collections.deque()
+        while True:
+            with self._lock:
+                while not (self._incoming or self._cancelled or self._busy()
+                           or (waiting and self._free_slot_exists())):
+                    self._lock.wait()
+                waiting.extend(self._incoming)
+                self._incoming.clear()
+                cancelled, self._cancelled = self._cancelled, set()
+            try:
+                self._apply_cancels(cancelled, waiting)
+                while waiting and self._free_slot_exists():
+                    self._admit(*waiting.popleft())
+                if self._busy():
+                    self._step()
+            except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the runner
+                traceback.print_exc()
+                self._fail_all(f"{type(exc).__name__}: {exc}")
+
+    def _busy(self) -> bool:
+        return any(slot.gen is not None for slot in self._slots)
+
+    def _free_slot_exists(self) -> bool:
+        return any(slot.gen is None for slot in self._slots)
+
+    def _apply_cancels(self, cancelled: set[int], waiting: collections.deque[Any]) -> None:
+        if not cancelled:
+            return
+        for item in [w for w in waiting if w[0] in cancelled]:
+            waiting.remove(item)
+            item[3](ERR_CANCELLED, "generation cancelled")
+        for slot in self._slots:
+            if slot.gen is not None and slot.gen.rid in cancelled:
+                self._end(slot, ERR_CANCELLED, "generation cancelled")
+
+    def _admit(self, rid: int, req: dict[str, Any], emit: Callable[[str], None], finish: Finish) -> None:
+        try:
+            tokens, strip_space = prompt_tokens(self.model, req)
+            if len(tokens) >= self.n_ctx_seq:
+                raise RequestError(ERR_INVALID, f"Requested tokens ({len(tokens)}) exceed context window of "
+                                                f"{self.n_ctx_seq}")
+            opts: dict[str, Any] = req["options"]
+            num_predict = int(opts.get("num_predict", -1))
+            room = self.n_ctx_seq - len(tokens)
+            max_tokens = room if num_predict <= 0 or num_predict + len(tokens) >= self.n_ctx_seq else num_predict
+            if strip_space:  # the BOS that opens an empty prompt's output counts toward max_tokens
+                max_tokens = max(1, max_tokens - 1)
+            sampler = build_sampler(self.model, opts, self.n_ctx_seq)
+        except RequestError as exc:
+            finish(exc.kind, exc.message)
+            return
+        slot = self._pick_slot(tokens)
+        gen = Generation(rid, self.model, tokens, sampler, seq=slot.seq, max_tokens=max_tokens,
+                         stop=opts.get("stop") or (), strip_space=strip_space, emit=emit)
+        reuse = min(common_prefix(slot.cached, tokens), len(tokens) - 1)
+        if reuse < len(slot.cached) and not llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, reuse, -1):
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
+            reuse = 0
+        slot.cached = tokens[:reuse]
+        gen.reused = reuse
+        gen.pos = reuse
+        gen.pending = tokens[reuse:]
+        self._uses += 1
+        slot.used = self._uses
+        slot.gen = gen
+        self._finishers[rid] = (finish, bool(req.get("return_context")))
+
+    def _pick_slot(self, tokens: list[int]) -> _Slot:
+        free = [slot for slot in self._slots if slot.gen is None]
+        return max(free, key=lambda s: (common_prefix(s.cached, tokens), -s.used))
+
+    def _step(self) -> None:
+        batch = self._batch
+        active = [slot for slot in self._slots if slot.gen is not None]
+        samplers: list[tuple[int, _Slot]] = []
+        n = 0
+        generating = False
+        for slot in active:
+            gen = slot.gen
+            assert gen is not None
+            if not gen.pending:
+                self._put(n, gen.completion[-1], gen.pos, slot.seq, True)
+                slot.cached.append(gen.completion[-1])
+                gen.pos += 1
+                samplers.append((n, slot))
+                n += 1
+                generating = True
+        budget = self.n_batch - n
+        if generating:
+            budget = min(budget, self.prefill_chunk)
+        for slot in sorted(active, key=lambda s: s.used):
+            gen = slot.gen
+            assert gen is not None
+            if not gen.pending or budget <= 0:
+                continue
+            take = min(len(gen.pending), budget)
+            chunk, gen.pending = gen.pending[:take], gen.pending[take:]
+            for k, token in enumerate(chunk):
+                self._put(n, token, gen.pos + k, slot.seq, k == take - 1)
+                n += 1
+            gen.pos += take
+            slot.cached.extend(chunk)
+            budget -= take
+            if not gen.pending:
+                samplers.append((n - 1, slot))
+        batch.n_tokens = n
+        code = llama_cpp.llama_decode(self.ctx, batch)
+        self.steps += 1
+        if code != 0:
+            raise RuntimeError(f"llama_decode returned {code}")
+        for index, slot in samplers:
+            gen = slot.gen
+            assert gen is not None
+            token = llama_cpp.llama_sampler_sample(gen.sampler, self.ctx, index)
+            if not gen.accept(token):
+                self._end(slot, "done", None)
+
+    def _put(self, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
+        batch = self._batch
+        batch.token[i] = token
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq
+        batch.logits[i] = logits
+
+    def _end(self, slot: _Slot, kind: str, message: str | None) -> None:
+        gen = slot.gen
+        assert gen is not None
+        slot.gen = None
+        finish, return_context = self._finishers.pop(gen.rid)
+        try:
+            if kind == "done":
+                finish("done", gen.done(return_context=return_context))
+            else:
+                finish(kind, message)
+        finally:
+            gen.close()
+
+    def _fail_all(self, message: str) -> None:
+        for slot in self._slots:
+            if slot.gen is not None:
+                self._end(slot, ERR_ENGINE, message)
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
+            slot.cached = []
