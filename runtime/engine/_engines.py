@@ -18,8 +18,13 @@ class _SubprocessEngine:
 
     def __init__(self, num_thread: int | None = None, *, load_timeout: float = 300.0,
                  token_timeout: float = 600.0, python: str | None = None,
-                 env: dict[str, str] | None = None, verbose: bool = False) -> None:
+                 env: dict[str, str] | None = None, verbose: bool = False, batching: bool = True,
+                 prefill_chunk: int | None = None) -> None:
         self.num_thread = num_thread
+        self.batching = batching
+        """llama-cpp: serve parallel requests from one context by continuous batching (False: one context each)."""
+        self.prefill_chunk = prefill_chunk
+        """Most prompt tokens one decode step takes while other requests generate (None: the runner's default)."""
         self.load_timeout = load_timeout
         self.token_timeout = token_timeout
         self.python = python
@@ -40,6 +45,8 @@ class _SubprocessEngine:
             "n_parallel": max(1, spec.num_parallel),
             "use_mmap": spec.use_mmap,
             "verbose": self.verbose,
+            "batching": self.batching,
+            "prefill_chunk": self.prefill_chunk,
         }
 
     async def start(self, spec: ModelSpec) -> ProcessRunner:

@@ -1,0 +1,158 @@
+"""Continuous batching: parallel requests are sequences of one llama.cpp context, decoded together."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from omx.protocols import Completion, CompletionChunk, CompletionDone, SamplingOptions
+from omx.runtime.engine import LlamaCppEngine, ProcessRunner
+from tests.support.serf import eventually
+from tests.support.tiny_gguf import write_tiny_llama
+from tests.test_engine_llama import bare, bare_kwargs, collect, spec_for
+
+GREEDY = SamplingOptions(temperature=0.0, num_predict=32)
+PROMPTS = ["hello world", "the sky is blue", "why", "one two three four", "water people time", "make thing see"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("gguf")
+    return {
+        "plain": write_tiny_llama(root / "plain.gguf", seed=1),
+        "long": write_tiny_llama(root / "long.gguf", seed=5, n_ctx=8192),
+    }
+
+
+@pytest.fixture
+async def runner(models: dict[str, Path]):
+    r = await LlamaCppEngine().start(spec_for(models["plain"], num_parallel=4))
+    yield r
+    await r.close()
+
+
+async def test_concurrent_requests_carry_only_their_own_text(models: dict[str, Path], runner: ProcessRunner) -> None:
+    assert runner.info["batching"] is True and runner.info["n_parallel"] == 4
+    llm = bare(models["plain"])
+    alone = [llm.create_completion(p, **bare_kwargs(GREEDY))["choices"][0]["text"] for p in PROMPTS]
+    # Six requests on four sequences: two wait for a sequence, then join the running batch.
+    results = await asyncio.gather(*(collect(runner, Completion(p, GREEDY)) for p in PROMPTS))
+    identical = 0
+    for prompt, (chunks, done), expected in zip(PROMPTS, results, alone, strict=True):
+        text = "".join(chunks)
+        assert expected.startswith(chunks[0]), "a request must start exactly as it does alone"
+        assert done.eval_count == 32 and done.prompt_eval_count == len(llm.tokenize(prompt.encode()))
+        identical += text == expected
+    print(f"identical to the end: {identical}/{len(PROMPTS)}")
+    # llama.cpp's CPU kernels give this f32 model the same logits whatever the batch holds.
+    assert identical == len(PROMPTS)
+
+
+async def test_disconnect_frees_the_sequence_and_others_continue(models: dict[str, Path]) -> None:
+    runner = await LlamaCppEngine().start(spec_for(models["plain"], num_parallel=2))
+    try:
+        long = SamplingOptions(temperature=0.0, num_predict=200)
+        leaving = runner.complete(Completion("hello world", long))
+        staying = asyncio.ensure_future(collect(runner, Completion("the sky is blue", long)))
+        for _ in range(3):
+            assert isinstance(await leaving.__anext__(), CompletionChunk)
+        await leaving.aclose()
+        # Both sequences were taken: a newcomer runs at once only if the leaver's sequence was freed.
+        newcomer = await collect(runner, Completion("why", SamplingOptions(temperature=0.0, num_predict=4)))
+        assert newcomer[1].eval_count == 4
+        assert not staying.done(), "the newcomer must not have waited for the other stream to end"
+        chunks, done = await staying
+        await eventually(lambda: runner.cancelled_generations == 1, "the runner reports the cancel")
+    finally:
+        await runner.close()
+    expected = bare(models["plain"]).create_completion("the sky is blue", **bare_kwargs(long))["choices"][0]["text"]
+    assert done.eval_count == 200 and "".join(chunks) == expected
+
+
+async def test_mixed_options_per_request_are_honoured(models: dict[str, Path], runner: ProcessRunner) -> None:
+    llm = bare(models["plain"])
+    free = llm.create_completion("hello world", **bare_kwargs(GREEDY))["choices"][0]["text"]
+    stop = free.split()[len(free.split()) // 2]
+    stopping = SamplingOptions(temperature=0.0, num_predict=32, stop=(stop,))
+    seeded = SamplingOptions(temperature=0.9, top_k=20, top_p=0.8, min_p=0.02, seed=1234, num_predict=30,
+                             presence_penalty=0.3, frequency_penalty=0.2)
+    short = SamplingOptions(temperature=0.0, num_predict=5, repeat_penalty=1.5, repeat_last_n=4)
+    grammar = r'root ::= "{" "\"n\"" ":" [0-9]{1,3} "}"'
+    constrained = SamplingOptions(temperature=0.0, num_predict=20, grammar=grammar)
+    (s_chunks, s_done), (r_chunks, _), (h_chunks, h_done), (g_chunks, _) = await asyncio.gather(
+        collect(runner, Completion("hello world", stopping)),
+        collect(runner, Completion("the model", seeded)),
+        collect(runner, Completion("one two", short)),
+        collect(runner, Completion("data", constrained)),
+    )
+    assert "".join(s_chunks) == llm.create_completion("hello world", **bare_kwargs(stopping))["choices"][0]["text"]
+    assert s_done.done_reason == "stop" and stop not in "".join(s_chunks)
+    assert "".join(r_chunks) == llm.create_completion("the model", **bare_kwargs(seeded))["choices"][0]["text"]
+    short_bare = bare(models["plain"], last_n_tokens_size=4).create_completion("one two", **bare_kwargs(short))
+    assert "".join(h_chunks) == short_bare["choices"][0]["text"]
+    assert h_done.eval_count == 5 and h_done.done_reason == "length"
+    assert isinstance(json.loads("".join(g_chunks))["n"], int)
+
+
+async def test_a_long_prompt_enters_in_chunks_while_others_stream(models: dict[str, Path]) -> None:
+    chunk = 32
+    runner = await LlamaCppEngine(prefill_chunk=chunk).start(spec_for(models["long"], num_ctx=2048,
+                                                                       num_parallel=2))
+    events: list[str] = []
+
+    async def consume(name: str, request: Completion) -> CompletionDone:
+        async for item in runner.complete(request):
+            if isinstance(item, CompletionDone):
+                events.append(f"{name}:done")
+                return item
+            events.append(name)
+        raise AssertionError("no done")
+
+    try:
+        streaming = asyncio.ensure_future(consume("s", Completion("hello", SamplingOptions(temperature=0.0,
+                                                                                           num_predict=600))))
+        await eventually(lambda: events.count("s") >= 3, "the first stream is generating")
+        prompt = "the sky " * 300
+        n_prompt = len(await runner.tokenize(prompt))
+        mark = len(events)
+        long_done = await consume("l", Completion(prompt, SamplingOptions(temperature=0.0, num_predict=2)))
+        first_long = events.index("l", mark)
+        during = events[mark:first_long].count("s")
+        await runner._call("tokenize", "x", True)  # the runner is still responsive
+        streaming.cancel()
+    finally:
+        await runner.close()
+    assert long_done.prompt_eval_count == n_prompt
+    # One decode step per chunk of the long prompt, each also carrying the stream's next token:
+    # without chunked prefill the stream would get one or two tokens while the prompt is read.
+    steps = -(-n_prompt // chunk)
+    assert during >= steps // 2, f"stream got {during} tokens while a {n_prompt}-token prompt was read"
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_parallel_sequences_share_one_copy_of_the_weights(tmp_path: Path) -> None:
+    # Wide enough that the weights (~57 MB) dwarf the runtime: four contexts would hold four copies.
+    wide = write_tiny_llama(tmp_path / "wide.gguf", seed=9, n_layer=4, n_embd=512, n_ff=1536, n_head=8)
+    n_ctx, sizes = 256, {}
+    for parallel in (1, 4):
+        runner = await LlamaCppEngine().start(spec_for(wide, num_ctx=n_ctx, num_parallel=parallel))
+        try:
+            await asyncio.gather(*(collect(runner, Completion(f"hello world {i}", SamplingOptions(
+                temperature=0.0, num_predict=8))) for i in range(parallel)))
+            sizes[parallel] = _rss(runner.pid)
+        finally:
+            await runner.close()
+    kv_per_sequence = 2 * 4 * n_ctx * 512 * 2  # K and V, 4 layers, f16 cells of width n_embd
+    grew = sizes[4] - sizes[1]
+    print(f"RSS num_parallel 1: {sizes[1] / 1e6:.1f} MB, 4: {sizes[4] / 1e6:.1f} MB, +{grew / 1e6:.1f} MB")
+    assert grew <= 3 * kv_per_sequence + 16 * 2**20, "four sequences must cost their KV cache, not more weights"
