@@ -14,6 +14,7 @@ import click
 from omx.cli.client import NodeClient, ca_file, discover_url
 from omx.cli.cluster import cluster_group
 from omx.cli.config_cmd import config_group
+from omx.cli.fn import register as register_fn
 from omx.cli.import_ollama import register as register_import_ollama
 from omx.cli.models import copy_cmd, create_cmd, list_cmd, ps_cmd, rm_cmd, show_cmd
 from omx.cli.node import start_cmd, stop_cmd
@@ -112,6 +113,7 @@ cli.add_command(cluster_group)
 register_import_ollama(cli)
 register_pull(cli)
 register_replication(cli)
+register_fn(cli)
 
 
 def main() -> None:

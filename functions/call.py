@@ -13,6 +13,7 @@ from omx.types import NodeId
 
 if TYPE_CHECKING:
     from omx.functions.cluster_view import ClusterView, ServedBytes, UsageSink
+    from omx.functions.custom_view import CustomFunctions
     from omx.functions.registry import HandlerSpec
     from omx.functions.replication_view import ReplicationView
     from omx.functions.router import Router
@@ -68,6 +69,8 @@ class Services:
     """Told how many chunk bytes each peer response sent."""
     router: Router | None = None
     """Routes model-routed calls to the best holder and answers the cluster-wide views; None alone."""
+    functions: CustomFunctions | None = None
+    """The custom function host (deploy, serve, distribute); None on nodes built without one."""
 
 
 async def _no_body() -> AsyncIterator[bytes]:

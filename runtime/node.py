@@ -29,6 +29,7 @@ from omx.runtime.cluster import ClusterService
 from omx.runtime.cluster.peer_link import HttpPeerLink
 from omx.runtime.config import Settings
 from omx.runtime.engine import make_engine
+from omx.runtime.functions_host import FunctionsHost, function_host
 from omx.runtime.identity import load_or_create_node_id
 from omx.runtime.peer import Bandwidth, HttpPeerTransport, Transfers, TransferSettings
 from omx.runtime.registry_http import HttpxRegistryTransport
@@ -137,6 +138,11 @@ class Node:
         self.services.replication = ReplicationService(self.replicator)
         self.router = Router(self.node_id, self.peer_link, self.services, observer=self.cluster.metrics)
         self.services.router = self.dispatcher.router = self.router
+        self.functions: FunctionsHost = function_host(
+            self.node_id, self.settings.home, self.registry, self.dispatcher, lambda: self.services,
+            self.peer_link, self._alive_peers, self.cluster.metrics.registry)
+        self.services.functions = self.functions
+        self.cluster.change_listeners.append(self.functions.kick)
         models = self.settings.models
         self.services.registry = pull.make_registry_client(
             self.store, self.registry_transport, default_registry=models.registry, insecure=models.insecure,
@@ -144,6 +150,9 @@ class Node:
             on_bytes=self.cluster.metrics.registry_bytes)
         self.app = build_app(self.registry, self.services, self.dispatcher, lifespan=self._lifespan)
         return self.listener
+
+    def _alive_peers(self) -> list[str]:
+        return [r.id for r in self.cluster.members() if r.status == "alive" and not r.is_self]
 
     def _bind_h3(self, tcp: Listener) -> Listener | None:
         """The QUIC socket: ``api.h3_port``, else the API's port number (any free one if that is taken
@@ -220,6 +229,7 @@ class Node:
         self.replicator.start()
         assert self.router is not None
         self.router.start()
+        await self.functions.start()
         if on_ready is not None:
             on_ready(self.ready)
 
@@ -236,6 +246,7 @@ class Node:
         finally:
             self.cluster.on_agent_change = None
             await self.router.aclose()
+            await self.functions.aclose()
             await self.peer_link.aclose()
             await self.replicator.stop()
             await self.transfers.aclose()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from omx.functions.builtin import (
     cluster,
     cluster_admin,
+    custom_functions,
     embed,
     generate,
     models,
@@ -24,7 +25,7 @@ def builtin_registry(*, metrics_public: bool = True) -> FunctionRegistry:
     """A registry holding every built-in handler; ``/metrics`` needs an API key unless ``metrics_public``."""
     registry = FunctionRegistry()
     for module in (models, generate, embed, openai, pull, cluster_admin, peer_blobs, peer_load,
-                   replication):
+                   replication, custom_functions):
         module.register(registry)
     cluster.register(registry, metrics_public=metrics_public)
     register_openapi(registry)
