@@ -252,6 +252,17 @@ def check_store(ctx: Context) -> Check:
     return Check("store", label, "ok", f"{len(store.blobs.digests())} blobs verified at {root}")
 
 
+def check_sandbox(ctx: Context) -> Check:
+    from omx.runtime.sandbox import probe_sandbox
+
+    problem = probe_sandbox()
+    if problem is None:
+        return Check("sandbox", "function sandbox", "ok", f"bubblewrap ({shutil.which('bwrap')}) starts workers")
+    return Check("sandbox", "function sandbox", "warn", problem,
+                 "install bubblewrap (apt install bubblewrap) and allow user namespaces; "
+                 "until then the node refuses custom functions")
+
+
 def run_checks(host: str | None, config_file: Path | None, *, deep: bool = False) -> list[Check]:
     """Every check, in the order they are shown."""
     ctx = _gather(host, config_file, deep)
@@ -260,6 +271,7 @@ def run_checks(host: str | None, config_file: Path | None, *, deep: bool = False
         lambda: check_running(ctx, bool(host)), lambda: check_ports(ctx), lambda: serf,
         lambda: check_agent(ctx, serf.outcome == "ok"), lambda: check_peers(ctx),
         lambda: check_disk(ctx), lambda: check_memory(ctx), lambda: check_config(ctx), lambda: check_store(ctx),
+        lambda: check_sandbox(ctx),
     ]
     return [step() for step in steps]
 

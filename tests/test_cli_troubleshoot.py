@@ -156,6 +156,9 @@ def test_serf_missing_from_path(api: FakeClusterApi, monkeypatch: pytest.MonkeyP
     # Without serf, a standalone node is expected: the agent check is skipped, not failed twice.
     assert line_of(result.stdout, "serf agent") == (
         "Checking serf agent... ➖ serf is not installed: the node runs alone")
+    # Without bubblewrap the node still runs, but refuses custom functions, and says so.
+    assert line_of(result.stdout, "function sandbox").startswith(
+        "Checking function sandbox... ⚠️ bubblewrap is not installed (apt install bubblewrap)")
 
 
 def test_agent_dead(api: FakeClusterApi) -> None:
@@ -234,7 +237,8 @@ def test_json_report(api: FakeClusterApi, home: Path) -> None:
     data = json.loads(result.stdout)
     assert data["healthy"] is False and data["problems"] == 1
     keys = [c["key"] for c in data["checks"]]
-    assert keys == ["running", "ports", "serf", "agent", "peers", "disk", "memory", "config", "store"]
+    assert keys == ["running", "ports", "serf", "agent", "peers", "disk", "memory", "config", "store", "sandbox"]
+    assert data["checks"][-1]["outcome"] == "ok"  # bubblewrap is part of the setup
     config = data["checks"][keys.index("config")]
     assert config["outcome"] == "fail" and "engine.num_parallel" in config["detail"]
 

@@ -97,8 +97,9 @@ class WorkerProcess:
         return any(word in line for line in self._tail for word in _MEMORY_WORDS)
 
     def _last_words(self) -> str:
-        lines = [line for line in self._tail if line.strip()]
-        return f": {lines[-1].strip()[:300]}" if lines else ""
+        lines = [line.strip() for line in self._tail if line.strip() and not line.startswith((" ", "\t"))]
+        said = [line for line in lines if "rror" in line] or lines  # "Fatal Python error: ...", "MemoryError"
+        return f": {said[-1][:300]}" if said else ""
 
     async def _settle(self) -> None:
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):

@@ -301,6 +301,7 @@ class _Worker:
         finally:
             if os.getpid() != self.pid:
                 os._exit(0)
+            _end_strays()
             if retire:
                 os._exit(3)
 
@@ -321,6 +322,34 @@ class _Worker:
             self.pipe.send(["error", seq, status, message, retire])
         except (TypeError, MemoryError):
             self.pipe.send(["error", seq, status, "the function failed", retire])
+
+
+def _end_strays() -> None:
+    """Kill whatever processes the call left behind: a call's processes end with it.
+
+    The worker has a pid namespace of its own, where ``kill(-1)`` reaches every
+    process it may signal except the namespace's init (bubblewrap) and itself.
+    """
+    if os.getppid() != 1:
+        return  # not a pid namespace's first child: kill(-1) would reach beyond the sandbox
+    for attempt in range(200):
+        try:
+            os.kill(-1, 9)
+        except (ProcessLookupError, PermissionError):
+            return
+        _reap()
+        if attempt:
+            time.sleep(0.001)
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
 
 
 def main(argv: list[str]) -> int:
