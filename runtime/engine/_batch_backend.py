@@ -80,7 +80,8 @@ class BatchBackend:
         verbose = bool(config.get("verbose", False))
         self.n_parallel = max(1, int(config.get("n_parallel", 1)))
         n_ctx = int(config["n_ctx"])
-        mparams = llama_cpp.llama_model_default_params()
+        # Through the submodule: avoid_broken_amx patches the defaults there.
+        mparams = llama_cpp.llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = int(config.get("n_gpu_layers", 0))
         mparams.use_mmap = bool(config.get("use_mmap", True))
         self.model = internals.LlamaModel(path_model=str(config["model_path"]), params=mparams, verbose=verbose)
