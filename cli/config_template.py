@@ -77,6 +77,11 @@ SECTIONS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
         ("secret_file", "null", "The cluster secret (default: $OMX_HOME/cluster/secret, mode 0600)."),
         ("token", "null", "A join token from 'omx cluster token' (seeds + secret); prefer --token or a secret_file."),
     ]),
+    ("peer", "Traffic between nodes.", [
+        ("transport", "http1", "Chunk transfers and forwarded calls: http1 (TCP; the transfer listener sends "
+                               "chunks with sendfile) or http3 (QUIC to each peer's HTTP/3 port, verified against "
+                               "the cluster CA; every peer needs api.http3)."),
+    ]),
 ]
 
 # profile -> {"section.key": (YAML literal, extra comment or "")}

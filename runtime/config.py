@@ -29,6 +29,7 @@ __all__ = [
     "ModelsConfig",
     "NodeConfig",
     "P2PConfig",
+    "PeerConfig",
     "ReplicationConfig",
     "SecurityConfig",
     "Settings",
@@ -214,6 +215,13 @@ class ClusterConfig(_Section):
     )
 
 
+class PeerConfig(_Section):
+    transport: Literal["http1", "http3"] = Field(default="http1", description=(
+        "How this node reaches its peers for chunk transfers and forwarded calls: http1 (TCP: the transfer "
+        "listener with sendfile, the API port) or http3 (QUIC to each peer's HTTP/3 port, verified against "
+        "the cluster CA; every peer needs api.http3)."))
+
+
 class Settings(BaseSettings):
     """The whole configuration of one node."""
 
@@ -228,6 +236,7 @@ class Settings(BaseSettings):
     engine: EngineConfig = Field(default_factory=lambda: EngineConfig())
     security: SecurityConfig = Field(default_factory=lambda: SecurityConfig())
     cluster: ClusterConfig = Field(default_factory=lambda: ClusterConfig())
+    peer: PeerConfig = Field(default_factory=lambda: PeerConfig())
 
     @classmethod
     def settings_customise_sources(

@@ -32,11 +32,12 @@ from omx.runtime.engine import make_engine
 from omx.runtime.functions_host import FunctionsHost, function_host
 from omx.runtime.identity import load_or_create_node_id
 from omx.runtime.peer import Bandwidth, HttpPeerTransport, Transfers, TransferSettings
+from omx.runtime.peer.h3 import H3PeerClient
 from omx.runtime.registry_http import HttpxRegistryTransport
 from omx.runtime.replication import PeerCommands, ReplicationService, ReplicationSettings, Replicator
 from omx.runtime.scheduler import ModelScheduler
 from omx.runtime.server import H3Listener, Listener, bind_tcp, bind_udp, serve_app, serve_transfers
-from omx.runtime.tls import TlsFiles, ensure_tls
+from omx.runtime.tls import TlsFiles, ensure_tls, tls_dir
 from omx.runtime.web import DashboardApp
 from omx.storage import ModelStore
 
@@ -92,8 +93,14 @@ class Node:
         self.web_listener: Listener | None = None
         self.services: Services | None = None
         self.app: Any = None
-        self.peer_transport = HttpPeerTransport(self.node_id, key=lambda: self.cluster.secret.peer_auth_key(),
-                                                resolve=self.cluster.peer_address)
+        # peer.transport http3: chunks and forwarded calls go over QUIC to the peers' HTTP/3 listeners,
+        # verified against the cluster CA (written under $OMX_HOME/tls/ before any peer is contacted).
+        h3 = settings.peer.transport == "http3"
+        on_bytes = self.cluster.metrics.peer_traffic
+        self.peer_transport = HttpPeerTransport(
+            self.node_id, key=lambda: self.cluster.secret.peer_auth_key(),
+            resolve=self.cluster.peer_h3_address if h3 else self.cluster.peer_address,
+            client=H3PeerClient(tls_dir(settings.home) / "ca.crt") if h3 else None, on_bytes=on_bytes)
         self.transfers = Transfers(self.store.blobs, self.peer_transport,
                                    settings=TransferSettings(concurrency=settings.models.concurrency),
                                    bandwidth=Bandwidth(settings.replication.max_bandwidth),
@@ -109,7 +116,9 @@ class Node:
                 max_cache_size=settings.models.max_cache_size, max_bandwidth=settings.replication.max_bandwidth))
         self.cluster.change_listeners.append(self.replicator.kick)
         self.peer_link = HttpPeerLink(self.node_id, key=lambda: self.cluster.secret.peer_auth_key(),
-                                      api_of=self.cluster.api_of, snapshot=self.cluster.cluster_snapshot)
+                                      api_of=self.cluster.peer_h3_address if h3 else self.cluster.api_of,
+                                      snapshot=self.cluster.cluster_snapshot, on_bytes=on_bytes,
+                                      client=H3PeerClient(tls_dir(settings.home) / "ca.crt") if h3 else None)
         self.router: Router | None = None
         """Model-routed calls go to the best holder through it (made in :meth:`bind`)."""
 

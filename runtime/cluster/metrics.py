@@ -87,6 +87,13 @@ class NodeMetrics:
                                        "and the node that served them", ("model", "node"), registry=r)
         self.route_retries = Counter("omx_route_retries", "Model-routed requests tried again on another node "
                                      "after their node failed before answering", registry=r)
+        self.peer_bytes = Counter(
+            "omx_peer_bytes", "Bytes of the peer requests this node made (chunk transfers, manifests, forwarded "
+            "calls), by transport (h1: TCP, h3: QUIC) and direction (sent: request bodies, received: answers)",
+            ("transport", "direction"), registry=r)
+        for transport in ("h1", "h3"):
+            for direction in ("sent", "received"):
+                self.peer_bytes.labels(transport, direction)
         self._chunk_cache: dict[str, tuple[int, int]] = {}
 
     def request_done(self, done: RequestDone) -> None:
@@ -112,6 +119,11 @@ class NodeMetrics:
 
     def bytes_served(self, n: int) -> None:
         self.replication_served.inc(n)
+
+    def peer_traffic(self, transport: str, direction: str, n: int) -> None:
+        """Bytes of a peer request this node made (``transport``: h1 or h3; ``direction``: sent or received)."""
+        if n > 0:
+            self.peer_bytes.labels(transport, direction).inc(n)
 
     def chunk_rejected(self, source: str) -> None:
         self.chunks_rejected.inc()

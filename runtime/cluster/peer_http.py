@@ -146,6 +146,9 @@ class PeerHttpResponse:
 class PeerHttp:
     """Keep-alive HTTP/1.1 connections to peers (``host:port``), one request at a time on each."""
 
+    transport = "h1"
+    """The label of this client's bytes in ``omx_peer_bytes_total``."""
+
     def __init__(self, *, connect_timeout: float = 3.0, max_idle_per_address: int = 32) -> None:
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle_per_address

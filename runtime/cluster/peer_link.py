@@ -7,17 +7,24 @@ request is (:func:`omx.mesh.sign`: method, path with query, body digest; the
 secret never travels). Response bodies come as the peer sent them, so a relayed
 stream is the peer's bytes exactly. Transport failures become
 :class:`~omx.errors.PeerError`, which is what the router retries on.
+
+With ``peer.transport: http3`` the same requests go over QUIC to each
+member's HTTP/3 listener (``address_of`` then names it, ``client`` is an
+:class:`~omx.runtime.peer.h3.H3PeerClient`). Request bodies sent and answers
+received are reported to ``on_bytes`` under the client's transport label.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Protocol
 
 from omx.errors import PeerError
 from omx.functions.routing import NodeLoad, load_from_json
 from omx.mesh import sign
-from omx.runtime.cluster.peer_http import PeerHttp, PeerHttpError, PeerHttpResponse
+from omx.runtime.cluster.peer_http import PeerHttp, PeerHttpError
+from omx.runtime.peer.wire import WireError
 from omx.storage.placement import ClusterSnapshot
 from omx.types import NodeId
 
@@ -31,6 +38,34 @@ LOAD_TIMEOUT_S = 2.0
 _MAX_LOAD = 1 << 20
 
 
+_BROKEN = (PeerHttpError, WireError)
+"""What the HTTP/1.1 and HTTP/3 peer clients raise when a request fails on the wire."""
+
+
+class PeerResponse(Protocol):
+    status: int
+    headers: dict[str, str]
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        ...
+
+    async def aclose(self) -> None:
+        ...
+
+
+class PeerClient(Protocol):
+    """:class:`~omx.runtime.cluster.peer_http.PeerHttp` or :class:`~omx.runtime.peer.h3.H3PeerClient`."""
+
+    transport: str
+
+    async def request(self, address: str, method: str, target: str, headers: Mapping[str, str], body: bytes, *,
+                      head_timeout: float, read_timeout: float | None = None) -> PeerResponse:
+        ...
+
+    async def aclose(self) -> None:
+        ...
+
+
 def _broken(node: str, exc: BaseException) -> PeerError:
     return PeerError(f"peer {node}: {exc or type(exc).__name__}")
 
@@ -38,17 +73,20 @@ def _broken(node: str, exc: BaseException) -> PeerError:
 class _Reply:
     """A peer's answer whose body is still arriving (:class:`~omx.functions.router.PeerReply`)."""
 
-    def __init__(self, node: str, response: PeerHttpResponse) -> None:
+    def __init__(self, node: str, response: PeerResponse, on_bytes: Callable[[int], None] | None) -> None:
         self.node = node
         self._response = response
+        self._on_bytes = on_bytes
         self.status = response.status
         self.headers = response.headers
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
             async for piece in self._response.chunks():
+                if self._on_bytes is not None:
+                    self._on_bytes(len(piece))
                 yield piece
-        except PeerHttpError as exc:
+        except _BROKEN as exc:
             raise _broken(self.node, exc) from exc
 
     async def aclose(self) -> None:
@@ -59,12 +97,14 @@ class HttpPeerLink:
     """Signed requests to alive members' APIs; ``api_of`` maps a node id to ``host:port`` (None: not alive)."""
 
     def __init__(self, node_id: str, key: Callable[[], bytes], api_of: Callable[[str], str | None],
-                 snapshot: Callable[[], ClusterSnapshot]) -> None:
+                 snapshot: Callable[[], ClusterSnapshot], *, client: PeerClient | None = None,
+                 on_bytes: Callable[[str, str, int], None] | None = None) -> None:
         self.node_id = node_id
         self._key = key
         self._api_of = api_of
         self._snapshot = snapshot
-        self._client = PeerHttp(connect_timeout=CONNECT_TIMEOUT_S)
+        self._client: PeerClient = client or PeerHttp(connect_timeout=CONNECT_TIMEOUT_S)
+        self._on_bytes = on_bytes
 
     def snapshot(self) -> ClusterSnapshot:
         return self._snapshot()
@@ -83,9 +123,16 @@ class HttpPeerLink:
             response = await self._client.request(
                 self._address(node), method, path, signed, body,
                 head_timeout=FIRST_BYTE_TIMEOUT_S if head_timeout_s is None else head_timeout_s)
-        except PeerHttpError as exc:
+        except _BROKEN as exc:
             raise _broken(node, exc) from exc
-        return _Reply(node, response)
+        counted = None
+        if self._on_bytes is not None:
+            on_bytes, transport = self._on_bytes, self._client.transport
+            on_bytes(transport, "sent", len(body))
+
+            def counted(n: int) -> None:
+                on_bytes(transport, "received", n)
+        return _Reply(node, response, counted)
 
     async def load(self, node: NodeId) -> NodeLoad:
         """``node``'s load report; raises PeerError (unreachable, refused) or ValueError (malformed)."""

@@ -45,7 +45,7 @@ from omx.runtime.cluster.stream import EventMessages
 from omx.runtime.cluster.topology import Topology, topology
 from omx.runtime.config import Settings
 from omx.runtime.events import EventBus, MemberUpdate, NodeStateChanged
-from omx.runtime.peer.transport import transfer_address
+from omx.runtime.peer.transport import h3_address, transfer_address
 from omx.runtime.tls import cluster_ca
 from omx.storage import ModelStore
 from omx.storage.holdings_meta import HoldingsMeta
@@ -396,6 +396,11 @@ class ClusterService:
         if state is None or state.status != "alive" or node_id == self.node_id:
             return None
         return transfer_address(state.tags)
+
+    def peer_h3_address(self, node_id: str) -> str | None:
+        """Where an alive member serves HTTP/3 (``peer.transport: http3``); None when it does not."""
+        tags = self._alive_tags(node_id) if node_id != self.node_id else None
+        return h3_address(tags) if tags is not None else None
 
     def counters(self) -> Counters:
         return Counters(self._requests, self._ws, dict(self._model_requests))

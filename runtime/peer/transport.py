@@ -2,9 +2,14 @@
 
 Every request is HMAC-signed as :mod:`omx.mesh.peer_auth` describes (the
 cluster's peer key, this node's id). ``resolve`` maps a peer's node id to the
-``host:port`` serving its peer endpoints: its transfer listener (the ``xf``
-Serf tag, see :func:`transfer_address`) or, failing that, its API address,
-which serves the same endpoints without zero-copy.
+``host:port`` serving its peer endpoints. Over HTTP/1.1 (the default
+:class:`~omx.runtime.peer.wire.WireClient`) that is its transfer listener (the
+``xf`` Serf tag, see :func:`transfer_address`) or, failing that, its API
+address, which serves the same endpoints without zero-copy. Over HTTP/3
+(``peer.transport: http3``, an :class:`~omx.runtime.peer.h3.H3PeerClient`) it
+is the peer's QUIC listener (:func:`h3_address`), whose Hypercorn serves the
+same endpoints. The bytes of each answer are reported to ``on_bytes`` under the
+client's transport label.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 from omx.errors import InvalidRequest, NotFound, OmxError, PeerError
@@ -21,7 +26,7 @@ from omx.protocols import PeerBlobState
 from omx.runtime.peer.wire import WireClient, WireError, WireResponse
 from omx.types import BlobDigest, NodeId
 
-__all__ = ["HttpPeerTransport", "transfer_address"]
+__all__ = ["GetClient", "HttpPeerTransport", "h3_address", "transfer_address"]
 
 _MAX_JSON = 64 << 20
 _MAX_MANIFEST = 4 << 20
@@ -37,6 +42,29 @@ def transfer_address(tags: Mapping[str, str]) -> str | None:
     return parsed.api
 
 
+def h3_address(tags: Mapping[str, str]) -> str | None:
+    """Where a member serves HTTP/3, from its Serf tags (None when it does not: ``api.http3`` is off there)."""
+    parsed = NodeTags.from_tags(tags)
+    if parsed is None or parsed.h3_port is None:
+        return None
+    return f"{parsed.api.rpartition(':')[0]}:{parsed.h3_port}"
+
+
+class GetClient(Protocol):
+    """What the transport sends its GETs with: :class:`WireClient` (HTTP/1.1) or an HTTP/3 client."""
+
+    transport: str
+    """``h1`` or ``h3``: the label of its bytes in ``omx_peer_bytes_total``."""
+
+    async def get(self, address: str, target: str, headers: dict[str, str], *, max_body: int,
+                  timeout: float,  # noqa: ASYNC109 - a per-request deadline
+                  into: bytearray | memoryview | None = None) -> WireResponse:
+        ...
+
+    async def aclose(self) -> None:
+        ...
+
+
 def _error_text(response: WireResponse) -> str:
     try:
         doc = json.loads(bytes(response.body))
@@ -49,12 +77,14 @@ class HttpPeerTransport:
     """Signed peer requests over pooled keep-alive connections."""
 
     def __init__(self, node_id: str, key: Callable[[], bytes], resolve: Callable[[NodeId], str | None], *,
-                 timeout: float = 60.0, client: WireClient | None = None) -> None:
+                 timeout: float = 60.0, client: GetClient | None = None,
+                 on_bytes: Callable[[str, str, int], None] | None = None) -> None:
         self.node_id = node_id
         self._key = key
         self._resolve = resolve
         self.timeout = timeout
-        self.client = client or WireClient()
+        self.client: GetClient = client or WireClient()
+        self._on_bytes = on_bytes
 
     async def _get(self, peer: NodeId, target: str, *, max_body: int,
                    into: bytearray | memoryview | None = None) -> WireResponse:
@@ -67,6 +97,8 @@ class HttpPeerTransport:
                                              into=into)
         except WireError as exc:
             raise PeerError(f"peer {peer}: {exc}") from exc
+        if self._on_bytes is not None:
+            self._on_bytes(self.client.transport, "received", len(response.body))
         if response.status == 200:
             return response
         text = f"peer {peer}: {_error_text(response)}"

@@ -157,6 +157,9 @@ class _Connection(asyncio.BufferedProtocol):
 class WireClient:
     """GET requests over pooled keep-alive connections, by ``host:port`` address."""
 
+    transport = "h1"
+    """The label of this client's bytes in ``omx_peer_bytes_total``."""
+
     def __init__(self, *, connect_timeout: float = 5.0, max_idle_per_address: int = 16) -> None:
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle_per_address
