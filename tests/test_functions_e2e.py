@@ -8,6 +8,7 @@ first, then redeploys under load, removal, a node that joins later (D), and a re
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -243,6 +244,19 @@ def test_a_node_that_joins_later_serves_every_function(cluster: Cluster) -> None
                what="D to serve which v1")
     assert call(d, "/fn/count", {}).status_code == 404  # the removal reached it too
     assert set(listing(d)) == {"shout", "complete", "which"}
+
+
+def test_a_node_without_bubblewrap_syncs_the_table_but_refuses_to_run_functions(cluster: Cluster) -> None:
+    serf = shutil.which("serf")
+    assert serf is not None
+    e = cluster.add_node("E", env={**ENV, "PATH": "/nonexistent", "OMX_SERF_BINARY": serf})
+    cluster.wait_alive(expected=[*cluster.nodes, e])
+    wait_until(lambda: "shout" in listing(e), timeout=DEADLINE, what="E to learn the function table")
+    refused = call(e, "/fn/shout", {"text": "x"})
+    assert refused.status_code == 503 and "bubblewrap" in refused.json()["error"]
+    assert deploy(e, "late.py", SHOUT.replace("shout", "late")).status_code == 503
+    assert e.node_id not in listing(cluster.nodes[0])["shout"]["nodes"]
+    e.stop()
 
 
 def test_a_restarted_node_still_serves_them(cluster: Cluster) -> None:
