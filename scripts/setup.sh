@@ -48,6 +48,13 @@ fi
 echo "setup: installing omx and its Python dependencies (llama-cpp-python compiles once, ~7 min)"
 .venv/bin/python -m pip install -q -e ".[$extras]"
 if [ "${1:-}" = "--test" ]; then
+  # niquests: the HTTP/3 client tests/test_http3_client.py drives (a client omx does not write). It brings
+  # urllib3-future, which replaces urllib3 wherever it is installed, so it gets a virtualenv of its own.
+  if [ ! -x .venv-h3/bin/python ]; then
+    echo "setup: creating .venv-h3 (niquests, for the HTTP/3 client test)"
+    "$python" -m venv .venv-h3
+  fi
+  .venv-h3/bin/python -m pip install -q "niquests>=3.11"
   if command -v npm >/dev/null; then
     echo "setup: installing the npm packages of tests/js (the Ollama JavaScript client)"
     npm ci --prefix tests/js --ignore-scripts --no-audit --no-fund --loglevel=error

@@ -1,4 +1,4 @@
-"""The HTTP/1.1 :class:`~omx.protocols.PeerTransport`: signed GETs to peers' transfer listeners.
+"""The :class:`~omx.protocols.PeerTransport`: signed GETs to peers' chunk endpoints.
 
 Every request is HMAC-signed as :mod:`omx.mesh.peer_auth` describes (the
 cluster's peer key, this node's id). ``resolve`` maps a peer's node id to the
