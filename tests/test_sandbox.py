@@ -17,6 +17,7 @@ from typing import Any
 import psutil
 import pytest
 
+from omx.errors import ModelNotFound
 from omx.functions import Context, FunctionSpec, function
 from omx.runtime.sandbox import (
     DeployError,
@@ -77,6 +78,18 @@ async def ask(body: dict, ctx: Context) -> dict:
     ctx.log("asking", body["model"])
     print("printed too")
     return {"answer": await ctx.generate(model=body["model"], prompt=body["prompt"])}
+
+
+@function(concurrency=3)
+async def hold(body: dict, ctx: Context) -> dict:
+    return await ctx.generate(model=body.get("model", "hold"), prompt=body.get("prompt", ""))
+
+
+@function(timeout=1)
+async def drip(body, ctx):
+    yield "first"
+    while True:
+        pass
 
 
 @function(timeout=1)
@@ -154,10 +167,14 @@ class Host:
         self.logs: list[tuple[str, str]] = []
         self.held = asyncio.Event()
         self.release = asyncio.Event()
+        self.holding = 0
 
     async def model_call(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
         self.calls.append((kind, body))
+        if body.get("model") == "missing":
+            raise ModelNotFound("missing")
         if body.get("model") == "hold":
+            self.holding += 1
             self.held.set()
             await self.release.wait()
         return {"model": body["model"], "response": f"answer to {body['prompt']}", "done": True}
@@ -302,6 +319,57 @@ async def test_a_waiting_call_gets_the_slot_when_it_frees(specs: dict[str, Funct
         assert not waiting.done()
         host.release.set()
         assert (await held).value and (await waiting).value["answer"]["response"] == "answer to second"
+
+
+async def test_a_failed_model_call_keeps_its_status(specs: dict[str, FunctionSpec]) -> None:
+    async with pool_of(specs["ask"]) as pool:
+        status, message = await call_status(pool, {"model": "missing", "prompt": "hi"})
+        assert status == 404 and message == "model 'missing' not found"
+
+
+async def test_workers_scale_up_to_concurrency_and_idle_ones_are_stopped(specs: dict[str, FunctionSpec]) -> None:
+    host = Host()
+    async with pool_of(specs["hold"], host, idle_s=0.2) as pool:
+        calls = [asyncio.create_task(pool.call({}, {})) for _ in range(3)]
+        await _until(lambda: host.holding == 3)
+        assert pool.workers == 3
+        host.release.set()
+        assert [(await call).value["done"] for call in calls] == [True] * 3
+        await _until(lambda: pool.workers == 0)
+        assert (await pool.call({"model": "tiny"}, {})).value["done"]  # a cold start after the pool emptied
+
+
+async def test_closing_lets_calls_in_flight_finish(specs: dict[str, FunctionSpec]) -> None:
+    host = Host()
+    pool = FunctionPool(filename="abuse.py", source=SOURCE, spec=specs["hold"], host=host)
+    call = asyncio.create_task(pool.call({}, {}))
+    async with asyncio.timeout(20):
+        await host.held.wait()
+    closing = asyncio.create_task(pool.aclose())
+    await asyncio.sleep(0)
+    status, _ = await call_status(pool, {"model": "tiny"})
+    assert status == 503 and not closing.done()
+    host.release.set()
+    assert (await call).value["done"]
+    await closing
+    assert pool.workers == 0
+
+
+async def test_a_stream_past_its_timeout_fails_mid_stream(specs: dict[str, FunctionSpec]) -> None:
+    async with pool_of(specs["drip"]) as pool:
+        result = await pool.call({}, {})
+        assert result.stream is not None
+        assert await anext(result.stream) == "first"
+        with pytest.raises(FunctionError) as info:
+            await anext(result.stream)
+        assert info.value.status == 504
+
+
+async def _until(condition: Any) -> None:
+    """Poll ``condition`` until it holds (20 s deadline): the pool has no event for it."""
+    async with asyncio.timeout(20):
+        for _ in iter(lambda: bool(condition()), True):
+            await asyncio.sleep(0.02)
 
 
 # ------------------------------------------------------------------ abuse

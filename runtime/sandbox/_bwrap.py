@@ -19,6 +19,7 @@ processes.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -30,7 +31,8 @@ from pathlib import Path
 
 from omx.processes import child_env
 
-__all__ = ["Limits", "bwrap_binary", "probe_sandbox", "sandbox_command", "sandbox_problem", "worker_env"]
+__all__ = ["Limits", "bwrap_binary", "probe_sandbox", "sandbox_command", "sandbox_problem",
+           "sandbox_problem_async", "worker_env"]
 
 WORKER_PATH = "/omx/worker.py"
 _WORKER_SCRIPT = Path(__file__).with_name("_worker.py")
@@ -156,6 +158,13 @@ def probe_sandbox(bwrap: str | None = None) -> str | None:
 
 
 _problem: list[str | None] = []
+
+
+async def sandbox_problem_async() -> str | None:
+    """:func:`sandbox_problem` without blocking the event loop on its first probe."""
+    if _problem:
+        return _problem[0]
+    return await asyncio.to_thread(sandbox_problem)
 
 
 def sandbox_problem() -> str | None:

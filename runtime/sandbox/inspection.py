@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from omx.functions.sdk import FunctionSpec
-from omx.runtime.sandbox._bwrap import Limits, next_uid, sandbox_problem
+from omx.runtime.sandbox._bwrap import Limits, next_uid, sandbox_problem_async
 from omx.runtime.sandbox._process import WorkerProcess
 from omx.runtime.sandbox._wire import ProtocolError
 from omx.runtime.sandbox.errors import DeployError, SandboxUnavailable
@@ -24,7 +22,7 @@ async def inspect_source(filename: str, source: str) -> list[FunctionSpec]:
     or import error, bad decorator arguments, or a file without functions;
     :class:`SandboxUnavailable` when no sandbox can run here.
     """
-    problem = await asyncio.to_thread(sandbox_problem)
+    problem = await sandbox_problem_async()
     if problem is not None:
         raise SandboxUnavailable(problem)
     lines: list[str] = []

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from omx.functions.sdk import FunctionSpec
-from omx.runtime.sandbox._bwrap import Limits, next_uid, sandbox_problem
+from omx.runtime.sandbox._bwrap import Limits, next_uid, sandbox_problem_async
 from omx.runtime.sandbox._process import WorkerProcess
 from omx.runtime.sandbox._wire import ProtocolError
 from omx.runtime.sandbox.errors import FunctionError, SandboxUnavailable
@@ -63,7 +63,7 @@ def filter_headers(headers: Mapping[str, str]) -> dict[str, str]:
 
 
 async def _ensure_sandbox() -> None:
-    problem = await asyncio.to_thread(sandbox_problem)
+    problem = await sandbox_problem_async()
     if problem is not None:
         raise SandboxUnavailable(problem)
 
@@ -138,14 +138,19 @@ class FunctionPool:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.spec.timeout + self._queue_wait_s + START_TIMEOUT_S):
                     await self._drained.wait()
-        for task in [*self._tasks, *(t for t in (self._warming, self._reaper) if t is not None)]:
-            task.cancel()
-        for task in [*self._tasks, *(t for t in (self._warming, self._reaper) if t is not None)]:
-            with contextlib.suppress(BaseException):
-                await task
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        if self._warming is not None:
+            # A worker still starting is let finish and then stopped: cancelling its start could leave it running.
+            with contextlib.suppress(Exception):
+                self._discard(await self._warming)  # unless its landing already did
+        while self._tasks:  # the kills under way
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._idle.clear()
         await asyncio.gather(*(worker.kill() for worker in list(self._workers)), return_exceptions=True)
         self._workers.clear()
-        self._idle.clear()
 
     # ------------------------------------------------------------------ slots
 
@@ -237,8 +242,9 @@ class FunctionPool:
             self._reaper = asyncio.get_running_loop().create_task(self._reap())
 
     def _discard(self, worker: WorkerProcess) -> None:
-        self._workers.discard(worker)
-        self._background(worker.kill())
+        if worker in self._workers:
+            self._workers.remove(worker)
+            self._background(worker.kill())
 
     async def _reap(self) -> None:
         loop = asyncio.get_running_loop()
