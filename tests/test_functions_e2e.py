@@ -16,7 +16,9 @@ from typing import Any
 
 import httpx
 import pytest
+from click.testing import CliRunner
 
+from omx.cli.main import cli
 from tests.conftest import TINY_TEMPLATE
 from tests.support.cluster import Cluster, ClusterNode, metric, start_cluster
 from tests.support.node import create_model, wait_until
@@ -222,6 +224,46 @@ def test_redeploy_and_rollback_under_a_stream_of_calls_lose_no_call(cluster: Clu
     assert listing(a)["which"]["versions"] == []
 
 
+# ------------------------------------------------------------------ the CLI
+
+
+def omx(node: ClusterNode, *args: str) -> Any:
+    return CliRunner().invoke(cli, ["--host", node.url, *args])
+
+
+def test_the_cli_deploys_lists_invokes_shows_logs_rolls_back_and_removes(cluster: Cluster,
+                                                                         tmp_path: Path) -> None:
+    a, b, _ = cluster.nodes
+    source = tmp_path / "echo.py"
+    source.write_text(SHOUT.replace("shout", "echo").replace(".upper()", ""))
+    deployed = omx(a, "fn", "deploy", str(source))
+    assert deployed.exit_code == 0 and "deployed echo at /fn/echo" in deployed.output, deployed.output
+    wait_until(lambda: serves(b, "/fn/echo", {"text": "x"}), timeout=DEADLINE, what="B to serve echo")
+    invoked = omx(b, "fn", "invoke", "echo", '{"text": "Hello"}')
+    assert invoked.exit_code == 0 and json.loads(invoked.output) == {"text": "Hello", "node": b.node_id}
+    streamed = omx(a, "fn", "invoke", "which")
+    assert streamed.exit_code == 0 and json.loads(streamed.output) == {"v": 1}
+    rows = json.loads(omx(a, "fn", "ls", "--json").output)["functions"]
+    assert {"echo", "which"} <= {r["name"] for r in rows}
+    assert "echo" in omx(a, "fn", "ls").output
+    wait_until(lambda: "echoing Hello" in omx(a, "fn", "logs", "echo").output, timeout=DEADLINE,
+               what="the CLI to show B's log line")
+    source.write_text(source.read_text().replace('"node": ctx.node', '"node": ctx.node, "v": 2'))
+    assert omx(a, "fn", "deploy", str(source)).exit_code == 0
+    back = omx(a, "fn", "rollback", "echo")
+    assert back.exit_code == 0 and "back on version" in back.output
+    again = omx(a, "fn", "rollback", "echo")
+    assert again.exit_code == 1 and "no previous version" in again.output
+    broken = tmp_path / "broken.py"
+    broken.write_text("def f(:\n")
+    refused = omx(a, "fn", "deploy", str(broken))
+    assert refused.exit_code == 1 and "line 1" in refused.output
+    assert omx(a, "fn", "rm", "echo").exit_code == 0
+    gone = omx(a, "fn", "invoke", "echo", "{}")
+    assert gone.exit_code == 1 and "not found" in gone.output
+    assert omx(a, "fn", "invoke", "which", "{not json").exit_code == 1
+
+
 # ------------------------------------------------------------------ removal, late joiner, restart
 
 
@@ -243,7 +285,7 @@ def test_a_node_that_joins_later_serves_every_function(cluster: Cluster) -> None
     wait_until(lambda: serves(d, "/fn/which", {}, lambda doc: doc == {"v": 1}), timeout=DEADLINE,
                what="D to serve which v1")
     assert call(d, "/fn/count", {}).status_code == 404  # the removal reached it too
-    assert set(listing(d)) == {"shout", "complete", "which"}
+    assert set(listing(d)) == {"shout", "complete", "which"}  # echo (the CLI test) was removed too
 
 
 def test_a_node_without_bubblewrap_syncs_the_table_but_refuses_to_run_functions(cluster: Cluster) -> None:
