@@ -57,13 +57,18 @@ SECTIONS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
     ]),
     ("engine", "Inference.", [
         ("backend", "llama_cpp", "llama_cpp (llama-cpp-python) or ctransformers."),
-        ("num_parallel", "1", "Requests served at once per loaded model."),
+        ("num_parallel", "1", "Requests served at once per loaded model (sequences of one context, decoded "
+                              "together; its KV cache holds num_ctx tokens for each)."),
         ("max_loaded_models", "3", "Models kept in memory at once; the least recently used is unloaded."),
         ("keep_alive", "5m", "How long an idle model stays loaded (-1: forever, 0: unload at once)."),
         ("max_queue", "512", "Requests waiting for a slot before the node answers 503."),
-        ("num_thread", "null", "CPU threads per parallel slot of a runner (default: chosen by the backend)."),
+        ("num_thread", "null", "CPU threads of a runner (default: chosen by the backend)."),
         ("num_ctx", "4096", "Default context length in tokens (a model's PARAMETER num_ctx or a request's "
                             "options.num_ctx wins; never past the length the model was trained for)."),
+        ("num_gpu", "null", "Layers offloaded to the GPU when a model or request sets no num_gpu (null: as many "
+                            "as fit in free VRAM, when llama-cpp-python was built with a GPU backend; 0: none)."),
+        ("batching", "true", "llama_cpp: continuous batching of parallel requests in one context "
+                             "(false: one context per parallel slot)."),
     ]),
     ("security", "Client access.", [
         ("api_keys", "[]", "When set, client endpoints need 'Authorization: Bearer KEY'."),
@@ -89,12 +94,12 @@ PROFILES: dict[str, dict[str, tuple[str, str]]] = {
     "default": {},
     "gpu": {
         "models.max_cache_size": ("100GB", ""),
-        "engine.num_parallel": ("4", "Four requests at once per model, each slot with its own context."),
+        "engine.num_parallel": ("4", "Four requests at once per model, batched in one context on the GPU."),
         "engine.max_loaded_models": ("4", ""),
-        "engine.num_ctx": ("8192", "Larger default context (every slot's KV cache grows with it)."),
-        "engine.keep_alive": ("30m", "Keep models loaded longer between requests. Layers go to a GPU "
-                                     "only where a model or request sets num_gpu (and llama.cpp was built "
-                                     "with GPU support)."),
+        "engine.num_ctx": ("8192", "Larger default context (the KV cache holds it for every parallel request)."),
+        "engine.keep_alive": ("30m", "Keep models loaded longer between requests."),
+        "engine.num_gpu": ("null", "As many layers on the GPU as fit in free VRAM (needs llama-cpp-python "
+                                   "built with CUDA, ROCm or Vulkan; a CPU-only build offloads nothing)."),
     },
     "edge": {
         "models.max_cache_size": ("2GB", "Small disk: keep only a little."),

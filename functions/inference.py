@@ -113,7 +113,7 @@ async def resolve_target(
         num_ctx=num_ctx,
         num_batch=min(num_batch, num_ctx),
         num_thread=merged.get("num_thread", defaults.num_thread) or None,
-        num_gpu=int(merged.get("num_gpu", 0)),
+        num_gpu=int(merged.get("num_gpu", -1)),  # -1: the engine's default (as many layers as fit)
         num_parallel=defaults.num_parallel,
         use_mmap=bool(merged.get("use_mmap", True)),
         size=model.size,

@@ -200,6 +200,10 @@ class LoadedModel:
     """The runner process, where the backend runs one."""
     cancelled_generations: int = 0
     """Generations the runner stopped because their client went away."""
+    size_vram: int = 0
+    """Bytes of the model (weights and KV cache) placed in GPU memory."""
+    gpu_layers: int = 0
+    """Layers offloaded to the GPU (one more than the block count: the output layer too)."""
 
 
 class Scheduler(Protocol):

@@ -177,6 +177,11 @@ class EngineConfig(_Section):
     max_queue: int = Field(default=512, ge=1)
     num_thread: int | None = Field(default=None, ge=1, le=1024)
     num_ctx: int = Field(default=4096, ge=64, le=2**24)
+    num_gpu: int | None = Field(default=None, ge=0, le=1024, description=(
+        "Layers offloaded to the GPU when a model or request does not say (null: as many as fit in free VRAM)."))
+    batching: bool = Field(default=True, description=(
+        "llama_cpp: serve num_parallel requests as sequences of one context decoded together "
+        "(false: one context per slot)."))
 
     @field_validator("backend", mode="before")
     @classmethod

@@ -70,7 +70,8 @@ class Node:
         self.store = ModelStore(settings.store_path, chunk_size=settings.models.chunk_size,
                                 extra_roots=tuple(settings.models.extra_stores))
         engine_cfg = settings.engine
-        self.engine = make_engine(engine_cfg.backend, num_thread=engine_cfg.num_thread)
+        self.engine = make_engine(engine_cfg.backend, num_thread=engine_cfg.num_thread, num_gpu=engine_cfg.num_gpu,
+                                  batching=engine_cfg.batching)
         self.scheduler = ModelScheduler(
             self.engine,
             max_loaded_models=engine_cfg.max_loaded_models,

@@ -123,7 +123,7 @@ async def ps(_body: None, call: Call) -> dict[str, Any]:
         rows.append({
             **model_row(loaded.name, size=loaded.size, digest=loaded.digest, details=details),
             "expires_at": iso_time(loaded.expires_at if loaded.expires_at is not None else _NEVER),
-            "size_vram": 0,
+            "size_vram": loaded.size_vram,
             "context_length": loaded.context_length,
         })
     router = call.services.router

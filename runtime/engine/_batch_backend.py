@@ -28,11 +28,13 @@ import multiprocessing
 import threading
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import llama_cpp
 from llama_cpp import _internals as internals
 
+from omx.runtime.engine._gpu import plan_offload
 from omx.runtime.engine._sequence import Generation, build_sampler, prompt_tokens
 from omx.runtime.engine._wire import ERR_CANCELLED, ERR_ENGINE, ERR_INVALID, ERR_UNSUPPORTED, RequestError
 from omx.runtime.engine.cpu_quirks import avoid_broken_amx
@@ -82,13 +84,13 @@ class BatchBackend:
         n_ctx = int(config["n_ctx"])
         # Through the submodule: avoid_broken_amx patches the defaults there.
         mparams = llama_cpp.llama_cpp.llama_model_default_params()
-        mparams.n_gpu_layers = int(config.get("n_gpu_layers", 0))
-        mparams.use_mmap = bool(config.get("use_mmap", True))
-        self.model = internals.LlamaModel(path_model=str(config["model_path"]), params=mparams, verbose=verbose)
-        if n_ctx == 0:
-            n_ctx = self.model.n_ctx_train()
         # As llama_cpp.Llama sets them, so a request alone computes what Llama computes.
         self.n_batch = max(min(n_ctx, int(config["n_batch"])), self.n_parallel)
+        self.gpu = plan_offload(Path(config["model_path"]), int(config.get("n_gpu_layers", 0)),
+                                n_ctx_total=n_ctx * self.n_parallel, n_ubatch=min(self.n_batch, 512))
+        mparams.n_gpu_layers = self.gpu.layers
+        mparams.use_mmap = bool(config.get("use_mmap", True))
+        self.model = internals.LlamaModel(path_model=str(config["model_path"]), params=mparams, verbose=verbose)
         cpus = multiprocessing.cpu_count()
         self.n_threads = int(config.get("n_threads") or max(cpus // 2, 1))
         cparams = llama_cpp.llama_context_default_params()
@@ -141,7 +143,8 @@ class BatchBackend:
             "n_embd": self.model.n_embd(),
             "n_parallel": self.n_parallel,
             "n_threads": self.n_threads,
-            "n_gpu_layers": int(self._config.get("n_gpu_layers", 0)),
+            "n_gpu_layers": self.gpu.layers,
+            "size_vram": self.gpu.vram,
             "chat_template": self.metadata.get("tokenizer.chat_template"),
         }
 
@@ -183,7 +186,7 @@ class BatchBackend:
         declared = self.metadata.get(f"{arch}.pooling_type")
         kwargs: dict[str, Any] = {
             "model_path": str(config["model_path"]), "n_ctx": n_ctx, "n_batch": n_ctx, "n_ubatch": n_ctx,
-            "n_gpu_layers": int(config.get("n_gpu_layers", 0)), "use_mmap": bool(config.get("use_mmap", True)),
+            "n_gpu_layers": self.gpu.layers, "use_mmap": bool(config.get("use_mmap", True)),
             "verbose": bool(config.get("verbose", False)), "embedding": True,
             "pooling_type": int(declared) if declared is not None else llama_cpp.LLAMA_POOLING_TYPE_MEAN,
         }

@@ -19,8 +19,10 @@ class _SubprocessEngine:
     def __init__(self, num_thread: int | None = None, *, load_timeout: float = 300.0,
                  token_timeout: float = 600.0, python: str | None = None,
                  env: dict[str, str] | None = None, verbose: bool = False, batching: bool = True,
-                 prefill_chunk: int | None = None) -> None:
+                 prefill_chunk: int | None = None, num_gpu: int | None = None) -> None:
         self.num_thread = num_thread
+        self.num_gpu = num_gpu
+        """GPU layers when a spec leaves ``num_gpu`` at -1; None: as many as fit in free VRAM."""
         self.batching = batching
         """llama-cpp: serve parallel requests from one context by continuous batching (False: one context each)."""
         self.prefill_chunk = prefill_chunk
@@ -41,7 +43,7 @@ class _SubprocessEngine:
             "n_ctx": spec.num_ctx,
             "n_batch": spec.num_batch,
             "n_threads": threads,
-            "n_gpu_layers": spec.num_gpu,
+            "n_gpu_layers": spec.num_gpu if spec.num_gpu >= 0 else (-1 if self.num_gpu is None else self.num_gpu),
             "n_parallel": max(1, spec.num_parallel),
             "use_mmap": spec.use_mmap,
             "verbose": self.verbose,
@@ -60,8 +62,11 @@ class LlamaCppEngine(_SubprocessEngine):
     """llama-cpp-python in runner subprocesses (the default backend).
 
     ``num_thread`` applies when a spec leaves ``num_thread`` unset; None lets
-    llama-cpp-python choose (half the CPUs). Every parallel slot of a runner
-    uses that many threads.
+    llama-cpp-python choose (half the CPUs). With ``batching`` (the default) a
+    runner serves its parallel slots as sequences of one context decoded
+    together; without it, each slot is a context of its own with that many
+    threads. ``num_gpu`` (None: estimate) is the layer count offloaded when a
+    spec leaves ``num_gpu`` at -1.
     """
 
     name = "llama-cpp"

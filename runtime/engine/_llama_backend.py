@@ -18,11 +18,13 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import llama_cpp
 from llama_cpp.llama_grammar import LlamaGrammar
 
+from omx.runtime.engine._gpu import plan_offload
 from omx.runtime.engine._textstream import TextStream
 from omx.runtime.engine._wire import ERR_CANCELLED, ERR_INVALID, ERR_UNSUPPORTED, RequestError
 from omx.runtime.engine.cpu_quirks import avoid_broken_amx
@@ -101,11 +103,15 @@ class LlamaBackend:
         adapters = config.get("adapters") or []
         if len(adapters) > 1:
             raise RequestError(ERR_UNSUPPORTED, "llama-cpp-python applies at most one LoRA adapter")
+        parallel = max(1, int(config.get("n_parallel", 1)))
+        self.gpu = plan_offload(Path(config["model_path"]), int(config.get("n_gpu_layers", 0)),
+                                n_ctx_total=int(config["n_ctx"]) * parallel,
+                                n_ubatch=min(int(config["n_batch"]), 512))
         self._kwargs: dict[str, Any] = {
             "model_path": config["model_path"],
             "n_ctx": config["n_ctx"],
             "n_batch": config["n_batch"],
-            "n_gpu_layers": config.get("n_gpu_layers", 0),
+            "n_gpu_layers": self.gpu.layers,
             "use_mmap": config.get("use_mmap", True),
             "verbose": bool(config.get("verbose", False)),
         }
@@ -128,6 +134,8 @@ class LlamaBackend:
             "n_vocab": llm.n_vocab(),
             "n_embd": llm.n_embd(),
             "n_parallel": len(self.slots),
+            "n_gpu_layers": self.gpu.layers,
+            "size_vram": self.gpu.vram,
             "n_threads": llm.n_threads,
             "chat_template": llm.metadata.get("tokenizer.chat_template"),
         }
