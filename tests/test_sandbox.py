@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -28,6 +29,7 @@ from omx.runtime.sandbox import (
     probe_sandbox,
     sandbox_problem,
 )
+from omx.runtime.sandbox._bwrap import Limits, sandbox_command
 
 SOURCE = '''
 import asyncio
@@ -409,6 +411,15 @@ async def test_the_node_home_is_out_of_sight(specs: dict[str, FunctionSpec], tmp
         seen = (await pool.call({"path": str(secret)}, {})).value
         assert "read" not in seen and "FileNotFoundError" in seen["error"]
         assert "read" in (await pool.call({"path": "/usr/bin/env"}, {})).value  # the bound trees do show
+        assert "FileNotFoundError" in (await pool.call({"path": __file__}, {})).value["error"]  # the rest does not
+
+
+def test_a_home_inside_a_bound_tree_is_masked(monkeypatch: pytest.MonkeyPatch) -> None:
+    home = os.path.join(sys.prefix, "omx-home")
+    monkeypatch.setenv("OMX_HOME", home)
+    argv = sandbox_command(Limits(memory_mb=64, cpu_s=10))
+    assert ["--tmpfs", home] == argv[argv.index(home) - 1:argv.index(home) + 1]
+    assert argv.index("--tmpfs", argv.index(home) - 1) > argv.index(sys.prefix)  # mounted over the bound tree
 
 
 async def test_the_environment_holds_nothing_of_omx(specs: dict[str, FunctionSpec],

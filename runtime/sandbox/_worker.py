@@ -128,7 +128,8 @@ def _user_line(tb: types.TracebackType | None, filename: str) -> int | None:
 
 def _load(filename: str, source: str) -> types.ModuleType:
     stem = os.path.basename(filename).rsplit(".", 1)[0]
-    name = stem if stem.isidentifier() else "function_module"
+    taken = stem in sys.modules or stem in sys.stdlib_module_names
+    name = stem if stem.isidentifier() and not taken else "function_module"
     try:
         code = compile(source, filename, "exec")
     except SyntaxError as exc:

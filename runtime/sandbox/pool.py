@@ -197,9 +197,19 @@ class FunctionPool:
             self._discard(worker)
         warming, self._warming = self._warming, None
         if warming is not None:
-            with contextlib.suppress(FunctionError, SandboxUnavailable):
-                return await warming
+            try:
+                return await asyncio.shield(warming)
+            except (FunctionError, SandboxUnavailable):
+                pass
+            except asyncio.CancelledError:
+                warming.add_done_callback(self._land_orphan)
+                raise
         return await self._spawn()
+
+    def _land_orphan(self, task: asyncio.Task[WorkerProcess]) -> None:
+        """A started worker whose caller went away meanwhile: it waits for the next call."""
+        if not task.cancelled() and task.exception() is None:
+            self._park(task.result())
 
     async def _spawn(self) -> WorkerProcess:
         limits = Limits(memory_mb=self.spec.memory_mb, cpu_s=self._cpu_s, nproc=_NPROC, uid=next_uid())
@@ -321,6 +331,7 @@ class _Call:
         try:
             if kind not in ("generate", "chat", "embed") or not isinstance(body, dict):
                 raise FunctionError(400, f"ctx cannot call {kind!r}")
+            body["stream"] = False  # whatever the worker wrote, the context's calls never stream
             reply = ["reply", rid, True, await self.pool._host.model_call(kind, body)]
         except Exception as exc:
             status = getattr(exc, "status", None)
