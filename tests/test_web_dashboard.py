@@ -16,6 +16,7 @@ Playwright's own browser download is never used: ``executable_path`` is Debian's
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -175,6 +176,51 @@ def test_chat_streams_a_reply_with_timings_and_the_serving_node(browser: Any, cl
     assert requests >= 1
     expect(page.locator("#chart-requests svg path")).not_to_have_count(0)
     page.screenshot(path=str(shots / "traffic.png"))
+    w.check()
+    page.close()
+
+
+SHOUT = """\
+from omx.functions import function, Context
+
+
+@function(timeout=10, memory_mb=256, concurrency=2)
+async def shout(body: dict, ctx: Context) -> dict:
+    ctx.log("shouting", body["text"])
+    return {"text": body["text"].upper()}
+"""
+
+
+def test_functions_view_lists_a_deployed_function_with_its_calls_and_logs(browser: Any, cluster: Cluster,
+                                                                          shots: Path) -> None:
+    from playwright.sync_api import expect
+
+    a, b = cluster[0], cluster[1]
+    with a.client() as client:
+        r = client.post("/api/functions", json={"filename": "shout.py", "source": SHOUT}, timeout=60)
+        assert r.status_code == 201, r.text
+        version = r.json()["functions"][0]["version"]
+        for word in ("alpha", "beta", "gamma"):
+            assert client.post("/fn/shout", json={"text": word}, timeout=60).json() == {"text": word.upper()}
+    w = open_page(browser, a.web_url)
+    page = w.page
+    page.get_by_role("tab", name="Functions").click()
+    table = page.get_by_role("table", name="Functions")
+    expect(table.get_by_role("columnheader", name="Calls")).to_be_visible()
+    row = page.locator('#functions-body tr[data-function="shout"]')
+    expect(row.locator("td").nth(0)).to_have_text("shout")
+    expect(row.locator("td").nth(1)).to_have_text(version[:12])
+    expect(row.locator("td").nth(2)).to_have_text("/fn/shout")
+    expect(row.locator("td").nth(4)).to_have_text("3")  # calls
+    expect(row.locator("td").nth(5)).to_have_text("0")  # errors
+    expect(row.locator("td").nth(6)).to_contain_text("ms")
+    # B fetched it from A and serves it too
+    expect(row.locator("td").nth(3)).to_have_attribute("data-nodes", re.compile(rf"\b{b.node_id}\b"))
+    page.get_by_role("button", name="Logs of shout").click()
+    logs = page.get_by_role("log", name="Logs of shout")
+    for word in ("alpha", "beta", "gamma"):
+        expect(logs).to_contain_text(f"shouting {word}")
+    page.screenshot(path=str(shots / "functions.png"))
     w.check()
     page.close()
 

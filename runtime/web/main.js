@@ -2,6 +2,7 @@
 import { ApiError, events, getJSON, onUnauthorized, setApiKey } from "./api.js";
 import { refreshChatModels, initChat } from "./chat.js";
 import { applyEvent, refreshSelf } from "./cluster.js";
+import { refreshFunctions } from "./functions.js";
 import { initModels, refreshModels } from "./models.js";
 import { redrawTraffic, sample } from "./traffic.js";
 import { showError } from "./util.js";
@@ -22,6 +23,7 @@ function select(tab, focus = false) {
   if (tab.id === "tab-traffic") redrawTraffic();
   if (tab.id === "tab-chat") quietly(refreshChatModels);
   if (tab.id === "tab-models") quietly(refreshModels);
+  if (tab.id === "tab-functions") quietly(refreshFunctions);
 }
 
 function initTabs() {
@@ -90,4 +92,5 @@ initModels();
 initChat();
 setInterval(() => quietly(sample), 2000);
 setInterval(() => { if (!document.getElementById("view-models").hidden) quietly(refreshModels); }, 1000);
+setInterval(() => { if (!document.getElementById("view-functions").hidden) quietly(refreshFunctions); }, 2000);
 start();
