@@ -2,8 +2,8 @@
 
 Three real nodes (``omx start`` each, real Serf, 127.0.0.N) run an engine double
 whose runners produce a token every ``--token-ms`` (asyncio sleeps: the figures
-measure routing, not the CPU); a ``sitecustomize`` module put on the nodes'
-``PYTHONPATH`` swaps it in for llama.cpp. Models (the generated tiny GGUF, so the
+measure routing, not the CPU; :mod:`tests.support.timed_engine` swaps it in for
+llama.cpp). Models (the generated tiny GGUF, so the
 store and handlers do their real work):
 
 * ``n1`` on A; ``n2`` on A and B; ``n3`` on A, B and C;
@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import tempfile
-import textwrap
 import time
 from collections import Counter
 from pathlib import Path
@@ -42,41 +40,11 @@ sys.path.insert(0, str(ROOT))
 
 from tests.support.cluster import Cluster, ClusterNode, start_cluster  # noqa: E402
 from tests.support.node import create_model, wait_until  # noqa: E402
+from tests.support.timed_engine import timed_engine_env  # noqa: E402
 from tests.support.tiny_gguf import write_tiny_llama  # noqa: E402
 
 TEMPLATE = "{{ range .Messages }}{{ .Role }}: {{ .Content }}\n{{ end }}assistant:"
 
-SITECUSTOMIZE = textwrap.dedent('''
-    """omx bench/routing.py: nodes started with OMX_BENCH_TOKEN_S run a timed engine double."""
-    import os
-
-    if os.environ.get("OMX_BENCH_TOKEN_S"):
-        import asyncio
-
-        import omx.runtime.node as _node
-        from omx.protocols import CompletionChunk, CompletionDone
-        from omx.runtime.engine._fake import FakeEngine, FakeRunner
-
-        _TOKEN_S = float(os.environ["OMX_BENCH_TOKEN_S"])
-
-        class _TimedRunner(FakeRunner):
-            async def complete(self, request):
-                limit = request.options.num_predict if request.options.num_predict > 0 else 16
-                for _ in range(limit):
-                    await asyncio.sleep(_TOKEN_S)
-                    yield CompletionChunk("tok ")
-                yield CompletionDone("length", 1, 1, limit, int(limit * _TOKEN_S * 1e9))
-
-        class _TimedEngine(FakeEngine):
-            name = "bench-timed"
-
-            async def start(self, spec):
-                runner = _TimedRunner(spec, self)
-                self.runners.append(runner)
-                return runner
-
-        _node.make_engine = lambda backend, **kw: _TimedEngine()
-''')
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -130,11 +98,7 @@ def added_latency(entry: ClusterNode, requests: int) -> dict[str, list[float]]:
 
 
 def setup(root: Path, token_s: float, parallel: int) -> Cluster:
-    site = root / "site"
-    site.mkdir(parents=True)
-    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
-    env = {"PYTHONPATH": path, "OMX_BENCH_TOKEN_S": str(token_s), "OMX_ENGINE__NUM_PARALLEL": str(parallel),
+    env = {**timed_engine_env(root / "site", token_s), "OMX_ENGINE__NUM_PARALLEL": str(parallel),
            "OMX_ENGINE__MAX_LOADED_MODELS": "8", "OMX_MODELS__REGISTRY": "127.0.0.1:9"}
     cluster = start_cluster(root / "nodes", 3, env=env)
     gguf = write_tiny_llama(root / "tiny.gguf", seed=7)

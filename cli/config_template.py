@@ -54,6 +54,15 @@ SECTIONS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
         ("factor", "2", "Desired replicas per model (1-16); the last replica is never removed."),
         ("max_bandwidth", "0", "Most bytes per second received from peers, all transfers together, "
                                "e.g. 10MB/s (0: unlimited)."),
+        ("max_factor", "4", "Replicas follow demand: while requests for a model wait on every holder, a copy "
+                            "is added on an idle node with room, up to this many holders (1: never)."),
+        ("idle_after", "10m", "A copy added for demand is dropped after this long without a request "
+                              "(never below factor)."),
+    ]),
+    ("routing", "Which node serves a request (any node answers for any model).", [
+        ("queue_timeout", "30s", "When every holder of a model is busy, a request waits this long for a free "
+                                 "slot anywhere, then gets 503 with Retry-After (at most engine.max_queue wait; "
+                                 "0: queue on the best holder at once)."),
     ]),
     ("engine", "Inference.", [
         ("backend", "llama_cpp", "llama_cpp (llama-cpp-python) or ctransformers."),

@@ -140,6 +140,7 @@ def _verbose_lines(status: dict[str, Any]) -> list[str]:
             count = int(model.get("requests") or 0)
             lines.append(f"     {icon} {model.get('name')} ({compact_bytes(model.get('size'))}) - "
                          f"{count} request{'s' if count != 1 else ''}")
+    lines += _routing_lines(status.get("routing") or {})
     api = _hostport(services.get("api"))
     web = services.get("web") if isinstance(services.get("web"), str) else None
     p2p = services.get("p2p")
@@ -148,6 +149,22 @@ def _verbose_lines(status: dict[str, Any]) -> list[str]:
               f"   Web: dashboard at {web}" if web else "   Web: off (web.enabled: false)",
               f"   P2P: gossip on {p2p}" if p2p else "   P2P: not running",
               f"   Connections: {node.get('connections', 0)}"]
+    return lines
+
+
+def _routing_lines(routing: dict[str, Any]) -> list[str]:
+    """Where the requests this node took in ran, per model and node (``omx_routed_requests_total``)."""
+    rows = [r for r in routing.get("requests") or [] if isinstance(r, dict)]
+    held = int(routing.get("held") or 0)
+    lines = ["", "🔀 Routing (requests taken in here, by the node that served them)"]
+    if held:
+        lines.append(f"   Waiting for a free slot: {held}")
+    if not rows:
+        return [*lines, "   Routed requests: none yet"]
+    for model in dict.fromkeys(str(r.get("model")) for r in rows):
+        per_node = ", ".join(f"{r.get('node')} {int(r.get('requests') or 0)}" for r in rows
+                             if str(r.get("model")) == model)
+        lines.append(f"   {model}: {per_node}")
     return lines
 
 

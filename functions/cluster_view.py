@@ -131,6 +131,9 @@ class Counters:
     requests_processed: int
     websocket_connections: int
     model_requests: Mapping[str, int] = field(default_factory=dict)
+    routed_requests: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    """Model-routed requests this node took in, by model, then by the node that served them
+    (``omx_routed_requests_total``)."""
 
 
 class UsageSink(Protocol):

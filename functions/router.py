@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
@@ -35,7 +36,18 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pydantic import BaseModel
 
 from omx.errors import PeerError, ServiceBusy
+from omx.functions.holding import HoldingQueue
 from omx.functions.registry import ByteStream, HandlerSpec, Reply, is_stream
+from omx.functions.relay import (
+    MAX_JSON_REPLY,
+    STREAM_ERRORS,
+    PeerReply,
+    cut_error,
+    error_text,
+    read_all,
+    retryable,
+    streamed,
+)
 from omx.functions.routing import (
     DEFAULT_WEIGHTS,
     LOAD_HEADER,
@@ -46,6 +58,8 @@ from omx.functions.routing import (
     ModelLoad,
     NodeLoad,
     RouteWeights,
+    expected_wait,
+    has_room,
     holders_of,
     load_from_header,
     load_to_header,
@@ -58,7 +72,8 @@ from omx.types import NodeId
 if TYPE_CHECKING:
     from omx.functions.call import Call, Services
 
-__all__ = ["HOP_HEADER", "MAX_TRIES", "NODE_HEADER", "PeerLink", "PeerReply", "RouteObserver", "Router"]
+__all__ = ["HOP_HEADER", "MAX_JSON_REPLY", "MAX_TRIES", "NODE_HEADER", "DemandSink", "PeerLink", "PeerReply",
+           "RouteObserver", "Router", "read_all"]
 
 log = logging.getLogger("omx.routing")
 
@@ -71,33 +86,8 @@ AVOID_S = 5.0
 BUSY_AVOID_S = 1.0
 """The same for a node that was only busy (503, 429)."""
 DOWN_RETRY_AFTER = 5
-MAX_JSON_REPLY = 256 << 20
 IDLE_POLL_S = 2.0
 """How often peers' loads are polled while no request asks for them."""
-_RETRYABLE = frozenset({401, 403, 404, 408, 429})
-_STREAM_ERRORS = (b'{"error"', b'data: {"error"')
-"""How a stream that failed before its first token starts (NDJSON, SSE), as the adapter writes it."""
-
-
-class PeerReply(Protocol):
-    """A peer's answer whose body is still arriving."""
-
-    @property
-    def status(self) -> int:
-        ...
-
-    @property
-    def headers(self) -> Mapping[str, str]:
-        """Lower-cased names."""
-        ...
-
-    def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives; raises :class:`~omx.errors.PeerError` when the transfer breaks."""
-        ...
-
-    async def aclose(self) -> None:
-        """Drop the connection if the body was not read to its end."""
-        ...
 
 
 class PeerLink(Protocol):
@@ -130,6 +120,14 @@ class RouteObserver(Protocol):
         ...
 
 
+class DemandSink(Protocol):
+    """Told when requests for a model wait for a slot on every holder (replicas that follow demand)."""
+
+    def overflow(self, holders: Holders) -> None:
+        """Must not block: it may start a copy of the model on an idle node."""
+        ...
+
+
 class _Failed(Exception):
     def __init__(self, node: NodeId, reason: str, avoid_s: float) -> None:
         super().__init__(reason)
@@ -144,40 +142,9 @@ def _raw_body(body: Any, call: Call) -> bytes:
     return body.model_dump_json(exclude_unset=True).encode()
 
 
-def _retryable(status: int) -> bool:
-    return status >= 500 or status in _RETRYABLE
-
-
-def _streamed(media: str) -> bool:
-    return media.startswith(("application/x-ndjson", "text/event-stream"))
-
-
-def _cut_error(node: str, reason: str, *, sse: bool) -> bytes:
-    message = f"node {node} stopped answering mid-stream: {reason}"
-    if sse:
-        return b"data: " + json.dumps({"error": {"message": message, "type": "server_error"}}).encode() + b"\n\n"
-    return json.dumps({"error": message}).encode() + b"\n"
-
-
-async def read_all(reply: PeerReply, limit: int = MAX_JSON_REPLY) -> bytes:
-    """A peer reply's whole body (at most ``limit`` bytes); raises PeerError."""
-    body = bytearray()
-    async for piece in reply.chunks():
-        body += piece
-        if len(body) > limit:
-            raise PeerError(f"peer reply is larger than {limit} bytes")
-    return bytes(body)
-
-
-def _error_text(body: bytes, status: int) -> str:
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        return f"status {status}"
-    error = doc.get("error") if isinstance(doc, dict) else None
-    if isinstance(error, dict):
-        error = error.get("message")
-    return str(error) if error else f"status {status}"
+def _room(cands: list[Candidate]) -> bool:
+    """Whether a call may go out now: a holder not avoided has a free slot (or every holder is avoided)."""
+    return any(not c.avoided and has_room(c.load) for c in cands) or all(c.avoided for c in cands)
 
 
 class Router:
@@ -186,7 +153,8 @@ class Router:
     def __init__(self, node_id: str, link: PeerLink, services: Services, *,
                  observer: RouteObserver | None = None, clock: Callable[[], float] = time.monotonic,
                  weights: RouteWeights = DEFAULT_WEIGHTS, book: LoadBook | None = None,
-                 avoidance: Avoidance | None = None) -> None:
+                 avoidance: Avoidance | None = None, holding: HoldingQueue | None = None,
+                 demand: DemandSink | None = None) -> None:
         self.node_id = NodeId(node_id)
         self.link = link
         self.services = services
@@ -195,6 +163,9 @@ class Router:
         self.weights = weights
         self.book = book or LoadBook()
         self.avoid = avoidance or Avoidance(AVOID_S)
+        self.holding = holding
+        """Requests waiting for a free slot anywhere (None: none wait here, they queue on a holder)."""
+        self.demand = demand
         self._busy: dict[str, int] = {}
         self._names: dict[str, str] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -255,6 +226,14 @@ class Router:
             free = max(0, res.memory_total - res.memory_used) if res.memory_total else None
         return NodeLoad(models, free, slots, {k: names[k] for k in models if k in names})
 
+    def node_load(self, node: NodeId) -> NodeLoad | None:
+        """A member's load as this node knows it (its own first-hand); None when nothing fresh is known."""
+        return self.local_load() if node == self.node_id else self.book.node_load(node, self.clock())
+
+    def busy_models(self) -> tuple[str, ...]:
+        """Keys of the models with requests running or waiting here (the replicator keeps their copies)."""
+        return tuple(k for k, n in self._busy.items() if n > 0 and k)
+
     def _begin(self, key: str, name: str) -> None:
         self._busy[key] = self._busy.get(key, 0) + 1
         self._names.setdefault(key, name)
@@ -266,6 +245,11 @@ class Router:
         else:
             self._busy.pop(key, None)
             self._names.pop(key, None)
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.holding is not None:
+            self.holding.changed()
 
     def _maybe_poll(self, node: NodeId, now: float) -> None:
         if self.book.wants_refresh(node, now):
@@ -279,6 +263,7 @@ class Router:
             log.debug("load of %s not fetched: %s", node, exc)
             return
         self.book.report(node, load, self.clock())
+        self._changed()
 
     def _heard(self, node: NodeId, headers: Mapping[str, str]) -> None:
         value = headers.get(LOAD_HEADER.lower())
@@ -287,9 +272,14 @@ class Router:
                 self.book.report(node, load_from_header(value), self.clock())
             except ValueError as exc:
                 log.debug("bad load header from %s: %s", node, exc)
+            self._changed()
 
     def ranked(self, holders: Holders) -> tuple[NodeId, ...]:
         """``holders.alive`` best first (polling the loads that are getting old)."""
+        return rank(self.candidates(holders), holders.size, self.weights)
+
+    def candidates(self, holders: Holders) -> list[Candidate]:
+        """``holders.alive`` with their estimated loads (polling the loads that are getting old)."""
         now = self.clock()
         cands = []
         for node in holders.alive:
@@ -300,7 +290,37 @@ class Router:
             self._maybe_poll(node, now)
             cands.append(Candidate(node, self.book.estimate(node, holders.key, now),
                                    self.book.free_memory(node, now), avoided=self.avoid.avoided(node, now)))
-        return rank(cands, holders.size, self.weights)
+        return cands
+
+    async def order(self, holders: Holders, peers: bool) -> tuple[Holders, tuple[NodeId, ...]]:
+        """Where to try a call, best first; waits in the holding queue while every holder is at capacity.
+
+        ``peers``: whether other members are alive (a lone node queues on itself, as Ollama does).
+        """
+        holding = self.holding
+        if holding is None or not holding.enabled or not peers:
+            return holders, self.ranked(holders)
+        cands = self.candidates(holders)
+        if not holding.waiting(holders.key) and _room(cands):
+            return holders, rank(cands, holders.size, self.weights)
+        name, latest = holders.name, holders
+
+        def ready() -> tuple[Holders, tuple[NodeId, ...]] | None:
+            nonlocal latest
+            latest = holders_of(self.link.snapshot(), name)
+            found = self.candidates(latest)
+            return (latest, rank(found, latest.size, self.weights)) if _room(found) else None
+
+        def tick() -> None:
+            if self.demand is not None:
+                self.demand.overflow(latest)
+
+        def retry_after() -> int:
+            found = self.candidates(latest)
+            waits = [expected_wait(c.load, latest.size, c.free_memory, self.weights) for c in found]
+            return min(60, max(1, math.ceil(min(waits, default=1.0))))
+
+        return await holding.wait(holders.key, ready, on_tick=tick, retry_after=retry_after)
 
     # ------------------------------------------------------------ serving
 
@@ -309,14 +329,16 @@ class Router:
         name = getattr(body, spec.model_field, None) if spec.model_field and body is not None else None
         if call.hop or not isinstance(name, str) or not name:
             return await self.run_here(spec, body, call, name if isinstance(name, str) else "")
-        holders = holders_of(self.link.snapshot(), name)
+        snapshot = self.link.snapshot()
+        holders = holders_of(snapshot, name)
         if not holders.alive:
             if holders.down:
                 raise ServiceBusy(f"model '{name}' is held only by nodes that are down ({', '.join(holders.down)}); "
                                   "retry when one of them is back", retry_after=DOWN_RETRY_AFTER)
             return await self.run_here(spec, body, call, name)  # the handler answers Ollama's 404
+        holders, order = await self.order(holders, any(v.alive and v.node != self.node_id for v in snapshot.nodes))
         failures: list[str] = []
-        for attempt, node in enumerate(self.ranked(holders)[:MAX_TRIES]):
+        for attempt, node in enumerate(order[:MAX_TRIES]):
             if attempt and self.observer is not None:
                 self.observer.retried()
             if node == self.node_id:
@@ -382,6 +404,7 @@ class Router:
             if not ended:
                 ended = True
                 self.book.finished(node, key)
+                self._changed()
 
         try:
             reply = await self.link.request(node, call.method, call.path or spec.path, headers, _raw_body(body, call))
@@ -392,15 +415,15 @@ class Router:
         try:
             self._heard(node, reply.headers)
             status, media = reply.status, reply.headers.get("content-type", "application/json")
-            if _retryable(status):
-                text = _error_text(await read_all(reply, 1 << 20), status)
+            if retryable(status):
+                text = error_text(await read_all(reply, 1 << 20), status)
                 raise _Failed(node, f"{node} answered {status}: {text}",
                               BUSY_AVOID_S if status in (429, 503) else AVOID_S)
             call.response_headers[NODE_HEADER] = reply.headers.get(NODE_HEADER.lower()) or node
-            if status == 200 and _streamed(media):
+            if status == 200 and streamed(media):
                 chunks = reply.chunks()
                 first = await anext(chunks, b"")
-                if first.startswith(_STREAM_ERRORS):  # failed before its first token: nothing reached the client
+                if first.startswith(STREAM_ERRORS):  # failed before its first token: nothing reached the client
                     raise _Failed(node, f"{node} answered {first[:300].decode(errors='replace').strip()}", AVOID_S)
                 relayed = True
                 relay = self._relay(node, first, chunks, reply, end, sse=media.startswith("text/event-stream"))
@@ -436,7 +459,7 @@ class Router:
                 yield bytes(pending)
         except PeerError as exc:
             log.warning("stream from %s broke off: %s", node, exc)
-            yield _cut_error(node, str(exc), sse=sse)
+            yield cut_error(node, str(exc), sse=sse)
         finally:
             end()
             await reply.aclose()

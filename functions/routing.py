@@ -50,6 +50,7 @@ __all__ = [
     "NodeLoad",
     "RouteWeights",
     "expected_wait",
+    "has_room",
     "holders_of",
     "load_from_header",
     "load_from_json",
@@ -94,6 +95,11 @@ class NodeLoad:
 
     def model(self, key: str) -> ModelLoad:
         return self.models.get(key) or ModelLoad(num_parallel=self.num_parallel)
+
+    @property
+    def busy(self) -> int:
+        """Requests running and waiting, all models together."""
+        return sum(m.busy for m in self.models.values())
 
     @classmethod
     def of(cls, models: Mapping[str, ModelLoad], *, free_memory: int | None = None,
@@ -146,6 +152,11 @@ def expected_wait(load: ModelLoad | None, size: int, free_memory: int | None,
         if free_memory is not None and free_memory < size:
             wait += weights.load_s(size)
     return wait
+
+
+def has_room(load: ModelLoad | None) -> bool:
+    """Whether a node with ``load`` starts a request at once: fewer requests than slots (unknown: idle)."""
+    return load is None or load.busy < max(1, load.num_parallel)
 
 
 def rank(candidates: Iterable[Candidate], size: int, weights: RouteWeights = DEFAULT_WEIGHTS) -> tuple[NodeId, ...]:
@@ -270,6 +281,16 @@ class LoadBook:
         busy = max(own, base.busy + peer.delta.get(key, 0), 0)
         in_flight = min(busy, max(base.in_flight, base.num_parallel))
         return ModelLoad(base.loaded, in_flight, busy - in_flight, base.num_parallel)
+
+    def node_load(self, node: NodeId, now: float) -> NodeLoad | None:
+        """``node``'s whole load as last reported, each model adjusted by this node's requests since."""
+        peer = self._peers.get(node)
+        report = self._current(peer, now) if peer is not None else None
+        if peer is None or report is None:
+            return None
+        keys = set(report.models) | {k for k, n in peer.outstanding.items() if n}
+        models = {k: self.estimate(node, k, now) or ModelLoad(num_parallel=report.num_parallel) for k in keys}
+        return NodeLoad(models, report.free_memory, report.num_parallel, report.names)
 
     def free_memory(self, node: NodeId, now: float) -> int | None:
         peer = self._peers.get(node)

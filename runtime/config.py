@@ -31,6 +31,7 @@ __all__ = [
     "P2PConfig",
     "PeerConfig",
     "ReplicationConfig",
+    "RoutingConfig",
     "SecurityConfig",
     "Settings",
     "WebConfig",
@@ -160,6 +161,19 @@ class ReplicationConfig(_Section):
     factor: int = Field(default=2, ge=1, le=16)
     max_bandwidth: int = Field(default=0, ge=0, description=(
         "Bytes per second this node receives from peers, all transfers together (0: unlimited)."))
+    max_factor: int = Field(default=4, ge=1, le=16, description=(
+        "Most holders a model gets when replicas follow demand: while requests for a model wait on every "
+        "holder, a copy is added on an idle node with room, up to this many holders (1: never)."))
+    idle_after: float = Field(default=600.0, description=(
+        "A copy added for demand is dropped after this long without a request, never below the model's factor."))
+
+    @field_validator("idle_after", mode="before")
+    @classmethod
+    def _idle_after(cls, value: object) -> float:
+        seconds = parse_duration(value)
+        if not 0 < seconds < math.inf:
+            raise ValueError("idle_after must be a positive, finite duration (e.g. 10m)")
+        return seconds
 
     @field_validator("max_bandwidth", mode="before")
     @classmethod
@@ -167,6 +181,21 @@ class ReplicationConfig(_Section):
         if isinstance(value, str):
             value = value.strip().removesuffix("/s").removesuffix("ps")
         return parse_size(value)
+
+
+class RoutingConfig(_Section):
+    queue_timeout: float = Field(default=30.0, description=(
+        "When every node holding a model is busy (all its slots taken), a request waits on the node that "
+        "took it in for a free slot anywhere, this long at most, then gets 503 with Retry-After "
+        "(at most engine.max_queue requests wait; 0: no holding, the request queues on the best holder)."))
+
+    @field_validator("queue_timeout", mode="before")
+    @classmethod
+    def _queue_timeout(cls, value: object) -> float:
+        seconds = parse_duration(value)
+        if not 0 <= seconds < math.inf:
+            raise ValueError("queue_timeout must be a finite duration of at least 0 (e.g. 30s)")
+        return seconds
 
 
 class EngineConfig(_Section):
@@ -238,6 +267,7 @@ class Settings(BaseSettings):
     p2p: P2PConfig = Field(default_factory=lambda: P2PConfig())
     models: ModelsConfig = Field(default_factory=lambda: ModelsConfig())
     replication: ReplicationConfig = Field(default_factory=lambda: ReplicationConfig())
+    routing: RoutingConfig = Field(default_factory=lambda: RoutingConfig())
     engine: EngineConfig = Field(default_factory=lambda: EngineConfig())
     security: SecurityConfig = Field(default_factory=lambda: SecurityConfig())
     cluster: ClusterConfig = Field(default_factory=lambda: ClusterConfig())

@@ -22,6 +22,7 @@ from omx.fsutil import atomic_write
 from omx.functions.builtin import builtin_registry, pull
 from omx.functions.call import EngineDefaults, NodeInfo, Services
 from omx.functions.dispatch import Dispatcher
+from omx.functions.holding import HoldingQueue
 from omx.functions.router import Router
 from omx.processes import start_ticks
 from omx.runtime.app import build_app
@@ -35,6 +36,7 @@ from omx.runtime.peer import Bandwidth, HttpPeerTransport, Transfers, TransferSe
 from omx.runtime.peer.h3 import H3PeerClient
 from omx.runtime.registry_http import HttpxRegistryTransport
 from omx.runtime.replication import PeerCommands, ReplicationService, ReplicationSettings, Replicator
+from omx.runtime.replication.demand import DemandReplicas
 from omx.runtime.scheduler import ModelScheduler
 from omx.runtime.server import H3Listener, Listener, bind_tcp, bind_udp, serve_app, serve_transfers
 from omx.runtime.tls import TlsFiles, ensure_tls, tls_dir
@@ -114,7 +116,8 @@ class Node:
                                   api_of=self.cluster.api_of),
             settings=ReplicationSettings(
                 default_factor=settings.replication.factor, auto_cleanup=settings.models.auto_cleanup,
-                max_cache_size=settings.models.max_cache_size, max_bandwidth=settings.replication.max_bandwidth))
+                max_cache_size=settings.models.max_cache_size, max_bandwidth=settings.replication.max_bandwidth,
+                idle_after=settings.replication.idle_after))
         self.cluster.change_listeners.append(self.replicator.kick)
         self.peer_link = HttpPeerLink(self.node_id, key=lambda: self.cluster.secret.peer_auth_key(),
                                       api_of=self.cluster.peer_h3_address if h3 else self.cluster.api_of,
@@ -146,8 +149,14 @@ class Node:
         self.services.usage = self.cluster
         self.services.transfer_stats = self.cluster.metrics
         self.services.replication = ReplicationService(self.replicator)
-        self.router = Router(self.node_id, self.peer_link, self.services, observer=self.cluster.metrics)
-        self.services.router = self.dispatcher.router = self.router
+        holding = HoldingQueue(timeout_s=self.settings.routing.queue_timeout,
+                               max_waiting=self.settings.engine.max_queue)
+        self.router = router = Router(self.node_id, self.peer_link, self.services, observer=self.cluster.metrics,
+                                      holding=holding)
+        router.demand = DemandReplicas(self.replicator, lambda n: router.node_load(n),
+                                       max_factor=self.settings.replication.max_factor)
+        self.replicator.in_use = router.busy_models
+        self.services.router = self.dispatcher.router = router
         self.functions: FunctionsHost = function_host(
             self.node_id, self.settings.home, self.registry, self.dispatcher, lambda: self.services,
             self.peer_link, self._alive_peers, self.cluster.metrics.registry)

@@ -26,9 +26,13 @@ known to any node, else ``default_factor``):
   upgraded in place. With factor > alive nodes, every alive node that qualifies
   gets a copy;
 * over-replicated (holders > factor): ``replica``/``demand`` copies are dropped,
-  lowest rendezvous rank first, until holders = factor; ``user`` copies never are.
-  What remains are holders with the model complete, at least ``factor`` >= 1 of
-  them, so the last copy is never dropped;
+  ``demand`` copies first, then lowest rendezvous rank first, until holders =
+  factor; ``user`` copies never are. A ``demand`` copy (one the router added for
+  load) used within ``idle_after`` of ``now`` is *in use*: it is neither dropped
+  nor counted as surplus, so it stays beside the factor's copies while requests
+  come and goes ``idle_after`` after the last one. What remains are holders
+  with the model complete, at least ``factor`` >= 1 of them, so the last copy
+  is never dropped;
 * stale ``replica``/``demand`` copies are dropped once the current version has
   min(factor, alive nodes) holders, unless the plan upgrades them.
 
@@ -55,6 +59,7 @@ from omx.types import BlobDigest, NodeId
 from .holdings import BlobRef, FactorOverride, HeldModel, Holdings, Origin, factor_overrides, model_key
 
 __all__ = [
+    "DEFAULT_IDLE_AFTER_S",
     "DEFAULT_STALL_S",
     "NO_CONSTRAINTS",
     "Action",
@@ -64,6 +69,7 @@ __all__ = [
     "NodeView",
     "Plan",
     "factor_for",
+    "in_use",
     "model_views",
     "plan",
     "rank",
@@ -72,6 +78,8 @@ __all__ = [
 
 DEFAULT_STALL_S = 600.0
 """An incoming transfer with no progress for this long no longer counts as in progress."""
+DEFAULT_IDLE_AFTER_S = 600.0
+"""A ``demand`` copy without a request for this long may be dropped (``replication.idle_after``)."""
 
 
 # ================================================================ inputs
@@ -163,7 +171,8 @@ class ModelView:
     """One model across the cluster, as placement and status see it.
 
     ``holders`` (alive, current version complete) and ``in_progress`` are in
-    rendezvous order; ``offline_holders`` are known but not alive members holding
+    rendezvous order; ``last_used`` is each holder's last request there;
+    ``offline_holders`` are known but not alive members holding
     it; ``stale`` lists (node, copy) for alive nodes holding another version;
     ``alive_nodes`` counts the alive members with known holdings.
     """
@@ -180,6 +189,7 @@ class ModelView:
     offline_holders: tuple[NodeId, ...]
     stale: tuple[tuple[NodeId, HeldModel], ...]
     alive_nodes: int
+    last_used: Mapping[NodeId, float] = field(default_factory=dict)
 
     @property
     def target(self) -> int:
@@ -214,6 +224,7 @@ def model_views(
         digests = {b.digest for b in current.blobs}
         holders: list[NodeId] = []
         origins: dict[NodeId, Origin] = {}
+        used: dict[NodeId, float] = {}
         stale: list[tuple[NodeId, HeldModel]] = []
         offline: list[NodeId] = []
         for n, m in everyone:
@@ -225,6 +236,7 @@ def model_views(
             elif (key, n.node) not in constraints.leaving:
                 holders.append(n.node)
                 origins[n.node] = m.origin
+                used[n.node] = m.last_used
         held = set(holders) | {n for n, _ in stale if (key, n) in constraints.leaving}
         progressing = []
         for n in alive:
@@ -240,7 +252,7 @@ def model_views(
             key=key, name=current.name, digest=current.digest, size=current.size, blobs=current.blobs,
             factor=factor_for(key, overrides, default_factor), holders=rank(key, holders), origins=origins,
             in_progress=rank(key, progressing), offline_holders=tuple(sorted(offline)),
-            stale=tuple(sorted(stale, key=lambda s: s[0])), alive_nodes=alive_count,
+            stale=tuple(sorted(stale, key=lambda s: s[0])), alive_nodes=alive_count, last_used=used,
         ))
     return tuple(views)
 
@@ -321,6 +333,7 @@ class _Room:
 def plan(
     snapshot: ClusterSnapshot, default_factor: int, now: float, *,
     constraints: Constraints = NO_CONSTRAINTS, stall_s: float = DEFAULT_STALL_S,
+    idle_after: float = DEFAULT_IDLE_AFTER_S,
 ) -> Plan:
     """The copies to add and drop so every model reaches its factor (see the module docstring)."""
     views = model_views(snapshot, default_factor, now, constraints=constraints, stall_s=stall_s)
@@ -332,7 +345,7 @@ def plan(
     for v in views:
         added = _adds(v, alive_ids, room, constraints)
         adds.extend(added)
-        drops.extend(_drops(v, constraints))
+        drops.extend(_drops(v, constraints, now, idle_after))
         upgraded = {a.node for a in added}
         if len(v.holders) >= v.target and v.holders:
             for node, copy in v.stale:
@@ -366,10 +379,17 @@ def _adds(v: ModelView, alive: tuple[NodeId, ...], room: _Room, constraints: Con
     return out
 
 
-def _drops(v: ModelView, constraints: Constraints) -> list[Action]:
-    surplus = len(v.holders) - v.factor
+def in_use(v: ModelView, node: NodeId, now: float, idle_after: float) -> bool:
+    """Whether ``node``'s copy of ``v`` is a ``demand`` copy used within ``idle_after`` of ``now``."""
+    return v.origins.get(node) == "demand" and now - v.last_used.get(node, 0.0) < idle_after
+
+
+def _drops(v: ModelView, constraints: Constraints, now: float, idle_after: float) -> list[Action]:
+    busy = [n for n in v.holders if in_use(v, n, now, idle_after)]
+    surplus = len(v.holders) - len(busy) - v.factor
     if surplus <= 0:
         return []
     droppable = [n for n in reversed(v.holders)
-                 if v.origins[n] != "user" and constraints.may_drop(v.key, n)]
+                 if v.origins[n] != "user" and n not in busy and constraints.may_drop(v.key, n)]
+    droppable.sort(key=lambda n: v.origins[n] != "demand")  # stable: rank order within each origin
     return [Action("drop", v.name, v.key, v.digest, n, v.size, "over_replicated") for n in droppable[:surplus]]

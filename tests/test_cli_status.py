@@ -62,6 +62,9 @@ def test_status_verbose_adds_resources_models_and_services(api: FakeClusterApi) 
     assert lines[start:start + 6] == ["🤖 Model Information", "   Total Models: 2", "   Active Models: 1",
                                       "   Models:", "     🟢 phi3:mini (2GB) - 45 requests",
                                       "     📦 llama2:7b (7GB) - 23 requests"]
+    start = lines.index("🔀 Routing (requests taken in here, by the node that served them)")
+    assert lines[start + 1:start + 3] == ["   Waiting for a free slot: 2",
+                                          "   phi3:mini: omx-aaaa1111 40, omx-bbbb2222 5"]
     start = lines.index("• Network Services")
     assert lines[start:start + 5] == ["• Network Services", "   API: listening on 127.0.0.1:8080",
                                       "   Web: off (web.enabled: false)", "   P2P: gossip on 127.0.0.1:4001",

@@ -224,9 +224,33 @@ def test_the_last_copy_is_never_dropped() -> None:
     assert kept == {rank("m:latest", ABC)[0]}
 
 
-def test_demand_copies_are_dropped_like_replicas() -> None:
-    snap = cluster({"a": holdings(model("m")), "b": holdings(model("m", origin="demand"))})
-    assert drops(plan(snap, 1, now=0.0)) == {("m:latest", "b")}
+def test_a_demand_copy_stays_while_used_and_goes_idle_after_its_last_request() -> None:
+    snap = cluster({"a": holdings(model("m")), "b": holdings(model("m", origin="demand", last_used=1000.0))})
+    assert plan(snap, 1, now=1000.0 + 599, idle_after=600).empty
+    assert drops(plan(snap, 1, now=1000.0 + 600, idle_after=600)) == {("m:latest", "b")}
+    assert drops(plan(snap, 1, now=1000.0 + 30, idle_after=30)) == {("m:latest", "b")}
+
+
+def test_a_demand_copy_in_use_is_not_surplus_and_idle_ones_go_first() -> None:
+    copies = {"a": model("m"), "b": model("m", origin="replica"), "c": model("m", origin="demand", last_used=50.0)}
+    snap = cluster({n: holdings(m) for n, m in copies.items()})
+    assert plan(snap, 2, now=100.0, idle_after=600).empty  # c is in use: b (a replica of the factor) stays
+    assert drops(plan(snap, 2, now=700.0, idle_after=600)) == {("m:latest", "c")}  # idle: c goes, never b
+    idle_demand = cluster({"a": holdings(model("m")), "b": holdings(model("m", origin="demand")),
+                           "c": holdings(model("m", origin="replica"))})
+    assert drops(plan(idle_demand, 2, now=700.0, idle_after=600)) == {("m:latest", "b")}
+
+
+def test_idle_demand_copies_never_go_below_the_factor() -> None:
+    snap = cluster({n: holdings(model("m", origin="demand")) for n in ABC})
+    p = plan(snap, 2, now=10_000.0, idle_after=600)
+    assert len(drops(p)) == 1
+    assert apply_drops_left(snap, p) == 2
+
+
+def apply_drops_left(snap: ClusterSnapshot, p: Plan) -> int:
+    gone = {node for _, node in drops(p)}
+    return sum(1 for n in snap.nodes if n.node not in gone)
 
 
 def test_dead_holders_do_not_count_toward_the_factor() -> None:

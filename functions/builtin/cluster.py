@@ -16,9 +16,10 @@ from typing import Any
 import omx
 from omx.errors import InvalidRequest
 from omx.functions.call import Call
-from omx.functions.cluster_view import ClusterView, cluster_view, node_json, resources_json
+from omx.functions.cluster_view import ClusterView, NodeRecord, cluster_view, node_json, resources_json
 from omx.functions.registry import FunctionRegistry, Reply
 from omx.timefmt import iso_time
+from omx.types import NodeId
 
 __all__ = ["register"]
 
@@ -79,6 +80,15 @@ def _scheduler_stats(call: Call, requests_processed: int) -> dict[str, Any]:
     }
 
 
+def _routing_stats(call: Call, routed: Any) -> dict[str, Any]:
+    """Requests waiting here for a free slot anywhere, and where the requests this node took in ran."""
+    holding = call.services.router.holding if call.services.router is not None else None
+    rows = [{"model": model, "node": node, "requests": count}
+            for model, by_node in sorted(routed.items()) for node, count in sorted(by_node.items())]
+    return {"held": holding.total if holding is not None else 0,
+            "queue_timeout": holding.timeout_s if holding is not None else None, "requests": rows}
+
+
 def _runner_stats(call: Call) -> dict[str, Any]:
     sched = call.services.scheduler
     runners = [{
@@ -108,6 +118,7 @@ async def status(_body: None, call: Call) -> dict[str, Any]:
         "active_nodes": [m.id for m in members if m.status == "alive"] if agent.running else [node.node_id],
         "scheduler_stats": _scheduler_stats(call, counters.requests_processed),
         "runner_stats": _runner_stats(call),
+        "routing": _routing_stats(call, counters.routed_requests),
         "integration_stats": {"serf_version": agent.serf_version, "agent_restarts": agent.restarts,
                               "gossip_address": agent.gossip_address if agent.running else None,
                               "web": node.web_url, "membership": agent.mode, "agent_state": agent.state,
@@ -124,9 +135,31 @@ async def status(_body: None, call: Call) -> dict[str, Any]:
     }
 
 
+def load_json(call: Call, rec: NodeRecord) -> dict[str, Any]:
+    """A member's ``in_flight`` and ``queued`` requests and ``loaded`` models, from the freshest load known here.
+
+    This node's own are first-hand (``queued`` counts its holding queue too); a peer's come from its
+    last load report (``X-Omx-Load`` or the periodic exchange); null where nothing fresh is known.
+    """
+    router = call.services.router
+    if router is None:
+        if not rec.is_self:
+            return {"in_flight": None, "queued": None, "loaded": None}
+        rows = call.services.scheduler.loaded()
+        return {"in_flight": sum(m.active_requests for m in rows), "queued": call.services.scheduler.queued,
+                "loaded": sorted(m.name for m in rows)}
+    load = router.node_load(NodeId(rec.id)) if rec.status == "alive" or rec.is_self else None
+    if load is None:
+        return {"in_flight": None, "queued": None, "loaded": None}
+    held = router.holding.total if rec.is_self and router.holding is not None else 0
+    return {"in_flight": sum(m.in_flight for m in load.models.values()),
+            "queued": sum(m.queued for m in load.models.values()) + held,
+            "loaded": sorted(load.names.get(k, k) for k, m in load.models.items() if m.loaded)}
+
+
 async def nodes(_body: None, call: Call) -> dict[str, Any]:
-    """Every known member with its status, addresses, models held and resources."""
-    return {"nodes": [node_json(m) for m in _view(call).members()]}
+    """Every known member with its status, addresses, models held, resources and current load."""
+    return {"nodes": [{**node_json(m), **load_json(call, m)} for m in _view(call).members()]}
 
 
 def metrics_summary(view: ClusterView, call: Call) -> dict[str, Any]:

@@ -142,6 +142,15 @@ class NodeMetrics:
     def retried(self) -> None:
         self.route_retries.inc()
 
+    def routed_counts(self) -> dict[str, dict[str, int]]:
+        """``omx_routed_requests_total`` by model, then by the node that served them."""
+        out: dict[str, dict[str, int]] = {}
+        for family in self.routed_requests.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    out.setdefault(sample.labels["model"], {})[sample.labels["node"]] = int(sample.value)
+        return out
+
     def set_live(self, facts: LiveFacts) -> None:
         self.in_flight.set(facts.in_flight)
         self.queue_depth.set(facts.queued)

@@ -403,7 +403,7 @@ class ClusterService:
         return h3_address(tags) if tags is not None else None
 
     def counters(self) -> Counters:
-        return Counters(self._requests, self._ws, dict(self._model_requests))
+        return Counters(self._requests, self._ws, dict(self._model_requests), self.metrics.routed_counts())
 
     def connections(self) -> int:
         return self.sampler.connections
@@ -474,6 +474,7 @@ class ClusterService:
 
     def model_request(self, model: str, *, prompt_tokens: int, generated_tokens: int) -> None:
         self._model_requests[model] = self._model_requests.get(model, 0) + 1
+        self.meta.touch(model, time.time())  # last_used: eviction order, and when a demand copy goes idle
         self.metrics.model_request(model, prompt_tokens=prompt_tokens, generated_tokens=generated_tokens)
 
     @property

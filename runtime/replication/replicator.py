@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from omx.errors import ModelNotFound, OmxError
@@ -49,7 +49,7 @@ from omx.storage import Layer, ModelStore
 from omx.storage.eviction import evictions
 from omx.storage.holdings import Origin, model_key
 from omx.storage.holdings_meta import HoldingsMeta
-from omx.storage.placement import Action, ClusterSnapshot, Constraints, ModelView, Plan, plan
+from omx.storage.placement import DEFAULT_IDLE_AFTER_S, Action, ClusterSnapshot, Constraints, ModelView, Plan, plan
 from omx.storage.replication_status import replication_health, status_of
 from omx.storage.space import disk_error
 from omx.types import BlobDigest, NodeId
@@ -78,6 +78,8 @@ class ReplicationSettings:
     """After a failed fetch, reconcile adds the model here again only after this long, doubled for every
     further failure in a row up to ``max_retry_s`` (a user's pull or migration is not held back)."""
     max_retry_s: float = 600.0
+    idle_after: float = DEFAULT_IDLE_AFTER_S
+    """A copy added for demand is dropped after this long without a request (``replication.idle_after``)."""
 
     def retry_delay(self, failures: int) -> float:
         """Seconds before reconcile retries a fetch that failed ``failures`` times in a row."""
@@ -116,7 +118,7 @@ class Replicator:
 
     def __init__(self, *, node_id: str, store: ModelStore, meta: HoldingsMeta, link: ClusterLink,
                  transfers: Transfers, commands: PeerCommands, settings: ReplicationSettings,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, in_use: Callable[[], Iterable[str]] = tuple) -> None:
         self.node_id = NodeId(node_id)
         self.store = store
         self.meta = meta
@@ -125,6 +127,8 @@ class Replicator:
         self.commands = commands
         self.settings = settings
         self.clock = clock
+        self.in_use = in_use
+        """Keys of the models serving requests here now: never dropped nor evicted meanwhile."""
         self._fetches: dict[str, _Fetch] = {}
         self._failed: dict[str, _Fetch] = {}
         self._wake = asyncio.Event()
@@ -183,12 +187,14 @@ class Replicator:
         for pair, until in list(self.avoid.items()):
             if until <= now:
                 del self.avoid[pair]
-        return Constraints(keep=frozenset(self.keep), avoid=frozenset(self.avoid),
+        busy = {(k, self.node_id) for k in self.in_use()}
+        return Constraints(keep=frozenset(self.keep | busy), avoid=frozenset(self.avoid),
                            leaving=frozenset(self.leaving))
 
     def compute_plan(self, snapshot: ClusterSnapshot | None = None) -> Plan:
         snapshot = snapshot or self.link.cluster_snapshot()
-        return plan(snapshot, self.settings.default_factor, self.clock(), constraints=self.constraints())
+        return plan(snapshot, self.settings.default_factor, self.clock(), constraints=self.constraints(),
+                    idle_after=self.settings.idle_after)
 
     async def reconcile(self) -> Plan:
         """One round: compute the plan, start this node's adds, carry out its drops and evictions."""
@@ -208,7 +214,7 @@ class Replicator:
         for action in mine.drops:
             await self._drop(action)
         if self.settings.auto_cleanup and self.settings.max_cache_size > 0:
-            for model in evictions(snapshot, self.node_id, self.settings.max_cache_size):
+            for model in evictions(snapshot, self.node_id, self.settings.max_cache_size, keep=self.in_use()):
                 await self._evict(model.name, model.digest)
         return full
 

@@ -48,8 +48,10 @@ WEB_PORT = 8081
 P2P_PORT = 4001
 MEMBER_DEADLINE_S = 40.0
 _LOCK_DIR = Path(tempfile.gettempdir()) / "omx-test-hosts"
-NODE_ENV = {"OMX_P2P__PROFILE": "local", "OMX_ENGINE__NUM_CTX": "256", "OMX_REPLICATION__FACTOR": "1"}
-"""Test clusters keep one copy per model unless a test asks for more (so models stay where tests put them)."""
+NODE_ENV = {"OMX_P2P__PROFILE": "local", "OMX_ENGINE__NUM_CTX": "256", "OMX_REPLICATION__FACTOR": "1",
+            "OMX_REPLICATION__MAX_FACTOR": "1"}
+"""Test clusters keep one copy per model and add none for demand unless a test asks for more (so models stay
+where tests put them)."""
 
 
 @dataclass

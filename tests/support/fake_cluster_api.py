@@ -47,6 +47,9 @@ def sample_state() -> dict[str, Any]:
             "distributed_mode": True, "fallback_mode": False, "cluster_size": 2,
             "active_nodes": ["omx-aaaa1111", "omx-bbbb2222"],
             "scheduler_stats": {"loaded_models": 1}, "runner_stats": {"backend": "llama_cpp", "runners": []},
+            "routing": {"held": 2, "queue_timeout": 30.0, "requests": [
+                {"model": "phi3:mini", "node": "omx-aaaa1111", "requests": 40},
+                {"model": "phi3:mini", "node": "omx-bbbb2222", "requests": 5}]},
             "integration_stats": {"serf_version": "0.8.2-dev", "agent_restarts": 0,
                                   "gossip_address": "127.0.0.1:4001", "web": None},
             "node": {
