@@ -311,3 +311,20 @@ async def test_conflicts_errors_and_a_node_without_sandbox(tmp_path: Path) -> No
     await settle(a, off)
     assert off.known("h") and "h" not in off.serving.by_name
     await a.aclose()
+
+
+async def test_a_table_that_cannot_be_read_disables_functions_and_is_never_overwritten(tmp_path: Path) -> None:
+    net = Net()
+    a = net.add("a", tmp_path)
+    a.store.state_path.parent.mkdir(parents=True)
+    a.store.state_path.write_text("{damaged")
+    await a.start()
+    with pytest.raises(OmxError) as refused:
+        await a.deploy("f.py", b"f\n")
+    assert refused.value.status == 503 and "unreadable" in refused.value.message
+    b = net.add("b", tmp_path)
+    await b.deploy("g.py", b"g\n")  # its announcement is ignored by a
+    await asyncio.sleep(0.01)
+    assert a.store.state_path.read_text() == "{damaged"
+    await a.aclose()
+    await b.aclose()

@@ -65,6 +65,8 @@ class FunctionsHost:
         self._kick = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pending: set[str] = set()
+        self._broken: str | None = None
+        """Why the saved table could not be read (then nothing is served or changed here)."""
         """Versions the table needs whose sources are not here yet."""
 
     @property
@@ -78,7 +80,12 @@ class FunctionsHost:
         problem = await self.sandbox.check()
         if problem is not None:
             log.warning("custom functions are disabled on this node: %s", problem)
-        self.table = await asyncio.to_thread(self.store.load)
+        try:
+            self.table = await asyncio.to_thread(self.store.load)
+        except StoreError as exc:  # never overwrite a table this node cannot read: refuse, say why
+            self._broken = f"{exc} (move it away to start with an empty table)"
+            log.error("custom functions are disabled on this node: %s", self._broken)
+            return
         await asyncio.to_thread(self.store.prune, self.table)
         await self.apply()
         self._spawn(self._pull_loop(), "functions-pull")
@@ -107,6 +114,11 @@ class FunctionsHost:
             raise NotFound(f"function '{name}' not found")
         return record
 
+    def _require(self) -> None:
+        if self._broken is not None:
+            raise OmxError(f"custom functions are disabled on this node: {self._broken}", status=503)
+        self.sandbox.require()
+
     def known(self, name: str) -> bool:
         record = self.table.get(name)
         return record is not None and not record.removed
@@ -126,7 +138,7 @@ class FunctionsHost:
                 raise Conflict(f"path {path} is served by function '{other.name}' of file '{other.file}'")
 
     async def deploy(self, filename: str, source: bytes) -> list[Deployed]:
-        self.sandbox.require()
+        self._require()
         try:
             text = source.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -158,7 +170,7 @@ class FunctionsHost:
         return [Deployed(spec["name"], version, spec["path"]) for spec in specs]
 
     async def rollback(self, name: str) -> Deployed:
-        self.sandbox.require()
+        self._require()
         async with self._lock:
             record = self._current(name)
             if not record.previous:
@@ -170,6 +182,8 @@ class FunctionsHost:
         return Deployed(back.name, back.version, back.path)
 
     async def remove(self, name: str) -> None:
+        if self._broken is not None:
+            self._require()
         async with self._lock:
             record = self._current(name)
             await self._commit([record.tombstone(now=time.time(), origin=self.node_id)])
@@ -269,7 +283,7 @@ class FunctionsHost:
         return False
 
     async def invoke(self, path: str, method: str, body: Any, headers: Mapping[str, str]) -> Invocation:
-        self.sandbox.require()
+        self._require()
         served = self.serving.lookup(path)
         if served is None:
             raise NotFound(f"no function serves {path}")
@@ -404,6 +418,8 @@ class FunctionsHost:
                 "figures": {name: f.to_json() for name, f in self.metrics.figures.items()}}
 
     def peer_announce(self, origin: str, doc: Any) -> None:
+        if self._broken is not None:
+            return
         self._spawn(self.absorb(parse_records(doc), origin), f"functions-absorb-{origin}")
 
     async def peer_source(self, version: str) -> bytes:
