@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
-from omx.errors import ServiceBusy
+from omx.errors import PeerError, ServiceBusy
 from omx.functions.call import Call
 from omx.functions.demand import demand_target
 from omx.functions.holding import HoldingQueue
 from omx.functions.routing import Holders, ModelLoad, NodeLoad, has_room
+from omx.runtime.replication.demand import DemandReplicas
 from omx.storage.holdings import Incoming
 from omx.types import NodeId
 from tests.support.placement import GB, cluster, holdings, model
@@ -170,3 +171,65 @@ async def test_a_lone_node_queues_on_itself_and_a_full_cluster_answers_503_with_
     gate2.set()
     await first
     assert NodeId(B) not in busy.busy_models()
+
+
+# ------------------------------------------------------------------ the demand shell
+
+
+class FakeReplicator:
+    """What :class:`DemandReplicas` uses of the replicator: the snapshot, peer commands, local fetches."""
+
+    def __init__(self, node_id: str, snap: Any, *, fail: bool = False) -> None:
+        self.node_id = NodeId(node_id)
+        self.asked: list[tuple[str, str, dict[str, Any]]] = []
+        self.refreshed: list[str] = []
+        self.fail = fail
+        self.release = asyncio.Event()
+        outer = self
+
+        class Link:
+            def cluster_snapshot(self) -> Any:
+                return snap
+
+            async def refresh_peer(self, node: str) -> None:
+                outer.refreshed.append(node)
+
+        class Commands:
+            async def stream(self, node: str, path: str, doc: dict[str, Any]) -> Any:
+                outer.asked.append((node, path, doc))
+                await outer.release.wait()
+                if outer.fail:
+                    raise PeerError(f"{node}: no room")
+                yield {"status": "success"}
+
+        self.link, self.commands = Link(), Commands()
+
+    def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        return asyncio.create_task(coro, name=name)
+
+
+async def test_overflow_asks_one_idle_node_once_and_waits_after_a_failure() -> None:
+    m = model("m")
+    snap = cluster({"a": holdings(m), "b": holdings(), "c": holdings()})
+    r = FakeReplicator("a", snap, fail=True)
+    clock = [1000.0]
+    loads = {NodeId("b"): NodeLoad(), NodeId("c"): NodeLoad.of({"x": ModelLoad(True, 1, 0, 1)})}
+    demand = DemandReplicas(cast(Any, r), loads.get, max_factor=3, retry_s=30, clock=lambda: clock[0])
+    held = Holders("m:latest", (NodeId("a"),), (), m.size, m.name)
+    demand.overflow(held)
+    demand.overflow(held)  # one copy of a model at a time
+    await asyncio.sleep(0)
+    assert [(n, d["origin"], d["digest"]) for n, _, d in r.asked] == [("b", "demand", m.digest)]  # c is busy
+    r.release.set()
+    await asyncio.sleep(0.01)
+    assert demand.stats.failed == 1 and not r.refreshed
+    demand.overflow(held)
+    assert len(r.asked) == 1  # within retry_s of the failure
+    clock[0] += 31
+    r.fail = False
+    demand.overflow(held)
+    await asyncio.sleep(0.01)
+    assert len(r.asked) == 2 and r.refreshed == ["b"] and demand.stats.completed == 1
+    DemandReplicas(cast(Any, r), loads.get, max_factor=1).overflow(held)  # max_factor 1: never
+    await asyncio.sleep(0.01)
+    assert len(r.asked) == 2

@@ -98,10 +98,11 @@ class DemandReplicas:
                 async for _progress in self.r.commands.stream(copy.node, FETCH_PATH, doc):
                     pass
                 await self.r.link.refresh_peer(copy.node)
-        except OmxError as exc:
+        except Exception as exc:  # noqa: BLE001 - a failed copy is retried after retry_s, never fatal
             self.stats.failed += 1
             self._failed_at[copy.key] = self.clock()
-            log.warning("demand copy of %s to %s failed: %s", copy.name, copy.node, exc.message)
+            reason = exc.message if isinstance(exc, OmxError) else f"internal error: {type(exc).__name__}"
+            log.warning("demand copy of %s to %s failed: %s", copy.name, copy.node, reason)
             return
         self.stats.completed += 1
         log.info("demand copy of %s on %s is complete", copy.name, copy.node)
