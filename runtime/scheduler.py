@@ -101,7 +101,8 @@ class ModelScheduler:
     """Implements :class:`omx.protocols.Scheduler` over an :class:`omx.protocols.Engine`.
 
     ``num_parallel`` is the number of concurrent requests per loaded model
-    (a spec with ``num_parallel`` > 1 overrides it); ``max_queue`` bounds the
+    (a spec with ``num_parallel`` > 1 overrides it); with a batching runner each
+    slot is a sequence of the model's one context, decoded together with the others; ``max_queue`` bounds the
     requests waiting for a load or a slot (:class:`omx.errors.ServiceBusy`
     beyond it); ``wait_timeout`` bounds how long one request waits.
     """

@@ -100,7 +100,8 @@ class BatchBackend:
         cparams.n_seq_max = self.n_parallel
         cparams.kv_unified = False
         cparams.n_threads = self.n_threads
-        cparams.n_threads_batch = cpus
+        # Steps that carry several sequences run on the batch team: a configured thread count bounds it too.
+        cparams.n_threads_batch = int(config.get("n_threads") or cpus)
         cparams.rope_scaling_type = llama_cpp.LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED
         cparams.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED
         cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
