@@ -258,7 +258,7 @@ class FunctionsHost:
                 try:
                     self.serving.put(await self._serve(record))
                     self.metrics.changed("serve")
-                except (OmxError, OSError) as exc:
+                except (OmxError, OSError, ValueError) as exc:  # a bad spec or source: the others still serve
                     log.error("function %s %s not served: %s", record.name, record.version[:12], exc)
             self._pending = pending
 
