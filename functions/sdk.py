@@ -123,9 +123,11 @@ def function(fn: F | None = None, /, *, name: str | None = None, path: str | Non
     """Declare a custom function: ``@function`` or ``@function(name=..., path=..., ...)``.
 
     ``name`` defaults to the Python function's name and ``path`` to
-    ``/fn/<name>``; ``timeout`` is in seconds (at most 600), ``memory_mb`` the
-    worker's address-space limit, ``concurrency`` the most calls (and worker
-    processes) at once on one node. Bad arguments raise ValueError. The
+    ``/fn/<name>``; ``timeout`` is in seconds (at most 600); ``memory_mb``
+    limits the worker process's whole address space, Python and the module's
+    imports included (some 30-50 MB: a deploy below what the module needs is
+    refused); ``concurrency`` is the most calls (and worker processes) at once
+    on one node. Bad arguments raise ValueError. The
     function is returned unchanged, with its :class:`FunctionSpec` attached.
     """
 

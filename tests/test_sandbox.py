@@ -231,6 +231,8 @@ def test_decorator_validates_its_arguments() -> None:
     ("import os\nimport no_such_module_here\n", 2, "ModuleNotFoundError"),
     ("from omx.functions import function\n\n@function(timeout=-1)\ndef f(body):\n    return 1\n", 3, "timeout"),
     ("x = 1\n", None, "no function"),
+    ("import pydantic\nfrom omx.functions import function\n\n@function(memory_mb=16)\ndef f(body):\n    return 1\n",
+     4, "memory_mb=16"),
 ])
 async def test_a_file_that_does_not_load_is_refused_with_its_line(source: str, line: int | None,
                                                                   words: str) -> None:

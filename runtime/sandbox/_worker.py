@@ -28,6 +28,7 @@ from typing import Any
 
 _HEADER = struct.Struct(">I")
 _MAX_FRAME = 64 * 2**20
+_HEADROOM_MB = 4  # what serving calls adds to a freshly loaded worker (its event loop, the first call)
 
 
 class _Pipe:
@@ -148,7 +149,8 @@ def _load(filename: str, source: str) -> types.ModuleType:
     return module
 
 
-def _handlers(module: types.ModuleType, filename: str) -> list[tuple[Any, Callable[..., Any]]]:
+def _handlers(module: types.ModuleType, filename: str, *,
+              inspecting: bool) -> list[tuple[Any, Callable[..., Any]]]:
     from omx.functions.sdk import SPEC_ATTRIBUTE, FunctionSpec
 
     found: list[tuple[Any, Callable[..., Any]]] = []
@@ -167,12 +169,30 @@ def _handlers(module: types.ModuleType, filename: str) -> list[tuple[Any, Callab
         found.append((FunctionSpec.from_json({**spec.to_json(), "qualname": attribute}), value))
     if not found:
         raise _Failure(f"{filename} defines no function decorated with @function", None)
+    need = _address_space_mb() + _HEADROOM_MB
+    for spec, fn in found if inspecting else ():
+        if spec.memory_mb < need:
+            line = getattr(getattr(fn, "__code__", None), "co_firstlineno", None)
+            raise _Failure(f"function {spec.name!r} has memory_mb={spec.memory_mb}, but its worker takes "
+                           f"{need} MB with this module imported (memory_mb limits the whole process)", line)
     for kind in ("name", "path"):
         values = [getattr(spec, kind) for spec, _ in found]
         twice = sorted({v for v in values if values.count(v) > 1})
         if twice:
             raise _Failure(f"two functions in {filename} have the {kind} {twice[0]!r}", None)
     return found
+
+
+def _address_space_mb() -> int:
+    """This process's address space now, in MiB (what RLIMIT_AS counts)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmSize:"):
+                    return -(-int(line.split()[1]) // 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _parameters(fn: Any) -> int | None:
@@ -376,7 +396,7 @@ def main(argv: list[str]) -> int:
         return 2
     filename, source, qualname, node = load[1]["filename"], load[1]["source"], load[1]["qualname"], load[1]["node"]
     try:
-        handlers = _handlers(_load(filename, source), filename)
+        handlers = _handlers(_load(filename, source), filename, inspecting=qualname is None)
         if qualname is not None:
             handlers = [(spec, fn) for spec, fn in handlers if spec.qualname == qualname]
             if not handlers:
