@@ -240,6 +240,7 @@ class FunctionsHost:
                     self.metrics.changed("retire")
                     if record is None or record.removed:
                         self.log_lines.forget(name)
+                        self.metrics.forget(name)
             if problem is not None:
                 return
             pending: set[str] = set()
