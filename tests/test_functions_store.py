@@ -328,3 +328,18 @@ async def test_a_table_that_cannot_be_read_disables_functions_and_is_never_overw
     assert a.store.state_path.read_text() == "{damaged"
     await a.aclose()
     await b.aclose()
+
+
+async def test_a_node_that_never_served_the_older_version_can_still_roll_back(tmp_path: Path) -> None:
+    net = Net()
+    a = net.add("a", tmp_path)
+    v1 = (await a.deploy("f.py", b"f\n"))[0].version
+    await a.deploy("f.py", b"f\n\n")
+    b = net.add("b", tmp_path)  # joins after both deploys
+    await settle(a, b)
+    assert b.store.has_source(v1)
+    assert (await b.rollback("f")).version == v1
+    await settle(a, b)
+    assert (await a.invoke("/fn/f", "POST", {}, {})).value["version"] == v1
+    await a.aclose()
+    await b.aclose()

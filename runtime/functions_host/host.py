@@ -244,24 +244,28 @@ class FunctionsHost:
             if problem is not None:
                 return
             pending: set[str] = set()
-            for record in list(self.table.values()):
-                if record.removed:
+            current = [r for r in self.table.values() if not r.removed]
+            for record in current:
+                if not await self._have(record.version, prefer):
+                    pending.add(record.version)
                     continue
-                for version in record.versions:
-                    if not await asyncio.to_thread(self.store.has_source, version) and \
-                            not await self._fetch(version, prefer):
-                        pending.add(version)
                 served = self.serving.by_name.get(record.name)
                 if served is not None and served.version == record.version and served.spec == record.spec:
-                    continue
-                if record.version in pending:
                     continue
                 try:
                     self.serving.put(await self._serve(record))
                     self.metrics.changed("serve")
                 except (OmxError, OSError, ValueError) as exc:  # a bad spec or source: the others still serve
                     log.error("function %s %s not served: %s", record.name, record.version[:12], exc)
+            for record in current:  # older versions too, once the current ones serve: any node can roll back
+                for past in record.previous:
+                    if not await self._have(past.version, prefer):
+                        pending.add(past.version)
             self._pending = pending
+
+    async def _have(self, version: str, prefer: str | None) -> bool:
+        """True when the source of ``version`` is here, fetched from a peer if need be."""
+        return await asyncio.to_thread(self.store.has_source, version) or await self._fetch(version, prefer)
 
     async def _serve(self, record: FunctionRecord) -> Served:
         source = await asyncio.to_thread(self.store.read_source, record.version)
