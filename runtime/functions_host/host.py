@@ -39,7 +39,7 @@ __all__ = ["PULL_S", "FunctionsHost"]
 
 log = logging.getLogger("omx.functions")
 
-PULL_S = 3.0
+PULL_S = 10.0
 """Seconds between two pulls of the peers' tables (an announcement or a membership change pulls at once)."""
 LOG_POLL_S = 0.5
 
