@@ -40,6 +40,8 @@ log = logging.getLogger("omx.demand")
 
 RETRY_S = 30.0
 """After a failed demand copy of a model, this node asks for another only after this long."""
+CHECK_S = 0.5
+"""A model that found no node to copy to is looked at again after this long at the earliest."""
 
 
 @dataclass
@@ -64,6 +66,7 @@ class DemandReplicas:
         self.clock = clock
         self._running: dict[str, asyncio.Task[object]] = {}
         self._failed_at: dict[str, float] = {}
+        self._checked_at: dict[str, float] = {}
         self.stats = DemandStats()
 
     def idle(self, node: NodeId) -> bool:
@@ -78,6 +81,9 @@ class DemandReplicas:
         now = self.clock()
         if now < self._failed_at.get(key, float("-inf")) + self.retry_s:
             return
+        if now < self._checked_at.get(key, float("-inf")) + CHECK_S:
+            return  # the router asks at every freed slot: planning over the whole cluster each time is waste
+        self._checked_at[key] = now
         copy = demand_target(self.r.link.cluster_snapshot(), key, idle=self.idle, max_factor=self.max_factor,
                              now=now)
         if copy is None:
