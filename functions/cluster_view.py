@@ -134,6 +134,8 @@ class Counters:
     routed_requests: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     """Model-routed requests this node took in, by model, then by the node that served them
     (``omx_routed_requests_total``)."""
+    model_tokens: Mapping[str, int] = field(default_factory=dict)
+    """Tokens this node generated, by model (``omx_generated_tokens_total``)."""
 
 
 class UsageSink(Protocol):

@@ -250,6 +250,41 @@ def test_models_view_sets_the_factor_and_shows_the_new_replica(browser: Any, clu
     page.close()
 
 
+def test_traffic_and_load_of_the_other_node_show_on_this_nodes_page(browser: Any, cluster: Cluster,
+                                                                    shots: Path) -> None:
+    """B (a holder since the factor change) serves requests sent to it directly: A's page charts them
+    under B, and lists the model B loaded with B's in-flight and queued counts (from B's load reports)."""
+    from playwright.sync_api import expect
+
+    a, b = cluster[0], cluster[1]
+    w = open_page(browser, a.web_url)
+    page = w.page
+    page.get_by_role("tab", name="Traffic").click()
+    with b.client() as client:
+        # A unloads the model; once B knows it, B (equally cold, and local) serves what it is sent.
+        with a.client() as a_client:
+            assert a_client.post("/api/generate", json={"model": MODEL, "keep_alive": 0}).status_code == 200
+
+        def a_unloaded_as_b_knows() -> bool:
+            return bool(b.nodes()[a.node_id]["loaded"] == [])
+
+        wait_until(a_unloaded_as_b_knows, timeout=20, what="B to learn that A unloaded the model")
+        for _ in range(3):
+            r = client.post("/api/generate", json={"model": MODEL, "prompt": "hi", "stream": False}, timeout=60)
+            assert r.headers["x-omx-node"] == b.node_id
+    row = page.locator(f'#traffic-body tr[data-node-id="{b.node_id}"][data-model="{MODEL}"]')
+    expect(row.locator("td").nth(4)).to_have_text("3")  # B's requests, counted by B, sampled through A
+    assert int(row.locator("td").nth(5).inner_text()) > 0  # and the tokens B generated
+    page.screenshot(path=str(shots / "traffic-nodes.png"))
+    page.get_by_role("tab", name="Cluster").click()
+    cells = node_row(page, b.node_id).locator("td")
+    expect(cells.nth(8)).to_contain_text(MODEL)  # loaded on B, as B's load report says
+    expect(cells.nth(9)).to_have_text(re.compile(r"^\d+$"))  # in flight: a fresh number, not "—"
+    expect(cells.nth(10)).to_have_text(re.compile(r"^\d+$"))  # queued
+    w.check()
+    page.close()
+
+
 def test_pull_from_peers_and_delete_in_the_page(browser: Any, cluster: Cluster, tiny_gguf: Path, shots: Path) -> None:
     """On B's dashboard: pull a model only A holds (it comes from A, no registry), then delete B's copy."""
     from playwright.sync_api import expect

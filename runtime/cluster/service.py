@@ -96,6 +96,7 @@ class ClusterService:
         self._restarts_before = 0
         self._requests = 0
         self._model_requests: dict[str, int] = {}
+        self._model_tokens: dict[str, int] = {}
         self._ws = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._follower: asyncio.Task[None] | None = None
@@ -403,7 +404,8 @@ class ClusterService:
         return h3_address(tags) if tags is not None else None
 
     def counters(self) -> Counters:
-        return Counters(self._requests, self._ws, dict(self._model_requests), self.metrics.routed_counts())
+        return Counters(self._requests, self._ws, dict(self._model_requests), self.metrics.routed_counts(),
+                        model_tokens=dict(self._model_tokens))
 
     def connections(self) -> int:
         return self.sampler.connections
@@ -474,6 +476,7 @@ class ClusterService:
 
     def model_request(self, model: str, *, prompt_tokens: int, generated_tokens: int) -> None:
         self._model_requests[model] = self._model_requests.get(model, 0) + 1
+        self._model_tokens[model] = self._model_tokens.get(model, 0) + generated_tokens
         self.meta.touch(model, time.time())  # last_used: eviction order, and when a demand copy goes idle
         self.metrics.model_request(model, prompt_tokens=prompt_tokens, generated_tokens=generated_tokens)
 

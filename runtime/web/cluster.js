@@ -1,8 +1,8 @@
-// Cluster view: every member from the live event stream, with this node's own load from its status.
+// Cluster view: every member from the live event stream, with each member's load from /api/distributed/nodes.
 import { getJSON } from "./api.js";
 import { el, percent } from "./util.js";
 
-export const cluster = { nodes: new Map(), selfId: null, self: null, loaded: new Map(), listeners: [] };
+export const cluster = { nodes: new Map(), selfId: null, self: null, load: new Map(), listeners: [] };
 
 function changed() { render(); for (const fn of cluster.listeners) fn(); }
 
@@ -18,32 +18,30 @@ export function applyEvent(msg) {
   }
 }
 
+// Each member's in-flight and queued requests and loaded models, as this node knows them:
+// its own first-hand, the others' from their latest load report (null when none is fresh).
+function takeLoad(rows) {
+  cluster.load = new Map(rows.map((n) => [n.id, { inFlight: n.in_flight, queued: n.queued, loaded: n.loaded }]));
+}
+
 export async function refreshSelf() {
-  const [status, ps] = await Promise.all([getJSON("/api/distributed/status"), getJSON("/api/ps")]);
-  const stats = status.scheduler_stats || {};
+  const [status, nodes] = await Promise.all([getJSON("/api/distributed/status"), getJSON("/api/distributed/nodes")]);
   cluster.selfId = status.node.id;
-  // Rows of /api/ps name their node where the node answers for the cluster; rows without one are its own.
-  cluster.loaded = new Map();
-  for (const m of ps.models) {
-    const node = m.node || status.node.id;
-    cluster.loaded.set(node, [...(cluster.loaded.get(node) || []), m.name]);
-  }
-  cluster.self = {
-    loaded: cluster.loaded.get(status.node.id) || [],
-    inFlight: stats.active_requests ?? 0,
-    queued: stats.queued_requests ?? 0,
-    name: status.node.name,
-  };
+  cluster.self = { name: status.node.name };
+  takeLoad(nodes.nodes);
   document.getElementById("node-label").textContent = `${status.node.name || status.node.id} · ${status.node.services.api}`;
-  if (!cluster.nodes.size) await refreshNodes();
+  if (!cluster.nodes.size) cluster.nodes = new Map(nodes.nodes.map((n) => [n.id, n]));
   changed();
 }
 
 export async function refreshNodes() {
   const data = await getJSON("/api/distributed/nodes");
   cluster.nodes = new Map(data.nodes.map((n) => [n.id, n]));
+  takeLoad(data.nodes);
   changed();
 }
+
+function shown(x) { return x === null || x === undefined ? "—" : x; }
 
 const ORDER = { alive: 0, suspect: 1, leaving: 2, failed: 3, left: 4 };
 
@@ -54,7 +52,7 @@ function render() {
   const alive = rows.filter((n) => n.status === "alive").length;
   document.getElementById("cluster-summary").textContent = `${rows.length} node${rows.length === 1 ? "" : "s"}, ${alive} alive`;
   body.replaceChildren(...rows.map((n) => {
-    const own = n.id === cluster.selfId || n.self ? cluster.self : null;
+    const load = cluster.load.get(n.id) || {};
     const res = n.resources || {};
     return el("tr", { "data-node-id": n.id },
       el("td", { class: `status-${n.status}` }, n.status),
@@ -63,8 +61,8 @@ function render() {
       el("td", {}, n.address || "—"),
       el("td", {}, percent(res.cpu)), el("td", {}, percent(res.memory)), el("td", {}, percent(res.disk)),
       el("td", {}, (n.models || []).join(", ") || "—"),
-      el("td", {}, own ? own.loaded.join(", ") || "none" : (cluster.loaded.get(n.id) || ["—"]).join(", ")),
-      el("td", {}, own ? own.inFlight : "—"),
-      el("td", {}, own ? own.queued : "—"));
+      el("td", {}, load.loaded ? load.loaded.join(", ") || "none" : "—"),
+      el("td", {}, shown(load.inFlight)),
+      el("td", {}, shown(load.queued)));
   }));
 }

@@ -1,39 +1,47 @@
-// Traffic view: requests/s and generated tokens/s per model, from this node's Prometheus counters.
-import { request } from "./api.js";
-import { cluster } from "./cluster.js";
+// Traffic view: requests/s and generated tokens/s per node and model, from every node's counters
+// (GET /api/distributed/traffic: this node asks the others), sampled every 2 s since the page opened.
+import { getJSON } from "./api.js";
 import { lineChart } from "./chart.js";
 import { el, rate } from "./util.js";
 
 const WINDOW = 300;
 const samples = [];
+const labels = new Map();  // series key -> { node, model }
 
-function parseCounters(text) {
+// One sample: counters keyed "node\u0000model".
+function counters(doc) {
   const requests = {}, tokens = {};
-  const pattern = /^(omx_model_requests_total|omx_generated_tokens_total)\{model="((?:[^"\\]|\\.)*)"\} ([0-9.e+-]+)$/;
-  for (const line of text.split("\n")) {
-    const m = pattern.exec(line);
-    if (!m) continue;
-    (m[1] === "omx_model_requests_total" ? requests : tokens)[m[2]] = Number(m[3]);
+  for (const node of doc.nodes || []) {
+    for (const [model, c] of Object.entries(node.models || {})) {
+      const key = `${node.id}\u0000${model}`;
+      labels.set(key, { id: node.id, node: node.name || node.id, model });
+      requests[key] = c.requests;
+      tokens[key] = c.tokens;
+    }
   }
   return { requests, tokens };
 }
 
+// A node that restarted counts from zero again: a drop is a restart, not negative traffic.
+function delta(now, prev) { return now >= prev ? now - prev : now; }
+
 function rates(kind) {
-  const names = new Set(samples.flatMap((s) => Object.keys(s[kind])));
-  return [...names].sort().map((name) => ({
-    name,
+  const keys = new Set(samples.flatMap((s) => Object.keys(s[kind])));
+  return [...keys].sort().map((key) => ({
+    key,
+    name: `${labels.get(key).model} · ${labels.get(key).node}`,
     points: samples.slice(1).map((s, i) => {
       const prev = samples[i];
       const dt = s.t - prev.t;
-      return [s.t, dt > 0 ? Math.max(0, ((s[kind][name] || 0) - (prev[kind][name] || 0)) / dt) : 0];
+      return [s.t, dt > 0 && key in s[kind] ? delta(s[kind][key], prev[kind][key] ?? 0) / dt : 0];
     }),
   }));
 }
 
 export async function sample() {
-  const text = await (await request("/metrics")).text();
+  const doc = await getJSON("/api/distributed/traffic");
   const now = performance.now() / 1000;
-  samples.push({ t: now, ...parseCounters(text) });
+  samples.push({ t: now, ...counters(doc) });
   while (samples.length && samples[0].t < now - WINDOW - 5) samples.shift();
   render(now);
 }
@@ -46,15 +54,15 @@ function render(now) {
   lineChart(document.getElementById("chart-requests"), req, { now, window, unit: "req/s" });
   lineChart(document.getElementById("chart-tokens"), tok, { now, window, unit: "tok/s" });
   const last = samples[samples.length - 1];
-  const node = cluster.self?.name || cluster.selfId || "this node";
   const rows = req.map((s) => {
     const r = s.points.at(-1)?.[1] ?? 0;
-    const t = tok.find((x) => x.name === s.name)?.points.at(-1)?.[1] ?? 0;
-    return el("tr", {}, el("td", {}, node), el("td", {}, s.name), el("td", {}, rate(r)), el("td", {}, rate(t)),
-      el("td", {}, last.requests[s.name] ?? 0), el("td", {}, last.tokens[s.name] ?? 0));
+    const t = tok.find((x) => x.key === s.key)?.points.at(-1)?.[1] ?? 0;
+    const { id, node, model } = labels.get(s.key);
+    return el("tr", { "data-node-id": id, "data-model": model }, el("td", {}, node), el("td", {}, model),
+      el("td", {}, rate(r)), el("td", {}, rate(t)), el("td", {}, last.requests[s.key] ?? 0), el("td", {}, last.tokens[s.key] ?? 0));
   });
   document.getElementById("traffic-body").replaceChildren(...(rows.length ? rows
-    : [el("tr", {}, el("td", { colspan: 6, class: "muted" }, "No model requests served by this node yet."))]));
+    : [el("tr", {}, el("td", { colspan: 6, class: "muted" }, "No model requests served in the cluster yet."))]));
 }
 
 export function redrawTraffic() { if (samples.length) render(performance.now() / 1000); }
