@@ -9,18 +9,25 @@ node's cluster CA), one connection each, on one event loop:
 * ``/api/version``: requests per second and p50/p99 latency, sequential;
 * a streamed ``/api/generate`` (``num_predict`` tokens, greedy): time to first
   token and NDJSON lines per second;
-* an upload to ``/api/blobs/:digest`` (``--upload-mib``): MB/s.
+* an upload to ``/api/blobs/:digest`` (``--upload-mib``): MB/s;
+* a chunk transfer on the peer path (``--chunk-mib``, the node's ``models.chunk_size``): one signed
+  ``GET /api/peer/blobs/:digest/chunks`` through :class:`~omx.runtime.peer.HttpPeerTransport`, over
+  HTTP/1.1 from the transfer listener (``sendfile``, :class:`~omx.runtime.peer.wire.WireClient`) and
+  over HTTP/3 from the QUIC listener (:class:`~omx.runtime.peer.h3.H3PeerClient`), as
+  ``peer.transport: http1`` and ``http3`` do: MB/s.
 
 Contenders alternate in ``--repeat`` rounds and the best round of each counts
 (the machine may be shared). Figures are printed, never asserted.
 
-Run: ``python bench/http3.py [--requests 400] [--tokens 128] [--upload-mib 16] [--repeat 3]``.
+Run: ``python bench/http3.py [--requests 400] [--tokens 128] [--upload-mib 64] [--chunk-mib 64] [--repeat 3]``.
+``--profile DIR`` also writes a cProfile of this process's HTTP/3 chunk transfers and uploads there.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import hashlib
 import json
 import os
@@ -35,8 +42,12 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from omx.mesh import ClusterSecret  # noqa: E402
 from omx.runtime.http3 import AsyncHttp3Transport  # noqa: E402
-from tests.support.node import create_model, start_node  # noqa: E402
+from omx.runtime.peer import HttpPeerTransport  # noqa: E402
+from omx.runtime.peer.h3 import H3PeerClient  # noqa: E402
+from omx.types import BlobDigest, NodeId  # noqa: E402
+from tests.support.node import NodeProcess, create_model, start_node  # noqa: E402
 from tests.support.tiny_gguf import write_tiny_llama  # noqa: E402
 
 TEMPLATE = "{{ range .Messages }}{{ .Role }}: {{ .Content }}\n{{ end }}assistant:"
@@ -88,35 +99,84 @@ async def bench_upload(client: httpx.AsyncClient, data: bytes) -> dict[str, floa
     return {"upload_MBps": len(payload) / elapsed / 1e6}
 
 
+async def bench_chunk(transport: HttpPeerTransport, digest: str, size: int,
+                      buffer: bytearray) -> dict[str, float]:
+    start = time.perf_counter()
+    body = await transport.read_chunks(NodeId("seed"), BlobDigest(digest), 0, 1, size, into=buffer)
+    elapsed = time.perf_counter() - start
+    assert len(body) == size
+    return {"chunk_MBps": size / elapsed / 1e6}
+
+
+class Profiled:
+    """Runs the HTTP/3 contenders of the named benches under one cProfile (``--profile``)."""
+
+    def __init__(self, names: set[str]) -> None:
+        self.names = names
+        self.profile = cProfile.Profile()
+
+    async def __call__(self, name: str, label: str, work: Awaitable[dict[str, float]]) -> dict[str, float]:
+        if label != "h3" or name not in self.names:
+            return await work
+        self.profile.enable()
+        try:
+            return await work
+        finally:
+            self.profile.disable()
+
+
 def best(rounds: list[dict[str, float]], key: str, lower: bool = False) -> float:
     values = [r[key] for r in rounds]
     return min(values) if lower else max(values)
 
 
-async def run(url: str, h3_url: str, ca: Path, args: argparse.Namespace) -> None:
-    h1 = httpx.AsyncClient(base_url=url, timeout=120)
-    h3 = httpx.AsyncClient(base_url=h3_url, timeout=120, transport=AsyncHttp3Transport(ca))
+async def run(node: NodeProcess, args: argparse.Namespace) -> None:
+    ca = node.home / "tls" / "ca.crt"
+    h1 = httpx.AsyncClient(base_url=node.url, timeout=120)
+    h3 = httpx.AsyncClient(base_url=f"https://127.0.0.1:{node.info['h3_port']}", timeout=120,
+                           transport=AsyncHttp3Transport(ca))
     assert (await h3.get("/api/version")).headers["server"] == "hypercorn-h3"
     data = os.urandom(args.upload_mib << 20)
-    results: dict[str, dict[str, list[dict[str, float]]]] = {"h1": {}, "h3": {}}
-    benches: dict[str, Callable[[httpx.AsyncClient], Awaitable[dict[str, float]]]] = {
-        "version": lambda c: bench_version(c, args.requests),
-        "stream": lambda c: bench_stream(c, args.tokens),
-        "upload": lambda c: bench_upload(c, data),
+    chunk = os.urandom(args.chunk_mib << 20)
+    digest = "sha256:" + hashlib.sha256(chunk).hexdigest()
+    assert (await h1.post(f"/api/blobs/{digest}", content=chunk)).status_code == 201
+    key = ClusterSecret.from_text((node.home / "cluster" / "secret").read_bytes().hex()).peer_auth_key()
+    peers = {
+        "h1": HttpPeerTransport("omx-bench", lambda: key, {"seed": f"127.0.0.1:{node.info['transfer_port']}"}.get,
+                                timeout=300),
+        "h3": HttpPeerTransport("omx-bench", lambda: key, {"seed": f"127.0.0.1:{node.info['h3_port']}"}.get,
+                                timeout=300, client=H3PeerClient(ca)),
     }
+    buffer = bytearray(len(chunk))
+    clients = {"h1": h1, "h3": h3}
+    results: dict[str, dict[str, list[dict[str, float]]]] = {"h1": {}, "h3": {}}
+    benches: dict[str, Callable[[str], Awaitable[dict[str, float]]]] = {
+        "version": lambda label: bench_version(clients[label], args.requests),
+        "stream": lambda label: bench_stream(clients[label], args.tokens),
+        "upload": lambda label: bench_upload(clients[label], data),
+        "chunk": lambda label: bench_chunk(peers[label], digest, len(chunk), buffer),
+    }
+    profiled = Profiled({"chunk", "upload"})
     await bench_stream(h1, 4)  # load the model once
     for _ in range(args.repeat):
         for name, fn in benches.items():
-            for label, client in (("h1", h1), ("h3", h3)):
-                results[label].setdefault(name, []).append(await fn(client))
+            for label in ("h1", "h3"):
+                results[label].setdefault(name, []).append(await profiled(name, label, fn(label)))
     await h1.aclose()
     await h3.aclose()
+    for transport in peers.values():
+        await transport.aclose()
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        profiled.profile.dump_stats(args.profile / "client-h3.prof")
+        print(f"cProfile of the HTTP/3 chunk transfers and uploads (this process): {args.profile / 'client-h3.prof'}")
     rows = [("/api/version requests/s", "version", "rps", False),
             ("/api/version p50 ms", "version", "p50_ms", True),
             ("/api/version p99 ms", "version", "p99_ms", True),
             (f"generate ({args.tokens} tokens) time to first token ms", "stream", "ttft_ms", True),
             ("generate NDJSON lines/s", "stream", "lines_per_s", False),
-            (f"upload {args.upload_mib} MiB MB/s", "upload", "upload_MBps", False)]
+            (f"upload {args.upload_mib} MiB MB/s", "upload", "upload_MBps", False),
+            (f"peer chunk transfer {args.chunk_mib} MiB MB/s", "chunk", "chunk_MBps", False)]
     print(f"{'measure':<48}{'HTTP/1.1':>12}{'HTTP/3':>12}{'h3/h1':>8}")
     for title, name, key, lower in rows:
         a, b = best(results["h1"][name], key, lower), best(results["h3"][name], key, lower)
@@ -127,17 +187,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--upload-mib", type=int, default=16)
+    parser.add_argument("--upload-mib", type=int, default=64)
+    parser.add_argument("--chunk-mib", type=int, default=64, help="the node's models.chunk_size, in MiB")
+    parser.add_argument("--profile", type=Path, default=None, help="write cProfile output to this folder")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="omx-bench-h3-") as tmp:
         gguf = write_tiny_llama(Path(tmp) / "tiny.gguf", seed=7)
-        node = start_node(Path(tmp) / "home", env={"OMX_ENGINE__NUM_CTX": "512", "OMX_WEB__ENABLED": "false"})
+        node = start_node(Path(tmp) / "home", env={"OMX_ENGINE__NUM_CTX": "512", "OMX_WEB__ENABLED": "false",
+                                                   "OMX_MODELS__CHUNK_SIZE": f"{args.chunk_mib}MiB"})
         try:
             with node.client() as client:
                 create_model(client, "tiny", gguf, template=TEMPLATE)
-            h3_url = f"https://127.0.0.1:{node.info['h3_port']}"
-            asyncio.run(run(node.url, h3_url, node.home / "tls" / "ca.crt", args))
+            asyncio.run(run(node, args))
         finally:
             node.stop()
 

@@ -6,7 +6,8 @@ a clear message. Beside the API's TCP listener (Hypercorn) runs the transfer
 listener (:class:`~omx.runtime.peer.server.PeerServer`: the peer endpoints with
 ``sendfile``). HTTP/3 over QUIC runs in the API's Hypercorn server on a UDP
 socket bound here too (:func:`bind_udp`), with the node's TLS files; the TCP
-side stays plain HTTP/1.1 and its answers carry ``Alt-Svc`` pointing at it.
+side stays plain HTTP/1.1 and its answers carry ``Alt-Svc`` pointing at it. Hypercorn's QUIC
+server is tuned for bulk transfers first (:mod:`omx.runtime.quic_server`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
 from omx.errors import ConfigError
+from omx.runtime import quic_server
+from omx.runtime.http3 import enlarge_buffers
 from omx.runtime.peer.server import PeerServer
 from omx.runtime.tls import TlsFiles
 
@@ -80,6 +83,7 @@ def bind_udp(host: str, port: int, *, what: str = "HTTP/3", key: str = "api.h3_p
         if exc.errno == errno.EADDRINUSE:
             raise ConfigError(f"{what} UDP port {port} on {host} is already in use", key=key) from exc
         raise ConfigError(f"cannot bind {what} to {host}:{port}/udp: {exc.strerror}", key=key) from exc
+    enlarge_buffers(sock)
     sock.set_inheritable(True)
     return Listener(sock=sock, host=host, port=sock.getsockname()[1])
 
@@ -122,6 +126,8 @@ def hypercorn_config(listener: Listener, h3: H3Listener | None = None) -> Config
 async def serve_app(app: Any, listener: Listener, shutdown: Callable[[], Awaitable[Any]],
                     h3: H3Listener | None = None) -> None:
     """Serve ``app`` on ``listener`` (and HTTP/3 on ``h3`` when given) until ``shutdown`` returns."""
+    if h3 is not None:
+        quic_server.install()
     await serve(app, hypercorn_config(listener, h3), shutdown_trigger=shutdown, mode="asgi")
 
 

@@ -304,3 +304,15 @@ def test_leaf_names_cover_names_addresses_and_wildcards() -> None:
     iface = {a.address for addrs in psutil.net_if_addrs().values() for a in addrs if a.family == socket.AF_INET}
     assert iface <= set(ips)
     assert set(leaf_names(["10.0.0.7"])[1]) == {"10.0.0.7", "127.0.0.1", "::1"}
+
+
+def test_hypercorn_serves_quic_tuned_and_chooses_the_datagram_size_by_client() -> None:
+    import hypercorn.asyncio.run as hypercorn_run
+
+    from omx.runtime import quic_server
+
+    quic_server.install()
+    quic_server.install()  # idempotent
+    assert hypercorn_run.UDPServer is quic_server.TunedUDPServer
+    assert all(quic_server._loopback(h) for h in ("127.0.0.1", "127.9.9.9", "::1", "::ffff:127.0.0.1"))
+    assert not any(quic_server._loopback(h) for h in ("10.0.0.1", "::ffff:10.0.0.1", "fe80::1%eth0", "name"))

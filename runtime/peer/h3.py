@@ -41,7 +41,7 @@ from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, QuicEvent
 
-from omx.runtime.http3 import datagram_size
+from omx.runtime.http3 import datagram_size, enlarge_buffers
 from omx.runtime.peer.wire import WireError, WireResponse
 
 __all__ = ["STREAM_WINDOW", "CONNECTION_WINDOW", "H3PeerClient", "H3PeerResponse"]
@@ -50,6 +50,10 @@ STREAM_WINDOW = 16 << 20
 """Receive window per stream: a default 8 MiB chunk fits in flight whole."""
 CONNECTION_WINDOW = 64 << 20
 """Receive window per connection: several chunks in flight at once (``models.concurrency``)."""
+
+
+class _Unanswered(WireError):
+    """The connection closed before this request's answer began (on a reused one: send it again)."""
 
 
 class _Stream:
@@ -128,7 +132,8 @@ class _Connection(QuicConnectionProtocol):
         if isinstance(event, ConnectionTerminated):
             self.closed = event.reason_phrase or f"error {event.error_code}"
             for stream in self.streams.values():
-                stream.fail(WireError(f"HTTP/3 connection closed: {self.closed}"))
+                kind = WireError if stream.head.done() else _Unanswered
+                stream.fail(kind(f"HTTP/3 connection closed: {self.closed}"))
             self.streams.clear()
             return
         for h3_event in self.h3.handle_event(event):
@@ -164,7 +169,7 @@ class _Connection(QuicConnectionProtocol):
     def send(self, method: str, authority: str, target: str, headers: Mapping[str, str], body: bytes,
              stream: _Stream) -> int:
         if self.closed is not None:
-            raise WireError(f"HTTP/3 connection closed: {self.closed}")
+            raise _Unanswered(f"HTTP/3 connection closed: {self.closed}")
         stream_id = self._quic.get_next_available_stream_id()
         self.streams[stream_id] = stream
         fields = [(b":method", method.encode()), (b":scheme", b"https"), (b":authority", authority.encode()),
@@ -240,13 +245,14 @@ class H3PeerClient:
             raise WireError(f"cannot read the cluster CA {self.cafile}: {exc.strerror or exc}") from exc
         return config
 
-    async def _connection(self, address: str) -> _Connection:
+    async def _connection(self, address: str) -> tuple[_Connection, bool]:
+        """The connection to ``address``, and whether it was opened before (reused)."""
         if self._closed:
             raise WireError("the peer client is closed")
         async with self._lock:
             known = self._connections.get(address)
             if known is not None and known[1].closed is None:
-                return known[1]
+                return known[1], True
             if known is not None:
                 self._connections.pop(address)
                 await _close_quietly(known[0])
@@ -265,14 +271,30 @@ class H3PeerClient:
                 await _close_quietly(stack)
                 raise WireError(f"HTTP/3 connection to {address} failed: {exc}") from exc
             assert isinstance(conn, _Connection)
+            if conn._transport is not None:
+                enlarge_buffers(conn._transport.get_extra_info("socket"))
             self._connections[address] = (stack, conn)
-            return conn
+            return conn, False
 
     async def get(self, address: str, target: str, headers: dict[str, str], *, max_body: int,
                   timeout: float,  # noqa: ASYNC109 - a per-request deadline
                   into: bytearray | memoryview | None = None) -> WireResponse:
-        """GET ``target`` from ``address`` (see :meth:`omx.runtime.peer.wire.WireClient.get`)."""
-        conn = await self._connection(address)
+        """GET ``target`` from ``address`` (see :meth:`omx.runtime.peer.wire.WireClient.get`).
+
+        A request on a reused connection that closed before answering (its idle timeout) is sent
+        again on a fresh one, as :class:`~omx.runtime.peer.wire.WireClient` does."""
+        for attempt in (0, 1):
+            conn, reused = await self._connection(address)
+            try:
+                return await self._get(conn, address, target, headers, max_body, timeout, into)
+            except _Unanswered:
+                if not reused or attempt:
+                    raise
+        raise WireError(f"GET {target} from {address} failed")  # pragma: no cover - the loop returns or raises
+
+    async def _get(self, conn: _Connection, address: str, target: str, headers: dict[str, str], max_body: int,
+                   timeout: float,  # noqa: ASYNC109 - a per-request deadline
+                   into: bytearray | memoryview | None) -> WireResponse:
         stream = _Stream(into, max_body)
         stream_id = conn.send("GET", address, target, headers, b"", stream)
         try:
@@ -292,20 +314,30 @@ class H3PeerClient:
 
     async def request(self, address: str, method: str, target: str, headers: Mapping[str, str], body: bytes, *,
                       head_timeout: float, read_timeout: float | None = None) -> H3PeerResponse:
-        """Send a request; return once the answer's head arrived (its body is read from the response)."""
-        conn = await self._connection(address)
-        stream = _Stream(None, None)
-        stream_id = conn.send(method, address, target, headers, body, stream)
-        try:
-            async with asyncio.timeout(head_timeout):
-                await stream.head
-        except TimeoutError as exc:
-            conn.reset(stream_id)
-            raise WireError(f"no answer from {address} within {head_timeout}s") from exc
-        except BaseException:
-            conn.reset(stream_id)
-            raise
-        return H3PeerResponse(conn, stream_id, stream, head_timeout if read_timeout is None else read_timeout)
+        """Send a request; return once the answer's head arrived (its body is read from the response).
+
+        Sent again on a fresh connection when a reused one closed before any answer, as
+        :class:`~omx.runtime.cluster.peer_http.PeerHttp` does."""
+        for attempt in (0, 1):
+            conn, reused = await self._connection(address)
+            stream = _Stream(None, None)
+            try:
+                stream_id = conn.send(method, address, target, headers, body, stream)
+                try:
+                    async with asyncio.timeout(head_timeout):
+                        await stream.head
+                except TimeoutError as exc:
+                    conn.reset(stream_id)
+                    raise WireError(f"no answer from {address} within {head_timeout}s") from exc
+                except BaseException:
+                    conn.reset(stream_id)
+                    raise
+            except _Unanswered:
+                if not reused or attempt:
+                    raise
+                continue
+            return H3PeerResponse(conn, stream_id, stream, head_timeout if read_timeout is None else read_timeout)
+        raise WireError(f"{method} {target} to {address} failed")  # pragma: no cover - the loop returns or raises
 
     async def aclose(self) -> None:
         self._closed = True

@@ -1,0 +1,141 @@
+"""Hypercorn's HTTP/3 server, tuned for bulk transfers: the one place omx reaches into Hypercorn's QUIC code.
+
+Hypercorn (0.17, 0.18) gives every QUIC connection aioquic's default
+configuration and keeps at most 10 received datagrams waiting, dropping the
+rest. Measured on loopback (bench/http3.py, a 64 MiB peer chunk), that held
+HTTP/3 to about 1 MB/s: the server sent 1200-byte datagrams (one Python pass of
+aioquic per 1200 bytes), and a client's burst overran the 10-datagram queue,
+so aioquic's loss recovery shrank its window. Here:
+
+* datagrams towards a loopback client are :data:`~omx.runtime.http3.LOOPBACK_DATAGRAM`
+  bytes (elsewhere QUIC's 1200, which every path carries; aioquic does no path-MTU
+  discovery): the configuration is chosen per connection by the client's address;
+* receive windows are 16 MiB per stream and 64 MiB per connection (aioquic: 1 MiB
+  each), so an upload is not held waiting for window updates;
+* up to :data:`DATAGRAM_QUEUE` received datagrams wait for the protocol instead of 10;
+* a connection's timer (pacing, ACK delay, loss detection) is an event-loop timer
+  (``call_at``), as in aioquic's own asyncio protocol. Hypercorn restarts a task
+  for it after every send, and a timer that fires and sends cancels its own task
+  half-way, so sends the pacer had scheduled waited for the next incoming ACK:
+  the measured round trip grew to 50-300 ms on loopback and the congestion window
+  (3-6 MB in flight) was all that moved per round trip.
+
+:func:`install` puts :class:`TunedUDPServer` where Hypercorn's asyncio worker
+looks up the class it serves ``quic_bind`` sockets with
+(``hypercorn.asyncio.run.UDPServer``). It checks that the names it replaces are
+still there, so a Hypercorn release that moves them stops the start with a
+clear error instead of serving untuned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+from typing import Any
+
+import hypercorn.asyncio.run as hypercorn_run
+from aioquic.quic.configuration import QuicConfiguration
+from hypercorn.asyncio.task_group import TaskGroup
+from hypercorn.asyncio.udp_server import UDPServer
+from hypercorn.events import Event, RawData
+from hypercorn.protocol.quic import QuicProtocol, _Connection
+from hypercorn.typing import ConnectionState
+from hypercorn.utils import parse_socket_addr
+
+from omx.runtime.http3 import LOOPBACK_DATAGRAM, SAFE_DATAGRAM
+
+__all__ = ["CONNECTION_WINDOW", "DATAGRAM_QUEUE", "STREAM_WINDOW", "TunedQuicProtocol", "TunedUDPServer",
+           "install"]
+
+STREAM_WINDOW = 16 << 20
+CONNECTION_WINDOW = 64 << 20
+DATAGRAM_QUEUE = 1024
+
+
+def _loopback(host: str) -> bool:
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = addr.ipv4_mapped if isinstance(addr, ipaddress.IPv6Address) else None
+    return (mapped or addr).is_loopback
+
+
+class TunedQuicProtocol(QuicProtocol):
+    """Hypercorn's QUIC protocol with a configuration per connection (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        base: QuicConfiguration = self.quic_config
+        base.max_data, base.max_stream_data = CONNECTION_WINDOW, STREAM_WINDOW
+        base.max_datagram_size = SAFE_DATAGRAM
+        self._remote = base
+        self._local = dataclasses.replace(base, max_datagram_size=LOOPBACK_DATAGRAM)
+        self._loop = asyncio.get_running_loop()
+        self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def handle(self, event: Event) -> None:
+        if isinstance(event, RawData) and event.address is not None:
+            # Read only when a datagram opens a connection: it then takes the client's configuration.
+            self.quic_config = self._local if _loopback(str(event.address[0])) else self._remote
+        await super().handle(event)
+
+    async def send_all(self, connection: _Connection) -> None:
+        for data, address in connection.quic.datagrams_to_send(now=self.context.time()):
+            await self.send(RawData(data=data, address=address))
+        self._arm(connection)
+
+    def _arm(self, connection: _Connection) -> None:
+        """Call :meth:`_due` at the connection's next timer (loss detection, pacing, ACK delay, idle)."""
+        key = id(connection)
+        previous = self._timers.pop(key, None)
+        if previous is not None:
+            previous.cancel()
+        at = connection.quic.get_timer()
+        if at is not None and connection.cids:
+            self._timers[key] = self._loop.call_at(at, self._fire, connection)
+
+    def _fire(self, connection: _Connection) -> None:
+        self._timers.pop(id(connection), None)
+        task = self._loop.create_task(self._due(connection))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _due(self, connection: _Connection) -> None:
+        if not connection.cids:  # terminated meanwhile
+            return
+        connection.quic.handle_timer(now=self.context.time())
+        await self._handle_events(connection, None)
+
+
+class TunedUDPServer(UDPServer):
+    """Hypercorn's UDP server with a deeper datagram queue, serving :class:`TunedQuicProtocol`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.protocol_queue = asyncio.Queue(DATAGRAM_QUEUE)
+
+    async def run(self) -> None:
+        # Hypercorn's own ``run`` with the tuned protocol class.
+        assert self.transport is not None
+        sock = self.transport.get_extra_info("socket")
+        server = parse_socket_addr(sock.family, sock.getsockname())
+        async with TaskGroup(self.loop) as task_group:
+            self.protocol = TunedQuicProtocol(self.app, self.config, self.context, task_group,
+                                              ConnectionState(self.state.copy()), server, self.protocol_send)
+            while not self.context.terminated.is_set() or not self.protocol.idle:
+                event = await self.protocol_queue.get()
+                await self.protocol.handle(event)
+
+
+def install() -> None:
+    """Make Hypercorn's asyncio worker serve QUIC with :class:`TunedUDPServer` (idempotent)."""
+    current = getattr(hypercorn_run, "UDPServer", None)
+    if current is TunedUDPServer:
+        return
+    if current is not UDPServer:
+        raise RuntimeError("this Hypercorn release serves QUIC with another class than "
+                           "hypercorn.asyncio.udp_server.UDPServer; omx's HTTP/3 tuning does not fit it")
+    hypercorn_run.UDPServer = TunedUDPServer  # type: ignore[attr-defined]
