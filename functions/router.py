@@ -337,6 +337,9 @@ class Router:
                                   "retry when one of them is back", retry_after=DOWN_RETRY_AFTER)
             return await self.run_here(spec, body, call, name)  # the handler answers Ollama's 404
         holders, order = await self.order(holders, any(v.alive and v.node != self.node_id for v in snapshot.nodes))
+        if not order:
+            raise ServiceBusy(f"every node holding model '{name}' went down while the request waited",
+                              retry_after=DOWN_RETRY_AFTER)
         failures: list[str] = []
         for attempt, node in enumerate(order[:MAX_TRIES]):
             if attempt and self.observer is not None:
