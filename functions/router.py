@@ -17,6 +17,11 @@ ends with an error object in the stream's own format. A model held nowhere falls
 through to the handler (Ollama's 404); one held only by members that are down
 answers 503 with ``Retry-After``.
 
+**Holding.** While every holder is at capacity (all its slots taken) and other
+members are alive, a call waits in this node's :class:`~omx.functions.holding.HoldingQueue`
+for a free slot anywhere instead of queueing behind one node, then 503; meanwhile
+the :class:`DemandSink` may add a replica of the model on an idle node.
+
 **Load.** The router counts the model-routed requests running here per model
 (:meth:`local_load`); hop answers carry that load in ``X-Omx-Load``, and peers
 are polled (``GET /api/peer/load``) when their last report is older than half a
