@@ -137,10 +137,10 @@ async def _hog_streams(node: ClusterNode, streams: int) -> None:
         for _ in range(streams):
             h3.send_headers(hog._quic.get_next_available_stream_id(),
                             [(b":method", b"GET"), (b":scheme", b"https"),
-                             (b":authority", f"{node.host}:{port}".encode()), (b":path", b"/api/tags")],
+                             (b":authority", f"{node.host}:{port}".encode()), (b":path", b"/api/version")],
                             end_stream=True)
         hog.transmit()
-        other = H3PeerClient(ca)
+        other = H3PeerClient(ca, connect_timeout=30)
         try:
             response = await other.get(f"{node.host}:{port}", "/api/version", {}, max_body=1 << 20, timeout=30)
             assert response.status == 200 and json.loads(bytes(response.body))["version"]

@@ -2,9 +2,12 @@
 
 With ``peer.transport: http3`` a node reaches its peers on their HTTP/3
 listeners (the ``h3`` Serf tag, on the API's address) instead of their TCP
-ports. :class:`H3PeerClient` keeps one QUIC connection (aioquic) per peer
-address and sends each request on a stream of its own, so a transfer's chunks
-in flight share one connection. The server's certificate must chain to the
+ports. :class:`H3PeerClient` keeps one QUIC connection per peer address and
+sends each request on a stream of its own, so a transfer's chunks in flight
+share one connection. Its QUIC stack is qh3, aioquic's fork with the connection
+and packet protection in Rust: receiving a 64 MiB chunk from a node cost the
+client 2.5x less CPU than with aioquic, which was the bound on loopback
+(bench/http3.py: 79 -> 104 MB/s). qh3 verifies the chain with rustls. The server's certificate must chain to the
 cluster CA (``$OMX_HOME/tls/ca.crt``, derived from the cluster secret) and
 name the address dialled; requests are HMAC-signed like every peer request,
 so the CA proves the peer and the signature proves this node.
@@ -34,12 +37,12 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from aioquic.asyncio.client import connect
-from aioquic.asyncio.protocol import QuicConnectionProtocol
-from aioquic.h3.connection import H3_ALPN, H3Connection
-from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.events import ConnectionTerminated, QuicEvent
+from qh3.asyncio.client import connect
+from qh3.asyncio.protocol import QuicConnectionProtocol
+from qh3.h3.connection import H3_ALPN, H3Connection
+from qh3.h3.events import DataReceived, H3Event, HeadersReceived
+from qh3.quic.configuration import QuicConfiguration
+from qh3.quic.events import ConnectionTerminated, QuicEvent
 
 from omx.runtime.http3 import datagram_size, enlarge_buffers
 from omx.runtime.peer.wire import WireError, WireResponse
