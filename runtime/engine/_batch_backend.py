@@ -251,6 +251,10 @@ class BatchBackend:
         except RequestError as exc:
             finish(exc.kind, exc.message)
             return
+        except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer failure: this request fails, not the others
+            traceback.print_exc()
+            finish(ERR_ENGINE, f"{type(exc).__name__}: {exc}")
+            return
         slot = self._pick_slot(tokens)
         gen = Generation(rid, self.model, tokens, sampler, seq=slot.seq, max_tokens=max_tokens,
                          stop=opts.get("stop") or (), strip_space=strip_space, emit=emit)
