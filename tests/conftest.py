@@ -29,3 +29,13 @@ def node(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) -> Iterator[
         yield proc
     finally:
         proc.stop()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``soak`` run only when ``-m`` names them (``scripts/soak.sh``), never in the default run."""
+    if "soak" in (config.getoption("markexpr") or ""):
+        return
+    soak = [item for item in items if item.get_closest_marker("soak")]
+    if soak:
+        config.hook.pytest_deselected(items=soak)
+        items[:] = [item for item in items if not item.get_closest_marker("soak")]
