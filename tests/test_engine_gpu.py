@@ -18,6 +18,7 @@ from omx.runtime.engine._gpu import (
     read_layer_costs,
     resolve_gpu_layers,
 )
+from tests.support.node import NodeProcess
 from tests.support.tiny_gguf import write_tiny_llama
 from tests.test_engine_llama import spec_for
 
@@ -98,3 +99,16 @@ async def test_runner_reports_no_vram_on_a_cpu_build(tmp_path: Path) -> None:
         assert runner.info["n_gpu_layers"] == 0 and runner.info["size_vram"] == 0
     finally:
         await runner.close()
+
+
+def test_api_ps_reports_size_vram_of_the_runner(node: NodeProcess) -> None:
+    with node.client() as http:
+        http.post("/api/generate", json={"model": "tiny", "prompt": "hi", "stream": False,
+                                         "options": {"num_predict": 1}}).raise_for_status()
+        rows = http.get("/api/ps").json()["models"]
+        runners = http.get("/api/distributed/status").json()["runner_stats"]["runners"]
+    row = next(r for r in rows if r["name"].startswith("tiny"))
+    runner = next(r for r in runners if r["model"].startswith("tiny"))
+    assert isinstance(row["size_vram"], int) and row["size_vram"] == runner["size_vram"]
+    if not llama_cpp.llama_supports_gpu_offload():
+        assert row["size_vram"] == 0 and runner["gpu_layers"] == 0
