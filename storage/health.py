@@ -119,7 +119,10 @@ def recover(store: ModelStore) -> list[str]:
         for p in sorted(partial.iterdir()):
             base = p.name.removesuffix(".data").removesuffix(".state.json")
             pair = partial / (base + (".state.json" if p.name.endswith(".data") else ".data"))
-            if not pair.exists() and settled(p):
+            published = p.name.endswith(".state.json") and any((r / "blobs" / base).is_file() for r in store._roots())
+            if published or (not pair.exists() and settled(p)):
+                # A state whose blob is published is what a writer killed between the rename
+                # and its clean-up leaves: a finishing writer renames the data file, so it has none.
                 p.unlink(missing_ok=True)
                 done.append(f"removed orphan partial file {p.name}")
     return done

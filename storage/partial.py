@@ -39,6 +39,7 @@ from omx.types import BlobDigest, ChunkDigest
 
 from .blobs import BlobInfo, BlobStore
 from .chunks import ChunkIndex, index_file, verify_chunk
+from .damaged import clear_damaged
 from .health import store_tmp
 from .names import blob_filename, parse_digest
 
@@ -260,8 +261,7 @@ class PartialBlob:
             self.abort()
             raise IntegrityError(f"digest mismatch, expected {self.digest}, got {idx.blob}")
         if not self.store.has(self.digest):
-            self.store.put_index(idx)
-            publish(self.data_path, self.store.own_path(self.digest))
+            self._publish(idx)
         self.abort()
         return BlobInfo(self.digest, self.size, self.store.path(self.digest), created=True, index=idx)
 
@@ -278,10 +278,16 @@ class PartialBlob:
             raise IntegrityError(f"digest mismatch, expected {self.digest}, got {idx.blob}")
         self.sync()  # chunks written without fsync become durable before the blob is renamed into place
         if not self.store.has(self.digest):
-            self.store.put_index(idx)
-            publish(self.data_path, self.store.own_path(self.digest))
+            self._publish(idx)
         self.abort()
         return BlobInfo(self.digest, self.size, self.store.path(self.digest), created=True, index=idx)
+
+    def _publish(self, idx: ChunkIndex) -> None:
+        self.store.put_index(idx)
+        # A damage marker names the bad copy a repair moved aside; it goes before the good copy
+        # takes its place, so a crash in between leaves no good blob marked (never served again).
+        clear_damaged(self.store, self.digest)
+        publish(self.data_path, self.store.own_path(self.digest))
 
     def abort(self) -> None:
         """Forget this partial blob (state first, so a crash never leaves a bitmap without data)."""

@@ -183,3 +183,33 @@ def test_partial_state_of_other_size_restarts(tmp_path: Path) -> None:
     part.write_chunk(0, os.urandom(CS))
     other = PartialBlob.open(store, digest, 2 * CS)
     assert other.missing() == [0, 1] and other.data_path.stat().st_size == 2 * CS
+
+
+def test_a_repaired_blob_is_unmarked_before_it_becomes_visible(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kill between publishing a repaired blob and clearing its damage marker must not leave the
+    good copy marked (a marked blob is never served): the marker goes first, while blobs/ has no copy."""
+    import omx.storage.partial as partial_module
+    from omx.storage.damaged import is_damaged, mark_damaged
+
+    store = BlobStore(tmp_path / "store", chunk_size=CS)
+    data = os.urandom(3 * CS + 5)
+    digest = parse_digest(sha(data))
+    rotten = tmp_path / "rotten"
+    rotten.write_bytes(data)
+    index = index_file(rotten, CS)
+    rotten.write_bytes(b"\0" * CS + data[CS:])
+    mark_damaged(store, digest, "verify: chunk hash mismatch", [0])
+    part = PartialBlob.adopt(store, rotten, index, held={1, 2, 3})
+    part.write_chunk(0, data[:CS])
+    seen: list[bool] = []
+    real = partial_module.publish
+
+    def publish(tmp: Path, dest: Path) -> None:
+        seen.append(is_damaged(store, digest))
+        real(tmp, dest)
+
+    monkeypatch.setattr(partial_module, "publish", publish)
+    part.finish()
+    assert seen == [False] and not is_damaged(store, digest)
+    assert store.path(digest).read_bytes() == data

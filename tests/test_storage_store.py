@@ -247,3 +247,24 @@ async def test_recover_removes_crash_leftovers(tmp_path: Path) -> None:
     assert not orphan_index.exists() and fresh_index.exists()  # a writer may be about to publish its blob
     assert json.loads(fresh_index.read_text()) == {}
     assert isinstance(done, list)
+
+
+def test_recover_removes_the_state_of_a_partial_blob_already_published(tmp_path: Path) -> None:
+    """A writer killed between publishing a finished partial blob and removing its state leaves the
+    state alone (the data file was renamed into blobs/): recover removes it at once, whatever its age."""
+    from omx.storage import PartialBlob, parse_digest
+
+    store = ModelStore(tmp_path, chunk_size=CS)
+    data = os.urandom(2 * CS + 3)
+    part = PartialBlob.open(store.blobs, parse_digest("sha256:" + hashlib.sha256(data).hexdigest()), len(data))
+    for i in part.missing():
+        off, n = part.chunk_range(i)
+        part.write_chunk(i, data[off:off + n])
+    state = part.state_path.read_bytes()
+    part.finish()
+    part.state_path.write_bytes(state)  # the kill came after the rename, before the clean-up
+    other = tmp_path / "partial" / ("sha256-" + "7" * 64 + ".state.json")
+    other.write_text("{}")  # a fresh state of a blob still being fetched stays
+    assert any("removed orphan partial file" in d for d in store.recover())
+    assert not part.state_path.exists() and other.exists()
+    assert store.check_sync(deep=True) == []
