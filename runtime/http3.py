@@ -29,7 +29,7 @@ from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, QuicEvent
 
-__all__ = ["SOCKET_BUFFER", "AsyncHttp3Transport", "Http3Transport", "datagram_size", "enlarge_buffers"]
+__all__ = ["SEND_BUFFER", "SOCKET_BUFFER", "AsyncHttp3Transport", "Http3Transport", "datagram_size", "enlarge_buffers"]
 
 _END = object()
 
@@ -37,6 +37,9 @@ LOOPBACK_DATAGRAM = 16384
 """Datagram size towards a loopback address. aioquic's per-packet Python work bounds throughput, so
 bigger packets carry more for the same work (an upload ran 1.7 MB/s at 1200 bytes, 18 MB/s at 16 KiB);
 loopback's MTU (64 KiB) means no fragmentation, and aioquic refused packets past 16 KiB when measured."""
+SEND_BUFFER = 4 << 20
+"""Bytes of a request body the connection holds unacknowledged before the next piece waits."""
+_PIECE = 1 << 20
 SAFE_DATAGRAM = 1200
 """Elsewhere QUIC's minimum, which every path carries (aioquic does no path-MTU discovery)."""
 
@@ -80,10 +83,33 @@ class _H3Client(QuicConnectionProtocol):
         self.h3 = H3Connection(self._quic)
         self.streams: dict[int, _Stream] = {}
         self.closed: str | None = None
+        self._room: asyncio.Future[None] | None = None
+
+    def _held(self) -> int:
+        """Bytes the streams hold to send or to see acknowledged (aioquic's send buffers)."""
+        return sum(len(stream.sender._buffer) for stream in self._quic._streams.values())
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        super().datagram_received(data, addr)
+        if self._room is not None and (self.closed is not None or self._held() <= SEND_BUFFER):
+            if not self._room.done():
+                self._room.set_result(None)
+            self._room = None
+
+    async def _wait_for_room(self) -> None:
+        """Wait while more than :data:`SEND_BUFFER` bytes are unacknowledged: aioquic drops acknowledged
+        bytes from the front of a ``bytearray``, which moves all the rest (a 64 MiB upload handed over
+        at once spent more time there than in sending)."""
+        while self.closed is None and self._held() > SEND_BUFFER:
+            if self._room is None:
+                self._room = asyncio.get_running_loop().create_future()
+            await self._room
 
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, ConnectionTerminated):
             self.closed = event.reason_phrase or f"error {event.error_code}"
+            if self._room is not None and not self._room.done():
+                self._room.set_result(None)
             for stream in self.streams.values():
                 if not stream.headers.done():
                     stream.headers.set_exception(httpx.ReadError(f"HTTP/3 connection closed: {self.closed}"))
@@ -118,23 +144,26 @@ class _H3Client(QuicConnectionProtocol):
                     if k.lower() not in (b"host", b"connection", b"transfer-encoding", b"keep-alive")]
         body = request.stream
         if isinstance(body, httpx.ByteStream):
-            data = b"".join(body)
+            data = memoryview(b"".join(body))
             self.h3.send_headers(stream_id, headers, end_stream=not data)
-            if data:
-                self.h3.send_data(stream_id, data, end_stream=True)
             self.transmit()
+            for start in range(0, len(data), _PIECE):
+                await self._send_piece(stream_id, data[start:start + _PIECE], start + _PIECE >= len(data))
             return stream_id, stream
         self.h3.send_headers(stream_id, headers)
         self.transmit()
         async for chunk in _chunks(body):
-            if self.closed is not None:
-                raise httpx.WriteError(f"HTTP/3 connection closed: {self.closed}")
-            self.h3.send_data(stream_id, chunk, end_stream=False)
-            self.transmit()
-            await asyncio.sleep(0)
+            await self._send_piece(stream_id, chunk, False)
         self.h3.send_data(stream_id, b"", end_stream=True)
         self.transmit()
         return stream_id, stream
+
+    async def _send_piece(self, stream_id: int, data: bytes | memoryview, end: bool) -> None:
+        if self.closed is not None:
+            raise httpx.WriteError(f"HTTP/3 connection closed: {self.closed}")
+        self.h3.send_data(stream_id, bytes(data), end_stream=end)
+        self.transmit()
+        await self._wait_for_room()
 
 
 async def _chunks(body: Any) -> AsyncIterator[bytes]:
