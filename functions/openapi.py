@@ -30,6 +30,10 @@ __all__ = ["DIGEST_PATTERN", "MODEL_NAME_PATTERN", "openapi_document", "register
 _MEDIA = {"json": "application/json", "ndjson": "application/x-ndjson", "sse": "text/event-stream",
           "text": "text/plain", "raw": "application/octet-stream", "file": "application/octet-stream",
           "websocket": "application/json"}
+_OWN_MEDIA = {"cluster_ca": "application/x-pem-file"}
+"""Handlers that set their answer's media type themselves."""
+_EMPTY_OK = frozenset({"copy", "delete", "blob_upload"})
+"""Handlers whose success has no body (as Ollama's)."""
 
 _PART = r"[A-Za-z0-9_][A-Za-z0-9_-]{0,39}(?:\.[A-Za-z0-9_-]{1,19}){0,2}"
 _NAMESPACE = r"[A-Za-z0-9_][A-Za-z0-9_-]{0,79}"
@@ -162,18 +166,22 @@ def _body_schema(model: type[BaseModel], components: dict[str, Any]) -> dict[str
 def _operation(spec: HandlerSpec, method: str, components: dict[str, Any]) -> dict[str, Any]:
     error = "OpenAIError" if "openai" in spec.tags else "Error"
     ok: dict[str, Any] = {"description": "OK"}
-    if method != "HEAD":
-        ok["content"] = {_MEDIA[spec.response]: {}}
+    if method != "HEAD" and spec.name not in _EMPTY_OK:
+        ok["content"] = {_OWN_MEDIA.get(spec.name, _MEDIA[spec.response]): {}}
+    failed: dict[str, Any] = {"description": "An error"}
+    if method != "HEAD":  # a HEAD answer has no body, an error's neither
+        failed["content"] = {"application/json": {"schema": {"$ref": f"#/components/schemas/{error}"}}}
     op: dict[str, Any] = {
         "operationId": spec.name if len(spec.methods) == 1 else f"{spec.name}_{method.lower()}",
         "summary": spec.summary or spec.name,
         "tags": list(spec.tags),
         "responses": {
             "200": ok,
-            "default": {"description": "An error", "content": {"application/json": {
-                "schema": {"$ref": f"#/components/schemas/{error}"}}}},
+            "default": failed,
         },
     }
+    if spec.name == "blob_upload":
+        op["responses"]["201"] = {"description": "Stored"}
     if spec.path_params:
         op["parameters"] = [{"name": p, "in": "path", "required": True,
                              "schema": _PATH_PARAMS.get(p, {"type": "string"})} for p in spec.path_params]
