@@ -38,8 +38,8 @@ known to any node, else ``default_factor``):
 
 :class:`Constraints` carries what the replicator is doing that placement must
 respect: copies to ``keep`` (never dropped: a migration's target), copies to
-``avoid`` (never added: a migration's source after it completed, so a rebalance
-does not undo it), ``leaving`` copies (a migration's source while it runs: not
+``avoid`` (never added; only what every node knows may go here, since each node
+carries out its own adds alone), ``leaving`` copies (a migration's source while it runs: not
 counted as holders, neither dropped nor re-added) and ``avoid_nodes``.
 
 Safety when views differ: drops follow the rendezvous rank, so two nodes that see

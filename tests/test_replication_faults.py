@@ -41,10 +41,11 @@ import pytest
 from omx.errors import PeerError
 from omx.runtime.peer.transfers import Transfers
 from omx.runtime.replication.link import PeerCommands
+from omx.runtime.replication.operations import ReplicationService
 from omx.runtime.replication.replicator import ReplicationSettings, Replicator
 from omx.storage import ModelStore
 from omx.storage.holdings_meta import HoldingsMeta
-from omx.storage.placement import ClusterSnapshot
+from omx.storage.placement import ClusterSnapshot, plan, rank
 from omx.types import BlobDigest, NodeId
 from tests.support.cluster import Cluster, ClusterNode, metric, start_cluster
 from tests.support.node import create_model, wait_until
@@ -466,5 +467,39 @@ async def test_reconcile_retries_a_failed_fetch_only_after_a_growing_delay(tmp_p
             assert await round_() == attempts - 1
             now[0] += 0.5
             assert await round_() == attempts
+    finally:
+        await replicator.stop()
+
+
+async def test_a_migration_source_restores_the_factor_as_its_peers_plan_it(tmp_path: Path) -> None:
+    """A migration's source keeps no placement rule of its own that its peers do not know.
+
+    Every node carries out only the adds of its own plan, so when a holder dies after the migration and rendezvous
+    picks the source for the new copy, the source's plan must pick itself too (found by the chaos soak: it skipped
+    itself for an hour and every other node waited for it, so the model stayed under-replicated).
+    """
+    m = placement_model("m")
+    other = next(n for n in (f"n{i}" for i in range(100)) if rank("m:latest", ["me", n])[0] == "me")
+    link = _Link()
+    link.snapshot = placement_cluster({"me": holdings(m), "keeper": holdings(m), "target": holdings(m),
+                                       other: holdings()})
+    store = ModelStore(tmp_path / "store", chunk_size=CHUNK)
+    replicator = Replicator(
+        node_id="me", store=store, meta=HoldingsMeta(store.root), link=link,
+        transfers=Transfers(store.blobs, _NoManifest()),  # type: ignore[arg-type]
+        commands=PeerCommands("me", key=lambda: b"k" * 32, api_of=lambda node: None),
+        settings=ReplicationSettings(default_factor=2), clock=lambda: 1000.0)
+
+    async def remove_local(model: str, digest: BlobDigest, reason: str) -> bool:
+        return True
+
+    replicator.remove_local = remove_local  # type: ignore[method-assign]
+    try:
+        assert await ReplicationService(replicator)._drop_own(m.name, m.digest, "target")
+        link.snapshot = placement_cluster({"me": holdings(), "keeper": holdings(m), "target": holdings(m),
+                                           other: holdings()}, dead={"target"})
+        peers_plan = plan(link.snapshot, 2, 1000.0)
+        assert {(a.key, a.node) for a in peers_plan.adds} == {("m:latest", "me")}
+        assert replicator.compute_plan().adds == peers_plan.adds
     finally:
         await replicator.stop()

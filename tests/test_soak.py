@@ -14,6 +14,7 @@ printed and written to ``OMX_SOAK_REPORT`` when set.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -90,8 +91,23 @@ class Chaos:
         except AssertionError:
             self.soak.problem(f"factor not restored within {bound:.0f}s: "
                               f"{under_replicated(observer, self.alive_ids())}")
+            self.dump(f"restore-{int(self.at())}")
             return None
         return time.monotonic() - started
+
+    def dump(self, tag: str) -> None:
+        """Every up node's model and replication views, beside the report, for the post-mortem."""
+        folder = Path(os.environ.get("OMX_SOAK_REPORT", str(self.tmp / "report"))).parent
+        out = {}
+        for node in self.soak.up_nodes():
+            try:
+                out[f"{node.label} {node.node_id}"] = {
+                    "models": node.get("/api/distributed/models"),
+                    "replication": node.get("/api/distributed/replication/status"),
+                    "nodes": node.statuses()}
+            except (AssertionError, httpx.HTTPError) as exc:
+                out[node.label] = repr(exc)
+        (folder / f"soak-{tag}.json").write_text(json.dumps(out, indent=1))
 
     def check_store(self, node: ClusterNode, when: str) -> None:
         problems = fsck(store_root(node.home), chunk_size=CHUNK)
@@ -131,7 +147,7 @@ class Chaos:
         started = time.monotonic()
         try:
             getattr(self, f"op_{op}")(record)
-        except AssertionError as exc:
+        except (AssertionError, httpx.HTTPError, KeyError) as exc:
             record["result"] = "FAILED"
             self.soak.problem(f"{op} {record['model']}: {exc}")
         record["took_s"] = time.monotonic() - started
@@ -197,6 +213,7 @@ def test_chaos_soak(cluster: Cluster, tmp_path: Path) -> None:
         gguf = write_tiny_llama(tmp_path / f"base{i}.gguf", seed=i + 1)
         with cluster[i * 2].client(timeout=120) as client:
             create_model(client, name, gguf, template=TINY_TEMPLATE, parameters=PARAMS)
+
     def replicated() -> bool:
         every = {n.node_id for n in cluster.nodes}
         return all(set(BASE_MODELS) <= set(view(n)) and not under_replicated(n, every) for n in cluster.nodes)
@@ -212,24 +229,28 @@ def test_chaos_soak(cluster: Cluster, tmp_path: Path) -> None:
     try:
         while time.monotonic() < end:
             cycle = time.monotonic()
-            if not chaos.kill_one():
-                break
+            try:
+                if not chaos.kill_one():
+                    break
+            except httpx.HTTPError as exc:
+                soak.problem(f"kill cycle: {exc!r}")
             if time.monotonic() >= next_op and time.monotonic() < end:
                 chaos.model_op(ops[count % len(ops)])
                 count += 1
                 next_op = time.monotonic() + OP_EVERY_S
             soak.stop.wait(max(0.0, min(cycle + KILL_EVERY_S, end) - time.monotonic()))
+        soak.finish()
+        chaos.wait_restored(cluster[0], RESTORE_BOUND_S)
+        for node in cluster.nodes:
+            node.stop()
+            chaos.check_store(node, "at end (stopped)")
+        for growth in soak.memory_growth():
+            soak.problem(growth)
     finally:
         soak.finish()
-    chaos.wait_restored(cluster[0], RESTORE_BOUND_S)
-    for node in cluster.nodes:
-        node.stop()
-        chaos.check_store(node, "at end (stopped)")
-    for growth in soak.memory_growth():
-        soak.problem(growth)
-    table = soak.table(time.monotonic() - chaos.t0)
-    print("\n" + table)
-    if report := os.environ.get("OMX_SOAK_REPORT"):
-        Path(report).write_text(table + "\n")
+        table = soak.table(time.monotonic() - chaos.t0)
+        print("\n" + table)
+        if report := os.environ.get("OMX_SOAK_REPORT"):
+            Path(report).write_text(table + "\n")
     assert not soak.problems, table
     assert soak.kills and all(k.get("restarted") for k in soak.kills), table

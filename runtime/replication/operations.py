@@ -43,8 +43,6 @@ from omx.types import BlobDigest, NodeId
 
 __all__ = ["ReplicationService"]
 
-MIGRATION_AVOID_S = 3600.0
-"""After a migration, placement does not add the model back on its source for this long."""
 _PROGRESS_S = 0.25
 
 
@@ -176,7 +174,8 @@ class ReplicationService:
         held = node.holdings.model(model) if node is not None and node.holdings is not None and node.alive else None
         if held is None or held.digest != digest:
             raise Conflict(f"node {keeper} does not hold '{model}' complete yet; the copy here stays")
-        self.r.avoid[(model_key(model), self.r.node_id)] = self.r.clock() + MIGRATION_AVOID_S
+        # No local rule keeps the model off this node afterwards: peers would not know it, and when a holder
+        # dies later and rendezvous picks this node, each would wait for the other to add the copy.
         return await self.r.remove_local(model, BlobDigest(digest), reason=f"migrated to {keeper}")
 
     async def drop_command(self, model: str, digest: str, keeper: str) -> dict[str, object]:

@@ -137,7 +137,7 @@ class Replicator:
         self.keep: set[tuple[str, NodeId]] = set()
         self.leaving: set[tuple[str, NodeId]] = set()
         self.avoid: dict[tuple[str, NodeId], float] = {}
-        """Copies placement must not add back (a migration's source), until the given time."""
+        """Copies placement must not add here, until the given time."""
         self.last_plan: Plan = Plan()
         self.reconciles = 0
         """Rounds of the reconcile loop finished (drops and evictions included), for status reports."""
