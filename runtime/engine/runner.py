@@ -3,9 +3,11 @@
 It reads frames (see :mod:`omx.runtime.engine._wire`) on stdin and writes
 frames to the original stdout; file descriptor 1 is pointed at stderr first,
 so anything native code prints can never corrupt the frame stream. The first
-frame says what to load; then each generation runs in its own thread on a free
-slot, and one-shot requests run on a small thread pool, so the reading loop
-always sees ``cancel`` frames promptly. End of stdin (the node closed the
+frame says what to load; then generations go to the backend's decode loop (the
+batching llama.cpp backend decodes them together in one context) or, for the
+other backends, each runs in its own thread on a free slot; one-shot requests
+run on a small thread pool, so the reading loop always sees ``cancel`` frames
+promptly. End of stdin (the node closed the
 runner or died) ends the process; so does the node's death mid native call
 (``PR_SET_PDEATHSIG``).
 """
