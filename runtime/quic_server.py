@@ -13,6 +13,8 @@ so aioquic's loss recovery shrank its window. Here:
 * receive windows are 16 MiB per stream and 64 MiB per connection (aioquic: 1 MiB
   each), so an upload is not held waiting for window updates;
 * up to :data:`DATAGRAM_QUEUE` received datagrams wait for the protocol instead of 10;
+* at most :data:`MAX_CONNECTIONS` connections at once (Hypercorn sets no bound):
+  a handshake past it is dropped;
 * a connection's timer (pacing, ACK delay, loss detection) is an event-loop timer
   (``call_at``), as in aioquic's own asyncio protocol. Hypercorn restarts a task
   for it after every send, and a timer that fires and sends cancels its own task
@@ -45,7 +47,9 @@ import ipaddress
 from typing import Any
 
 import hypercorn.asyncio.run as hypercorn_run
+from aioquic.buffer import Buffer  # type: ignore[attr-defined]  # re-exported from aioquic._buffer
 from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.packet import pull_quic_header
 from hypercorn.asyncio.task_group import TaskGroup
 from hypercorn.asyncio.udp_server import UDPServer
 from hypercorn.events import Event, RawData
@@ -55,14 +59,17 @@ from hypercorn.utils import parse_socket_addr
 
 from omx.runtime.http3 import LOOPBACK_DATAGRAM, SAFE_DATAGRAM
 
-__all__ = ["CONNECTION_WINDOW", "DATAGRAM_QUEUE", "SEND_BUFFER", "STREAM_WINDOW", "TunedQuicProtocol", "TunedUDPServer",
-           "install"]
+__all__ = ["CONNECTION_WINDOW", "DATAGRAM_QUEUE", "MAX_CONNECTIONS", "SEND_BUFFER", "STREAM_WINDOW",
+           "TunedQuicProtocol", "TunedUDPServer", "install"]
 
 STREAM_WINDOW = 16 << 20
 CONNECTION_WINDOW = 64 << 20
 DATAGRAM_QUEUE = 1024
 SEND_BUFFER = 4 << 20
 """Bytes a connection may hold unacknowledged before the application's next body piece waits."""
+MAX_CONNECTIONS = 1024
+"""QUIC connections served at once; a handshake past it is dropped. (aioquic lets each connection have
+128 request streams open at once, more only as streams end.)"""
 
 
 def _loopback(host: str) -> bool:
@@ -82,6 +89,8 @@ def _held(connection: _Connection) -> int:
 class TunedQuicProtocol(QuicProtocol):
     """Hypercorn's QUIC protocol with a configuration per connection (see the module docstring)."""
 
+    max_connections = MAX_CONNECTIONS
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         base: QuicConfiguration = self.quic_config
@@ -97,9 +106,24 @@ class TunedQuicProtocol(QuicProtocol):
 
     async def handle(self, event: Event) -> None:
         if isinstance(event, RawData) and event.address is not None:
+            if self._full(event.data):
+                return
             # Read only when a datagram opens a connection: it then takes the client's configuration.
             self.quic_config = self._local if _loopback(str(event.address[0])) else self._remote
         await super().handle(event)
+
+    def _full(self, data: bytes) -> bool:
+        """True for a datagram that would open a connection past :attr:`max_connections` (it is dropped:
+        the client's handshake times out, everyone connected is served as before)."""
+        if len(self.connections) < self.max_connections:  # at least one connection id per connection
+            return False
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=8)
+        except ValueError:
+            return False
+        if header.destination_cid in self.connections:
+            return False
+        return len({id(c) for c in self.connections.values()}) >= self.max_connections
 
     async def send_all(self, connection: _Connection) -> None:
         for data, address in connection.quic.datagrams_to_send(now=self.context.time()):
@@ -165,9 +189,12 @@ class TunedUDPServer(UDPServer):
         async with TaskGroup(self.loop) as task_group:
             self.protocol = TunedQuicProtocol(self.app, self.config, self.context, task_group,
                                               ConnectionState(self.state.copy()), server, self.protocol_send)
-            while not self.context.terminated.is_set() or not self.protocol.idle:
-                event = await self.protocol_queue.get()
-                await self.protocol.handle(event)
+            try:
+                while not self.context.terminated.is_set() or not self.protocol.idle:
+                    event = await self.protocol_queue.get()
+                    await self.protocol.handle(event)
+            finally:
+                self.transport.close()  # Hypercorn leaves its datagram transport open at shutdown
 
 
 def install() -> None:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -316,3 +317,62 @@ def test_hypercorn_serves_quic_tuned_and_chooses_the_datagram_size_by_client() -
     assert hypercorn_run.UDPServer is quic_server.TunedUDPServer
     assert all(quic_server._loopback(h) for h in ("127.0.0.1", "127.9.9.9", "::1", "::ffff:127.0.0.1"))
     assert not any(quic_server._loopback(h) for h in ("10.0.0.1", "::ffff:10.0.0.1", "fe80::1%eth0", "name"))
+
+
+async def test_connections_past_the_bound_are_dropped_and_the_others_served(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    from omx.runtime import quic_server
+    from omx.runtime.peer.h3 import H3PeerClient
+    from omx.runtime.peer.wire import WireError
+
+    async def app(scope: dict[str, object], receive: object, send: Any) -> None:
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    tls = ensure_tls(tmp_path, ClusterSecret.generate(), "omx-bound", ["127.0.0.1"])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = Config()
+    config.bind, config.quic_bind = [], [f"127.0.0.1:{port}"]
+    config.certfile, config.keyfile = str(tls.cert), str(tls.key)
+    config.accesslog = config.errorlog = None
+    monkeypatch.setattr(quic_server.TunedQuicProtocol, "max_connections", 2)
+    quic_server.install()
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve(app, config, shutdown_trigger=stop.wait, mode="asgi"))  # type: ignore[arg-type]
+    clients = [H3PeerClient(tls.ca_cert, connect_timeout=3) for _ in range(3)]
+    try:
+        address = f"127.0.0.1:{port}"
+        for client in clients[:2]:
+            for _ in range(100):  # the server may still be binding
+                try:
+                    assert bytes((await client.get(address, "/", {}, max_body=10, timeout=5)).body) == b"ok"
+                    break
+                except WireError:
+                    await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the server never answered")
+        with pytest.raises(WireError, match="no HTTP/3 answer"):
+            await clients[2].get(address, "/", {}, max_body=10, timeout=5)
+        assert bytes((await clients[0].get(address, "/", {}, max_body=10, timeout=5)).body) == b"ok"
+        await clients[1].aclose()  # a connection closes: room for another
+        for _ in range(100):
+            try:
+                assert bytes((await clients[2].get(address, "/", {}, max_body=10, timeout=5)).body) == b"ok"
+                break
+            except WireError:
+                await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("no room after a connection closed")
+    finally:
+        for client in clients:
+            await client.aclose()
+        stop.set()
+        await asyncio.wait_for(server, 10)
