@@ -25,7 +25,7 @@ the :class:`DemandSink` may add a replica of the model on an idle node.
 **Load.** The router counts the model-routed requests running here per model
 (:meth:`local_load`); hop answers carry that load in ``X-Omx-Load``, and peers
 are polled (``GET /api/peer/load``) when their last report is older than half a
-second while requests flow, and every couple of seconds otherwise.
+second while requests flow, and every couple of seconds while needed lately.
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ BUSY_AVOID_S = 1.0
 """The same for a node that was only busy (503, 429)."""
 DOWN_RETRY_AFTER = 5
 IDLE_POLL_S = 2.0
-"""How often peers' loads are polled while no request asks for them."""
+"""How often the loads of the peers needed lately are polled while no request asks for them."""
+FOLLOW_S = 60.0  # seconds a peer's load stays polled after it was last needed (to rank, for a demand copy, to show)
 
 
 class PeerLink(Protocol):
@@ -199,10 +200,12 @@ class Router:
             self.tend()
 
     def tend(self) -> None:
-        """Poll alive peers whose load is getting old; forget what is known of members that are gone."""
+        """Poll the followed alive peers whose load is getting old; forget what is known of members that are gone."""
         now = self.clock()
+        if not self.book.known() and not self.tags_cache:
+            return  # an idle router: nothing to poll or forget, so no snapshot to take
         alive = {v.node for v in self.link.snapshot().nodes if v.alive and v.node != self.node_id}
-        for node in alive:
+        for node in alive & set(self.book.needed_since(now - FOLLOW_S)):
             self._maybe_poll(node, now)
         for node in set(self.book.known()) - alive:
             self.book.forget(node)
@@ -232,8 +235,12 @@ class Router:
         return NodeLoad(models, free, slots, {k: names[k] for k in models if k in names})
 
     def node_load(self, node: NodeId) -> NodeLoad | None:
-        """A member's load as this node knows it (its own first-hand); None when nothing fresh is known."""
-        return self.local_load() if node == self.node_id else self.book.node_load(node, self.clock())
+        """A member's load as this node knows it (its own first-hand); None when nothing fresh is known (asked)."""
+        if node == self.node_id:
+            return self.local_load()
+        self.book.needed(node, now := self.clock())
+        self._maybe_poll(node, now)
+        return self.book.node_load(node, now)
 
     def busy_models(self) -> tuple[str, ...]:
         """Keys of the models with requests running or waiting here (the replicator keeps their copies)."""
@@ -292,6 +299,7 @@ class Router:
                 load = self.local_load()
                 cands.append(Candidate(node, load.model(holders.key), load.free_memory, local=True))
                 continue
+            self.book.needed(node, now)
             self._maybe_poll(node, now)
             cands.append(Candidate(node, self.book.estimate(node, holders.key, now),
                                    self.book.free_memory(node, now), avoided=self.avoid.avoided(node, now)))

@@ -217,6 +217,7 @@ class _Peer:
     report: NodeLoad | None = None
     reported_at: float = float("-inf")
     asked_at: float = float("-inf")
+    needed_at: float = float("-inf")
     delta: dict[str, int] = field(default_factory=dict)
     """Requests sent since the report, minus those finished since, per model key."""
     outstanding: dict[str, int] = field(default_factory=dict)
@@ -303,6 +304,14 @@ class LoadBook:
         if peer is None:
             return True
         return now - peer.reported_at > self.fresh_s and now - peer.asked_at >= self.min_gap_s
+
+    def needed(self, node: NodeId, now: float) -> None:
+        """``node``'s load was needed at ``now`` (to rank it, or to show it)."""
+        self._peer(node).needed_at = now
+
+    def needed_since(self, since: float) -> tuple[NodeId, ...]:
+        """The peers whose load was needed at ``since`` or later (the ones worth polling while idle)."""
+        return tuple(node for node, peer in self._peers.items() if peer.needed_at >= since)
 
     def asked(self, node: NodeId, now: float) -> None:
         """A refresh of ``node``'s report was started at ``now``."""

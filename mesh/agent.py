@@ -50,6 +50,17 @@ def _die_with_parent_argv(argv: Sequence[str]) -> list[str]:
     return [setpriv, "--pdeathsig", "KILL", "--", "/bin/sh", "-c", _EXEC_IF_PARENT, "sh", str(os.getpid()), *argv]
 
 
+def _agent_env() -> dict[str, str]:
+    """The agent's environment: :func:`child_env`, with ``GOMAXPROCS`` 1 unless the node's environment sets it.
+
+    Serf waits on the network: one Go scheduler thread costs about a quarter less idle CPU than one per core
+    (measured in docs/scale.md), which counts when many agents share a machine.
+    """
+    env = child_env(keep=("GOMAXPROCS",))
+    env.setdefault("GOMAXPROCS", "1")
+    return env
+
+
 class SerfAgent:
     """One supervised Serf agent; ``rpc`` is its control connection once started.
 
@@ -139,7 +150,7 @@ class SerfAgent:
             self._proc = await asyncio.create_subprocess_exec(
                 *_die_with_parent_argv([binary, "agent", f"-config-file={self.config_path}"]),
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, start_new_session=True, env=child_env())
+                stderr=asyncio.subprocess.STDOUT, start_new_session=True, env=_agent_env())
         except OSError as exc:
             raise SerfAgentError(f"cannot run {self.binary!r}: {exc.strerror or exc}") from exc
         self._log_task = asyncio.create_task(self._drain_logs(self._proc))

@@ -39,6 +39,7 @@ MAX_NODE_NAME = 128
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _VERSION_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9 _.-]{0,63}$")
+_FUNCTIONS_RE = re.compile(r"^[0-9a-f]{0,16}$")
 
 
 def encode_tags(tags: Mapping[str, str]) -> bytes:
@@ -111,7 +112,8 @@ class NodeTags:
     ``api`` is the HTTP API address (``ip:port``; never a wildcard), ``h3_port``
     the HTTP/3 UDP port if enabled, ``transfer_port`` the transfer listener's TCP
     port, ``inventory`` a short version string that changes whenever the node's
-    inventory does, ``label`` an optional human name. Every field is bounded so the encoded tags always fit.
+    inventory does, ``functions`` a short digest of its function table (empty:
+    none published), ``label`` an optional human name. Every field is bounded so the encoded tags always fit.
     """
 
     api: str
@@ -120,6 +122,8 @@ class NodeTags:
     label: str = ""
     transfer_port: int | None = None
     """TCP port of the transfer listener (peer chunk endpoints with sendfile), on the API's host."""
+    functions: str = ""
+    """Digest of the function table (up to 16 hex digits): peers pull the table only when it changed."""
 
     def __post_init__(self) -> None:
         host, port = split_host_port(self.api)
@@ -136,6 +140,8 @@ class NodeTags:
             raise ConfigError(f"invalid transfer port {self.transfer_port}", key="p2p.transfer_port")
         if not _VERSION_RE.match(self.inventory):
             raise ConfigError(f"invalid inventory version {self.inventory!r}")
+        if not _FUNCTIONS_RE.match(self.functions):
+            raise ConfigError(f"invalid function table digest {self.functions!r}")
         if not _LABEL_RE.match(self.label):
             raise ConfigError(f"invalid node label {self.label!r}: up to 63 of letters, digits, ' _.-'",
                               key="node.name")
@@ -149,6 +155,8 @@ class NodeTags:
             tags["xf"] = str(self.transfer_port)
         if self.label:
             tags["label"] = self.label
+        if self.functions:
+            tags["fn"] = self.functions
         encode_tags(tags)
         return tags
 
@@ -161,13 +169,13 @@ class NodeTags:
             h3, xf = tags.get("h3"), tags.get("xf")
             return cls(api=tags["api"], h3_port=int(h3) if h3 else None,
                        inventory=tags.get("inv", "0"), label=tags.get("label", ""),
-                       transfer_port=int(xf) if xf else None)
+                       transfer_port=int(xf) if xf else None, functions=tags.get("fn", ""))
         except (ConfigError, ValueError):
             return None
 
 
 NODE_TAGS_WORST_CASE = len(encode_tags(NodeTags(
     api="[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535", h3_port=65535, inventory="v" * 64, label="L" * 63,
-    transfer_port=65535,
+    transfer_port=65535, functions="f" * 16,
 ).to_tags()))
 """Encoded size of the largest possible :class:`NodeTags` (well under 512)."""

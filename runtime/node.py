@@ -122,6 +122,7 @@ class Node:
         self.peer_link = HttpPeerLink(self.node_id, key=lambda: self.cluster.secret.peer_auth_key(),
                                       api_of=self.cluster.peer_h3_address if h3 else self.cluster.api_of,
                                       snapshot=self.cluster.cluster_snapshot, on_bytes=on_bytes,
+                                      on_sync=self.cluster.metrics.peer_sync,
                                       client=H3PeerClient(tls_dir(settings.home) / "ca.crt") if h3 else None)
         self.router: Router | None = None
         """Model-routed calls go to the best holder through it (made in :meth:`bind`)."""
@@ -159,7 +160,9 @@ class Node:
         self.services.router = self.dispatcher.router = router
         self.functions: FunctionsHost = function_host(
             self.node_id, self.settings.home, self.registry, self.dispatcher, lambda: self.services,
-            self.peer_link, self._alive_peers, self.cluster.metrics.registry)
+            self.peer_link, self._alive_peers, self.cluster.metrics.registry,
+            on_sync=self.cluster.metrics.peer_sync, publish=self.cluster.publish_functions,
+            peer_version=self.cluster.functions_version_of)
         self.services.functions = self.functions
         self.cluster.change_listeners.append(self.functions.kick)
         models = self.settings.models

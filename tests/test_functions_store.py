@@ -194,6 +194,10 @@ class Net:
     def __init__(self) -> None:
         self.hosts: dict[str, FunctionsHost] = {}
         self.down: set[str] = set()
+        self.pulls: list[tuple[str, str]] = []
+        """(puller, pulled) of every table pulled."""
+        self.gossip = True
+        """Whether hosts see each other's table digests (the ``fn`` Serf tag)."""
 
     def peers_of(self, me: str) -> Any:
         net = self
@@ -202,9 +206,13 @@ class Net:
             def alive_peers(self) -> list[str]:
                 return [n for n in net.hosts if n != me and n not in net.down]
 
+            def version_of(self, node: str) -> str | None:
+                return net.hosts[node].table_version() if net.gossip else None
+
             async def table(self, node: str) -> PeerTable:
+                net.pulls.append((me, node))
                 doc = net.hosts[node].peer_table()
-                return PeerTable(node, tuple(parse_records(doc)), doc["serving"], {})
+                return PeerTable(node, tuple(parse_records(doc)), doc["serving"], {}, doc["table_version"])
 
             async def announce(self, node: str, doc: dict[str, Any]) -> None:
                 net.hosts[node].peer_announce(me, json.loads(json.dumps(doc)))
@@ -230,6 +238,8 @@ async def settle(*hosts: FunctionsHost) -> None:
         await asyncio.sleep(0)
         for host in hosts:
             await host._refresh()  # noqa: SLF001 - one pull round, as the loop would run it
+            absorbing = [t for t in host._tasks if t.get_name().startswith("functions-absorb")]  # noqa: SLF001
+            await asyncio.gather(*absorbing)  # announcements being taken in
 
 
 async def test_a_deploy_spreads_a_removal_sticks_and_a_late_node_catches_up(tmp_path: Path) -> None:
@@ -260,6 +270,37 @@ async def test_a_deploy_spreads_a_removal_sticks_and_a_late_node_catches_up(tmp_
         await restarted.aclose()
         for host in (a, b):
             await host.aclose()
+
+
+async def test_a_pull_round_skips_the_tables_whose_digest_shows_nothing_new(tmp_path: Path) -> None:
+    net = Net()
+    a, b, c = net.add("a", tmp_path), net.add("b", tmp_path), net.add("c", tmp_path)
+    await settle(a, b, c)
+    assert a.table_version() == b.table_version() == c.table_version()
+    net.pulls.clear()
+    await settle(a, b, c)
+    assert net.pulls == []  # a quiet cluster pulls nothing
+    net.down.add("c")
+    await a.deploy("shout.py", b"shout\n")  # c misses the announcement
+    assert a.table_version() != c.table_version()
+    net.down.discard("c")
+    net.pulls.clear()
+    await settle(c)
+    assert c.known("shout") and c.table_version() == a.table_version()
+    assert set(net.pulls) <= {("c", "a"), ("c", "b")}
+    net.pulls.clear()
+    await settle(a, b, c)
+    assert net.pulls == []
+    net.gossip = False  # peers publishing no digest are pulled once, then left to announcements
+    await settle(a, b, c)
+    assert len(net.pulls) == len(set(net.pulls))
+    net.pulls.clear()
+    await settle(a, b, c)
+    assert net.pulls == []
+    rows = {f.name: f for f in await a.listing()}  # a listing pulls everyone (what each serves, its figures)
+    assert rows["shout"].nodes == ("a", "b", "c") and {("a", "b"), ("a", "c")} <= set(net.pulls)
+    for host in (a, b, c):
+        await host.aclose()
 
 
 async def test_redeploy_swaps_without_failing_a_call_in_flight_and_rollback_returns(tmp_path: Path) -> None:

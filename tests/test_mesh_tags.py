@@ -20,7 +20,7 @@ from omx.mesh.tags import MAX_NODE_NAME, check_node_name
 
 def test_worst_case_node_tags_fit() -> None:
     longest = NodeTags(api="[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535", h3_port=65535,
-                       inventory="v" * 64, label="L" * 63, transfer_port=65535)
+                       inventory="v" * 64, label="L" * 63, transfer_port=65535, functions="f" * 16)
     encoded = encode_tags(longest.to_tags())
     assert len(encoded) == NODE_TAGS_WORST_CASE < SERF_META_LIMIT
     # The longest node name and these tags are accepted together by the agent config.
@@ -39,14 +39,16 @@ def test_encoding_matches_serf_layout_and_limit() -> None:
 
 
 def test_node_tags_round_trip_and_validation() -> None:
-    tags = NodeTags(api="[0:0:0:0:0:0:0:1]:8080", h3_port=8080, inventory="42", label="gpu box")
+    tags = NodeTags(api="[0:0:0:0:0:0:0:1]:8080", h3_port=8080, inventory="42", label="gpu box",
+                    functions="0123456789abcdef")
     assert tags.api == "[::1]:8080"
     assert NodeTags.from_tags(tags.to_tags()) == tags
     assert NodeTags.from_tags({"role": "x"}) is None
     assert NodeTags.from_tags({"omx": "1", "api": "0.0.0.0:1"}) is None
     for bad in ({"api": "0.0.0.0:8080"}, {"api": "host:8080"}, {"api": "1.2.3.4"},
                 {"api": "1.2.3.4:1", "h3_port": 70000}, {"api": "1.2.3.4:1", "inventory": "x" * 65},
-                {"api": "1.2.3.4:1", "label": "bad\nlabel"}):
+                {"api": "1.2.3.4:1", "label": "bad\nlabel"}, {"api": "1.2.3.4:1", "functions": "f" * 17},
+                {"api": "1.2.3.4:1", "functions": "XYZ"}):
         with pytest.raises(ConfigError):
             NodeTags(**bad)  # type: ignore[arg-type]
 

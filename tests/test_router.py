@@ -468,13 +468,28 @@ async def test_an_in_process_call_forwards_its_validated_body() -> None:
     assert json.loads(link.sent[0][4]) == {"model": "tiny", "prompt": "hi"}
 
 
-async def test_tending_polls_alive_peers_and_forgets_departed_ones() -> None:
+async def test_tending_polls_alive_peers_needed_lately_and_forgets_departed_ones() -> None:
     router, link, _, _ = make({A: False, B: True, C: True}, dead=(C,))
     link.loads[B] = NodeLoad.of({KEY: ModelLoad(True, 1, 0, 1)})
     router.book.report(C, NodeLoad(), 100.0)
     router.tags_cache[C] = ("v", [])
+    router.tend()  # nobody needed B's load yet: an idle router polls no one
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert router.book.estimate(B, KEY, 100.0) is None
+    assert C not in router.book.known() and C not in router.tags_cache
+    router.book.needed(B, router.clock())  # e.g. a call ranked it
     router.tend()
     for _ in range(3):
         await asyncio.sleep(0)
     assert router.book.estimate(B, KEY, 100.0) == ModelLoad(True, 1, 0, 1)
-    assert C not in router.book.known() and C not in router.tags_cache
+
+
+async def test_asking_for_a_peers_load_polls_it_once_it_is_getting_old() -> None:
+    router, link, _, _ = make({A: False, B: True})
+    link.loads[B] = NodeLoad.of({KEY: ModelLoad(True, 2, 0, 4)})
+    assert router.node_load(B) is None  # nothing known yet: the ask starts a poll
+    for _ in range(3):
+        await asyncio.sleep(0)
+    load = router.node_load(B)
+    assert load is not None and load.model(KEY).in_flight == 2

@@ -23,7 +23,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -40,12 +40,16 @@ from omx.storage.holdings_wire import holdings_from_json, holdings_to_json
 from omx.storage.placement import ClusterSnapshot, NodeView
 from omx.types import NodeId
 
-__all__ = ["LocalInventory", "PeerInventories", "PeerInventory", "snapshot_of"]
+__all__ = ["PEER_MAX_AGE_S", "PEER_REFRESH_S", "LocalInventory", "PeerInventories", "PeerInventory", "snapshot_of"]
 
 log = logging.getLogger(__name__)
 
 INVENTORY_PATH = "/api/peer/inventory"
 MAX_INVENTORY_BYTES = 64 << 20
+PEER_REFRESH_S = 10.0
+"""How often the node looks its peers' inventories over (:meth:`PeerInventories.due`)."""
+PEER_MAX_AGE_S = 300.0
+"""A peer's inventory is re-read at least this often; past 30 members, about one per round (see ``due``)."""
 
 
 class LocalInventory:
@@ -150,9 +154,12 @@ def _resources(raw: Any) -> Resources | None:
 class PeerInventories:
     """Cache of peers' inventories, fetched with signed requests."""
 
-    def __init__(self, node_id: str, key: Callable[[], bytes], *, timeout_s: float = 5.0) -> None:
+    def __init__(self, node_id: str, key: Callable[[], bytes], *, timeout_s: float = 5.0,
+                 on_fetch: Callable[[str, int], None] | None = None) -> None:
         self.node_id = node_id
         self._key = key
+        self._on_fetch = on_fetch
+        """Told ``("inventory", bytes)`` after every answered fetch (the sync-traffic metrics)."""
         self._client = httpx.AsyncClient(timeout=timeout_s)
         self.cache: dict[str, PeerInventory] = {}
         self._inflight: dict[str, asyncio.Task[PeerInventory | None]] = {}
@@ -162,6 +169,14 @@ class PeerInventories:
 
     def forget(self, node: str) -> None:
         self.cache.pop(node, None)
+
+    def due(self, members: Sequence[MemberState], now: float) -> set[str]:
+        """The members whose inventory to re-read whatever their ``inv`` tag says: never fetched, failed last
+        time, or older than :data:`PEER_MAX_AGE_S` (stretched so a node re-reads about one per round: resources
+        and free space change without changing the version, and re-reading all every round costs O(N²))."""
+        oldest = now - max(PEER_MAX_AGE_S, PEER_REFRESH_S * len(members))
+        return {m.name for m in members
+                if (c := self.cache.get(m.name)) is None or c.error is not None or c.fetched_at < oldest}
 
     def fetch(self, node: str, api: str) -> asyncio.Task[PeerInventory | None]:
         """Fetch ``node``'s inventory from ``api`` (``ip:port``); one fetch per node at a time."""
@@ -200,6 +215,8 @@ class PeerInventories:
                 body += piece
                 if len(body) > MAX_INVENTORY_BYTES:
                     raise PeerError(f"peer inventory is larger than {MAX_INVENTORY_BYTES} bytes")
+        if self._on_fetch is not None:
+            self._on_fetch("inventory", len(body))
         return json.loads(body)
 
     async def aclose(self) -> None:

@@ -94,6 +94,14 @@ class NodeMetrics:
         for transport in ("h1", "h3"):
             for direction in ("sent", "received"):
                 self.peer_bytes.labels(transport, direction)
+        self.sync_fetches = Counter(
+            "omx_peer_sync_fetches", "Requests this node made to keep its view of the peers (inventory, "
+            "functions: function tables, load: load reports), by kind", ("kind",), registry=r)
+        self.sync_bytes = Counter("omx_peer_sync_bytes", "Bytes of the answers to those requests, by kind",
+                                  ("kind",), registry=r)
+        for kind in ("inventory", "functions", "load"):
+            self.sync_fetches.labels(kind)
+            self.sync_bytes.labels(kind)
         self._chunk_cache: dict[str, tuple[int, int]] = {}
 
     def request_done(self, done: RequestDone) -> None:
@@ -124,6 +132,11 @@ class NodeMetrics:
         """Bytes of a peer request this node made (``transport``: h1 or h3; ``direction``: sent or received)."""
         if n > 0:
             self.peer_bytes.labels(transport, direction).inc(n)
+
+    def peer_sync(self, kind: str, n: int) -> None:
+        """One answered request of the peer view (``kind``: inventory, functions or load) of ``n`` bytes."""
+        self.sync_fetches.labels(kind).inc()
+        self.sync_bytes.labels(kind).inc(n)
 
     def chunk_rejected(self, source: str) -> None:
         self.chunks_rejected.inc()

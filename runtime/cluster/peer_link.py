@@ -98,8 +98,11 @@ class HttpPeerLink:
 
     def __init__(self, node_id: str, key: Callable[[], bytes], api_of: Callable[[str], str | None],
                  snapshot: Callable[[], ClusterSnapshot], *, client: PeerClient | None = None,
-                 on_bytes: Callable[[str, str, int], None] | None = None) -> None:
+                 on_bytes: Callable[[str, str, int], None] | None = None,
+                 on_sync: Callable[[str, int], None] | None = None) -> None:
         self.node_id = node_id
+        self.on_sync = on_sync
+        """Told ``(kind, bytes)`` after each answered load poll and function-table pull (sync metrics)."""
         self._key = key
         self._api_of = api_of
         self._snapshot = snapshot
@@ -147,6 +150,8 @@ class HttpPeerLink:
             await reply.aclose()
         if reply.status != 200:
             raise PeerError(f"peer {node} answered {LOAD_PATH} with status {reply.status}")
+        if self.on_sync is not None:
+            self.on_sync("load", len(body))
         return load_from_json(json.loads(body))
 
     async def aclose(self) -> None:

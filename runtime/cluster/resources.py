@@ -1,18 +1,21 @@
-"""Resource sampling with psutil, in the background so handlers read a cached value.
+"""Resource sampling with psutil, done when asked so an idle node never pays it.
 
 CPU use is ``psutil.cpu_percent(interval=None)`` between two samples (the
-first call primes it); memory is the machine's; disk is the filesystem of the
-model store; connections are this process's established TCP connections on
-the API port. Sampling runs in a thread (``/proc`` reads) every ``period_s``.
+first call primes it), so it covers the time since the previous ask; memory
+is the machine's; disk is the filesystem of the model store. A sample (a few
+small ``/proc`` reads) is taken when :attr:`ResourceSampler.latest` is read and
+the last one is older than ``period_s``. Connections (this process's
+established TCP connections on the API port) are counted the same way
+(:meth:`ResourceSampler.current_connections`): that count reads every TCP
+socket of the host, which grows with the cluster.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import psutil
@@ -25,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 class ResourceSampler:
-    """Keeps :attr:`latest` and :attr:`connections` fresh while started."""
+    """Samples :attr:`latest` and :attr:`connections` when they are read and older than ``period_s``."""
 
     def __init__(self, store_path: Path, *, period_s: float = 2.0) -> None:
         self.store_path = store_path
@@ -33,9 +36,17 @@ class ResourceSampler:
         self.api_port: int | None = None
         self._process = psutil.Process(os.getpid())
         psutil.cpu_percent(interval=None)  # prime: the next call measures from here
-        self.latest: Resources = self._sample_resources()
+        self._latest: Resources = self._sample_resources()
+        self._sampled_at = time.monotonic()
         self.connections = 0
-        self._task: asyncio.Task[None] | None = None
+        self._counted_at = float("-inf")
+
+    @property
+    def latest(self) -> Resources:
+        """The last sample, taken now if it is older than ``period_s`` (blocking, but only small reads)."""
+        if time.monotonic() - self._sampled_at >= self.period_s:
+            self.sample()
+        return self._latest
 
     def _sample_resources(self) -> Resources:
         cpu = psutil.cpu_percent(interval=None) / 100.0
@@ -67,25 +78,17 @@ class ResourceSampler:
                    and c.laddr.port == self.api_port)
 
     def sample(self) -> None:
-        """Take one sample now (blocking; run it in a thread)."""
-        self.latest = self._sample_resources()
-        self.connections = self._count_connections()
+        """Take one sample now (a failed one keeps the previous)."""
+        self._sampled_at = time.monotonic()
+        try:
+            self._latest = self._sample_resources()
+        except Exception:  # noqa: BLE001 - psutil or the disk may fail; the previous figures stay
+            log.exception("resource sampling failed")
 
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="resource-sampler")
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await asyncio.to_thread(self.sample)
-            except Exception:  # noqa: BLE001 - a failed sample keeps the previous one
-                log.exception("resource sampling failed")
-            await asyncio.sleep(self.period_s)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+    def current_connections(self) -> int:
+        """Established connections on the API port, counted now unless counted within ``period_s``."""
+        now = time.monotonic()
+        if now - self._counted_at >= self.period_s:
+            self.connections = self._count_connections()
+            self._counted_at = now
+        return self.connections

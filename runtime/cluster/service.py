@@ -36,7 +36,7 @@ from omx.mesh import (
 )
 from omx.mesh.membership import Membership
 from omx.protocols import Scheduler
-from omx.runtime.cluster.inventory import LocalInventory, PeerInventories, snapshot_of
+from omx.runtime.cluster.inventory import PEER_REFRESH_S, LocalInventory, PeerInventories, snapshot_of
 from omx.runtime.cluster.keys import persist_secret, resolve_secret
 from omx.runtime.cluster.metrics import LiveFacts, NodeMetrics
 from omx.runtime.cluster.records import member_record
@@ -56,7 +56,6 @@ __all__ = ["ClusterService"]
 log = logging.getLogger("omx.cluster")
 
 REPLAY_WINDOW_S = 30.0
-PEER_REFRESH_S = 10.0
 STORE_CHANGING_HANDLERS = frozenset({"create", "copy", "delete", "pull", "blob_upload"})
 
 
@@ -84,7 +83,7 @@ class ClusterService:
         self.local = LocalInventory(store, self.meta, cache_limit=settings.models.max_cache_size or None)
         self.sampler = ResourceSampler(settings.store_path)
         self.secret = resolution.secret
-        self.peers = PeerInventories(node_id, key=lambda: self.secret.peer_auth_key())
+        self.peers = PeerInventories(node_id, key=lambda: self.secret.peer_auth_key(), on_fetch=self.metrics.peer_sync)
         self._set_secret(resolution.secret)
         dispatcher.add_request_observer(self._request_done)
         self.topology: Topology | None = None
@@ -101,11 +100,12 @@ class ClusterService:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._follower: asyncio.Task[None] | None = None
         self._switch = asyncio.Lock()
-        self._last_state: dict[str, Any] | None = None
+        self._last_state: tuple[Any, dict[str, Any]] | None = None  # (cheap key, health services) last published
         self.on_agent_change: Callable[[], object] | None = None
         self.change_listeners: list[Callable[[], None]] = []
         """Called when membership, a peer's inventory or this node's inventory changed (the replicator)."""
         self._agent_pid: int | None = None
+        self.functions_version = ""  # the function table's digest this node gossips (the ``fn`` tag)
         self.on_secret_change: Callable[[], object] | None = None
         """Called (in a thread) after a join adopted another cluster's secret: the node rewrites its TLS files."""
 
@@ -117,7 +117,6 @@ class ClusterService:
         self.topology = await asyncio.to_thread(topology, self.settings, api_host, api_port, transfer_port,
                                                 h3_port)
         self.sampler.api_port = api_port
-        self.sampler.start()
         await self.local.refresh()
         available, self.serf_version = await asyncio.to_thread(serf_available, self.serf_binary)
         self.serf_installed = available
@@ -139,7 +138,6 @@ class ClusterService:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         await self._stop_agent(leave=leave)
-        await self.sampler.stop()
         await self.peers.aclose()
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
@@ -157,7 +155,7 @@ class ClusterService:
     def _agent_config(self, seeds: tuple[str, ...]) -> AgentConfig:
         topo = self.topology
         assert topo is not None
-        tags = topo.tags(self.local.version)
+        tags = topo.tags(self.local.version, self.functions_version)
         return AgentConfig(
             node_name=self.node_id, bind=topo.p2p_bind, port=topo.p2p_port,
             advertise=topo.p2p_advertise if topo.p2p_advertise != topo.p2p_bind else None,
@@ -303,18 +301,30 @@ class ClusterService:
         while True:
             await asyncio.sleep(PEER_REFRESH_S)
             if self.membership is not None:
-                for state in self.membership.members():
-                    self._maybe_fetch(state.name, state.tags, state.status, force=True)
+                due = self.peers.due(members := self.membership.members(), time.time())
+                for state in members:
+                    self._maybe_fetch(state.name, state.tags, state.status, force=state.name in due)
 
     async def _inventory_changed(self) -> None:
-        membership = self.membership
-        if membership is not None and membership.agent.running:
-            try:
-                await membership.update_tags({"inv": self.local.version})
-            except (MeshError, OSError) as exc:
-                log.warning("could not publish the inventory version: %s", exc)
+        await self._publish_tags({"inv": self.local.version})
         self._publish_member("updated", self._self_record())
         self._changed()
+
+    async def publish_functions(self, version: str) -> None:
+        """Gossip a new function-table digest (peers pull this node's table only when it changes)."""
+        self.functions_version = version
+        await self._publish_tags({"fn": version})
+
+    def functions_version_of(self, node: str) -> str | None:
+        """The function-table digest an alive member gossips (None: unknown or none published)."""
+        return (self._alive_tags(node) or {}).get("fn") or None
+
+    async def _publish_tags(self, tags: dict[str, str]) -> None:
+        if (membership := self.membership) is not None and membership.agent.running:
+            try:
+                await membership.update_tags(tags)
+            except (MeshError, OSError) as exc:
+                log.warning("could not publish the tags %s: %s", ", ".join(tags), exc)
 
     async def _monitor(self) -> None:
         while True:
@@ -324,13 +334,16 @@ class ClusterService:
                 self._agent_pid = pid
                 if self.on_agent_change is not None:
                     self.on_agent_change()
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(2.0)  # membership and inventory changes publish the node state at once
 
     def _publish_state(self) -> None:
+        k = (self._should_run, m.agent.state, m.agent.running, len(m.view.alive())) if (m := self.membership) else None
+        if k is not None and self._last_state is not None and k == self._last_state[0]:  # health_services builds
+            return  # every member's record: only when this cheap key moved
         state = health_services(self)
-        if state != self._last_state:
-            self._last_state = state
+        if self._last_state is None or state != self._last_state[1]:
             self.bus.publish(NodeStateChanged(self.node_id, state, time.time()))
+        self._last_state = (k, state)
 
     def _publish_member(self, change: str, record: NodeRecord) -> None:
         self.bus.publish(MemberUpdate(change, record, time.time()))  # type: ignore[arg-type]
@@ -408,7 +421,7 @@ class ClusterService:
                         model_tokens=dict(self._model_tokens))
 
     def connections(self) -> int:
-        return self.sampler.connections
+        return self.sampler.current_connections()
 
     def api_address(self) -> str:
         return self.topology.api_address if self.topology else ""
@@ -431,6 +444,7 @@ class ClusterService:
         return snapshot_of(self.node_id, self.local.current(), members, self.peers.cache)
 
     def _changed(self) -> None:
+        self._publish_state()  # membership or inventories moved: the node state event goes out now
         for listener in self.change_listeners:
             listener()
 

@@ -30,10 +30,11 @@ class Topology:
     def p2p_address(self) -> str:
         return join_host_port(self.p2p_advertise, self.p2p_port)
 
-    def tags(self, inventory_version: str) -> dict[str, str]:
+    def tags(self, inventory_version: str, functions_version: str = "") -> dict[str, str]:
         """Serf tags (bounded by :class:`NodeTags`)."""
         return NodeTags(api=self.api_address, inventory=inventory_version, label=self.label,
-                        transfer_port=self.transfer_port, h3_port=self.h3_port).to_tags()
+                        transfer_port=self.transfer_port, h3_port=self.h3_port,
+                        functions=functions_version).to_tags()
 
 
 def _free_port(host: str) -> int:

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -53,8 +53,15 @@ def reserved_by(registry: FunctionRegistry) -> Callable[[str, str], str | None]:
 
 def function_host(node_id: str, home: Path, registry: FunctionRegistry, dispatcher: Dispatcher,
                   services: Callable[[], Services | None], link: PeerLink | None,
-                  alive_peers: Callable[[], list[str]], metrics: CollectorRegistry | None) -> FunctionsHost:
-    """The node's function host; sources and table under ``home/functions``."""
+                  alive_peers: Callable[[], list[str]], metrics: CollectorRegistry | None, *,
+                  on_sync: Callable[[str, int], None] | None = None,
+                  publish: Callable[[str], Awaitable[None]] | None = None,
+                  peer_version: Callable[[str], str | None] = lambda _node: None) -> FunctionsHost:
+    """The node's function host; sources and table under ``home/functions``.
+
+    ``publish`` gossips the table's digest, ``peer_version`` reads the one a peer gossips (so unchanged tables
+    are not pulled); ``on_sync`` counts the tables pulled.
+    """
     logs = FunctionLogs(node_id)
     host: FunctionsHost | None = None
 
@@ -63,6 +70,8 @@ def function_host(node_id: str, home: Path, registry: FunctionRegistry, dispatch
 
     ctx = NodeContextHost(node_id, registry, dispatcher, services, logs, version_of)
     host = FunctionsHost(node_id, FunctionStore(home / "functions"), Sandbox(ctx),
-                         peers=PeerFunctions(link, alive_peers) if link is not None else None,
-                         metrics=FunctionMetrics(metrics), logs=logs, reserved=reserved_by(registry))
+                         peers=PeerFunctions(link, alive_peers, on_sync=on_sync, version_of=peer_version)
+                         if link is not None else None,
+                         metrics=FunctionMetrics(metrics), logs=logs, reserved=reserved_by(registry),
+                         publish=publish)
     return host

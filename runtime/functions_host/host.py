@@ -10,7 +10,9 @@ generation and is announced to every alive peer at once (signed POST of the
 whole table). Every :data:`PULL_S` seconds, and whenever membership changes,
 each node also pulls every alive peer's table: a node that missed an
 announcement, joined later or restarted catches up, and tombstones make a
-removal stick. Tables merge last-writer-wins per function. A node serves a
+removal stick; each node gossips a short digest of its table (the ``fn`` Serf
+tag), and a pull skips a peer whose digest matches the table last pulled from it,
+so a quiet cluster pulls nothing. Tables merge last-writer-wins per function. A node serves a
 version once it holds its source: fetched from a peer that has it, verified
 against its BLAKE3 name before it is stored.
 
@@ -22,9 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from omx.errors import Conflict, InvalidRequest, NotFound, OmxError, PeerError, StoreError
@@ -49,8 +53,12 @@ class FunctionsHost:
 
     def __init__(self, node_id: str, store: FunctionStore, sandbox: Sandbox, *,
                  peers: PeerFunctions | None, metrics: FunctionMetrics, logs: FunctionLogs,
-                 reserved: Callable[[str, str], str | None]) -> None:
+                 reserved: Callable[[str, str], str | None],
+                 publish: Callable[[str], Awaitable[None]] | None = None) -> None:
         self._node_id = node_id
+        self._publish = publish
+        """Gossips the table's digest (:meth:`table_version`) after it changed."""
+        self._published: str | None = None
         self.store = store
         self.sandbox = sandbox
         self.peers = peers
@@ -195,9 +203,15 @@ class FunctionsHost:
         await asyncio.to_thread(self.store.save, table)
         self.table = table
         self._announce()
+        self._kick.set()  # gossips the new digest
 
     def _table_doc(self) -> dict[str, Any]:
         return {"functions": [record_to_json(r) for r in self.table.values()]}
+
+    def table_version(self) -> str:
+        """A short digest of the table (the same on every node holding the same records)."""
+        rows = sorted((record_to_json(r) for r in self.table.values()), key=lambda row: str(row.get("name")))
+        return hashlib.blake2b(json.dumps(rows, sort_keys=True).encode(), digest_size=6).hexdigest()
 
     def _announce(self) -> None:
         if self.peers is None:
@@ -221,6 +235,7 @@ class FunctionsHost:
             if table != self.table:
                 await asyncio.to_thread(self.store.save, table)
                 self.table = table
+                self._kick.set()
         await self.apply(prefer=origin)
 
     # ------------------------------------------------------------ serving
@@ -334,13 +349,20 @@ class FunctionsHost:
 
     # ------------------------------------------------------------ views
 
-    async def _refresh(self) -> None:
-        """Pull every alive peer's table now (bounded: a peer that does not answer is left out)."""
+    async def _refresh(self, everyone: bool = False) -> None:
+        """Pull the alive peers' tables now (bounded: a peer that does not answer is left out).
+
+        Only the tables that may hold news (by the peer's gossiped digest: see :meth:`_changed_since_pulled`),
+        unless ``everyone`` or sources are missing here.
+        """
         if self.peers is None:
             return
         alive = self.peers.alive_peers()
         for gone in set(self.peer_tables) - set(alive):
             del self.peer_tables[gone]
+        if not everyone and not self._pending:
+            mine = self.table_version()
+            alive = [n for n in alive if self._changed_since_pulled(n, mine)]
         results = await asyncio.gather(*(self.peers.table(n) for n in alive), return_exceptions=True)
         merged: list[tuple[str, list[FunctionRecord]]] = []
         for node, result in zip(alive, results, strict=True):
@@ -353,10 +375,23 @@ class FunctionsHost:
             if merge(self.table, records) != self.table or self._pending:
                 await self.absorb(records, node)
 
+    def _changed_since_pulled(self, node: str, mine: str) -> bool:
+        """Whether ``node``'s table may hold news: its digest is unknown, or differs from ours and from its last."""
+        assert self.peers is not None
+        pulled = self.peer_tables.get(node)
+        gossiped = self.peers.version_of(node)
+        if gossiped is None:
+            return pulled is None
+        return gossiped != mine and (pulled is None or gossiped != pulled.version)
+
     async def _pull_loop(self) -> None:
         while True:
             self._kick.clear()
             try:
+                version = self.table_version()
+                if self._publish is not None and version != self._published:
+                    await self._publish(version)
+                    self._published = version
                 await self._refresh()
             except Exception:  # noqa: BLE001 - the next round retries
                 log.exception("function table pull failed")
@@ -364,7 +399,7 @@ class FunctionsHost:
                 await asyncio.wait_for(self._kick.wait(), PULL_S)
 
     async def listing(self) -> list[FunctionFacts]:
-        await self._refresh()
+        await self._refresh(everyone=True)
         out = []
         for record in sorted(self.table.values(), key=lambda r: r.name):
             if record.removed:
@@ -418,7 +453,7 @@ class FunctionsHost:
     # ------------------------------------------------------------ peer endpoints
 
     def peer_table(self) -> dict[str, Any]:
-        return {"node": self.node_id, **self._table_doc(),
+        return {"node": self.node_id, **self._table_doc(), "table_version": self.table_version(),
                 "serving": {name: s.version for name, s in self.serving.by_name.items()},
                 "figures": {name: f.to_json() for name, f in self.metrics.figures.items()}}
 

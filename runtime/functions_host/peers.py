@@ -37,6 +37,8 @@ class PeerTable:
     serving: dict[str, str] = field(default_factory=dict)
     """Function name -> the version the peer serves now."""
     figures: dict[str, dict[str, Any]] = field(default_factory=dict)
+    version: str = ""
+    """The table's digest as the peer computed it (compared with the ``fn`` tag it gossips)."""
 
 
 def parse_records(doc: Any) -> list[FunctionRecord]:
@@ -67,9 +69,15 @@ def _figures(doc: Any) -> dict[str, dict[str, Any]]:
 class PeerFunctions:
     """The function host's side of the network."""
 
-    def __init__(self, link: PeerLink, alive_peers: Callable[[], list[str]]) -> None:
+    def __init__(self, link: PeerLink, alive_peers: Callable[[], list[str]], *,
+                 on_sync: Callable[[str, int], None] | None = None,
+                 version_of: Callable[[str], str | None] = lambda _node: None) -> None:
         self._link = link
         self.alive_peers = alive_peers
+        self.version_of = version_of
+        """The table digest an alive peer gossips (None: unknown)."""
+        self._on_sync = on_sync
+        """Told ``("functions", bytes)`` after each table pulled (the sync-traffic metrics)."""
 
     async def _get(self, node: str, method: str, path: str, body: bytes = b"",
                    limit: int = 16 << 20) -> tuple[int, bytes]:
@@ -89,14 +97,17 @@ class PeerFunctions:
         status, raw = await self._get(node, "GET", TABLE_PATH)
         if status != 200:
             raise PeerError(f"{node} answered {TABLE_PATH} with status {status}")
+        if self._on_sync is not None:
+            self._on_sync("functions", len(raw))
         try:
             doc = json.loads(raw)
         except ValueError as exc:
             raise PeerError(f"{node} sent an invalid function table") from exc
         serving = doc.get("serving") if isinstance(doc, dict) else None
+        version = doc.get("table_version") if isinstance(doc, dict) else None
         return PeerTable(node, tuple(parse_records(doc)),
                          {str(k): str(v) for k, v in serving.items()} if isinstance(serving, dict) else {},
-                         _figures(doc))
+                         _figures(doc), version if isinstance(version, str) else "")
 
     async def announce(self, node: str, doc: dict[str, Any]) -> None:
         status, _ = await self._get(node, "POST", ANNOUNCE_PATH, json.dumps(doc).encode())
