@@ -16,6 +16,7 @@ list for ``stop``); an unknown name or a bad value is an error naming the line.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,9 +92,12 @@ def coerce_parameter(name: str, value: Any) -> Any:
         if isinstance(value, bool):
             raise ValueError(f"invalid float value {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"invalid float value {value!r}") from None
+        if not math.isfinite(number):  # JSON (the params blob, /api/show) has no NaN or infinity
+            raise ValueError(f"invalid float value {value!r}: not a finite number")
+        return number
     if key in BOOL_PARAMS:
         if isinstance(value, bool):
             return value

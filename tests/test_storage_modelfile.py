@@ -100,3 +100,12 @@ def test_coerce_json_parameters() -> None:
         coerce_parameters({"bogus": 1})
     with pytest.raises(InvalidRequest, match="invalid int"):
         coerce_parameters({"seed": True})
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "1e309"])
+def test_a_float_parameter_must_be_finite(value: str) -> None:
+    """Found by the property test: NaN and infinity parsed, and no JSON (params blob, /api/show) can carry them."""
+    with pytest.raises(ModelfileError, match="line 2.*not a finite number"):
+        parse_modelfile(f"FROM tiny\nPARAMETER temperature {value}\n")
+    with pytest.raises(InvalidRequest, match="temperature"):
+        coerce_parameters({"top_p": 0.5, "temperature": float(value)})
