@@ -465,10 +465,16 @@ async def _single(value: Any) -> AsyncIterator[Any]:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
-        return json_response({"error": f"404 page not found: {request.url.path}"}, 404)
-    if exc.status_code == 405:
-        return json_response({"error": f"method {request.method} not allowed on {request.url.path}"}, 405)
-    return json_response({"error": exc.detail}, exc.status_code)
+        message = f"404 page not found: {request.url.path}"
+    elif exc.status_code == 405:
+        message = f"method {request.method} not allowed on {request.url.path}"
+    else:
+        message = str(exc.detail)
+    if request.url.path.startswith("/v1/"):  # no route matched (e.g. a model name with a "/" escaped as %2F)
+        kind = _OPENAI_ERROR_TYPES.get(exc.status_code, "api_error")
+        return json_response({"error": {"message": message, "type": kind, "param": None, "code": None}},
+                             exc.status_code)
+    return json_response({"error": message}, exc.status_code)
 
 
 def build_app(

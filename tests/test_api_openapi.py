@@ -201,6 +201,16 @@ def fuzz(node: NodeProcess, workdir: Path, *args: str, examples: int = 12, timeo
     return entries
 
 
+@pytest.mark.parametrize("path", ["/v1/models/%0Ab%0A", "/v1/nothing"])
+def test_an_unrouted_openai_path_answers_an_openai_error(fuzz_node: NodeProcess, path: str) -> None:
+    """Found by fuzzing: a /v1 path no route matches answered Ollama's error shape, not OpenAI's."""
+    r = httpx.get(fuzz_node.url + path, timeout=30)
+    assert r.status_code == 404
+    error = r.json()["error"]
+    assert error["type"] == "not_found_error" and "404 page not found" in error["message"]
+    assert httpx.get(fuzz_node.url + "/api/nothing", timeout=30).json() == {"error": "404 page not found: /api/nothing"}
+
+
 def test_the_document_lists_the_cluster_and_function_endpoints(document: dict[str, Any]) -> None:
     paths = document["paths"]
     for path in ("/api/functions", "/api/functions/{name}", "/api/functions/{name}/rollback", "/fn/{path}",
@@ -247,10 +257,10 @@ def test_fuzzing_at_length(fuzz_node: NodeProcess, keyed_node: NodeProcess, tmp_
     started = time.monotonic()
     (tmp_path / "off").mkdir()
     (tmp_path / "on").mkdir()
-    total = len(fuzz(fuzz_node, tmp_path / "off", examples=int(os.environ.get("OMX_FUZZ_EXAMPLES", "150")),
+    total = len(fuzz(fuzz_node, tmp_path / "off", examples=int(os.environ.get("OMX_FUZZ_EXAMPLES", "300")),
                      timeout=5400))
     total += len(fuzz(keyed_node, tmp_path / "on", "-H", f"Authorization: Bearer {KEY}",
-                      examples=int(os.environ.get("OMX_FUZZ_EXAMPLES", "150")) // 3, timeout=3600))
+                      examples=int(os.environ.get("OMX_FUZZ_EXAMPLES", "300")) // 3, timeout=3600))
     print(f"fuzz: {total} requests in {time.monotonic() - started:.0f} s, 0 findings")
     assert total >= 10_000, total
 
