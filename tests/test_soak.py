@@ -132,7 +132,9 @@ class Chaos:
         if held and restored is not None:
             record["restore_s"] = time.monotonic() - started
         try:
-            victim.start((), ENV)  # no --join: it rejoins from its own Serf snapshot
+            # No --join: it rejoins from its own Serf snapshot. B was given the secret in its environment (not
+            # persisted, unlike a token's), so every node gets it again, as an operator's unit file would.
+            victim.start((), {**ENV, "OMX_CLUSTER_SECRET": self.soak.cluster.secret_hex})
             record["rejoin_s"] = self.soak.cluster.wait_alive(timeout=120.0)
         except (AssertionError, RuntimeError) as exc:
             self.soak.problem(f"{victim.label} did not come back: {exc}")
