@@ -1,6 +1,6 @@
 """A cluster of real nodes on one machine: convergence, failure detection, idle cost, sync traffic, repair.
 
-Usage: python bench/scale.py [--nodes 30] [--kill 3] [--leave 3] [--idle-s 30]
+Usage: python bench/scale.py [--nodes 30] [--kill 3] [--leave 3] [--idle-s 60]
 
 Every node is an ``omx start`` process with its own home, its own 127.0.0.N
 address with the default ports and its own Serf agent (profile ``local``),
@@ -249,7 +249,7 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=30)
     parser.add_argument("--kill", type=int, default=3)
     parser.add_argument("--leave", type=int, default=3)
-    parser.add_argument("--idle-s", type=float, default=30.0, help="idle CPU measuring window")
+    parser.add_argument("--idle-s", type=float, default=60.0, help="idle CPU window (/proc counts 10 ms ticks)")
     parser.add_argument("--settle-s", type=float, default=12.0, help="quiet time after each change")
     parser.add_argument("--keep", action="store_true", help="keep the nodes' homes (logs) after the run")
     args = parser.parse_args()
@@ -260,6 +260,7 @@ def main() -> None:
     try:
         run(cluster, root, args)
     finally:
+        in_parallel(lambda node: node.stop(), alive_nodes(cluster))  # close() stops them one by one
         cluster.close()
         if not args.keep:
             import shutil
