@@ -174,7 +174,11 @@ class Node:
         return self.listener
 
     def _alive_peers(self) -> list[str]:
-        return [r.id for r in self.cluster.members() if r.status == "alive" and not r.is_self]
+        """Alive members but this node, from the membership view (not the full records: it runs every 10 s)."""
+        membership = self.cluster.membership
+        if membership is None or not membership.agent.running:
+            return []
+        return [m.name for m in membership.view.alive() if m.name != self.node_id]
 
     def _bind_h3(self, tcp: Listener) -> Listener | None:
         """The QUIC socket: ``api.h3_port``, else the API's port number (any free one if that is taken
