@@ -7,7 +7,10 @@ with its own prompt, temperature 0, ``--tokens`` tokens, and measures the
 aggregate tokens/s (all tokens of the round over its wall time) and every
 request's time to first token. Beside it, bare llama-cpp-python (a worker
 process, same file, threads, batch and context) runs the same requests one
-after another. Also reported: how many streams under concurrency produced
+after another, in the same round. On a shared machine wall-clock rates swing
+with other load, so tokens per CPU-second of the runner (and of the bare
+worker) are printed too: they hold still while the machine is busy. Also
+reported: how many streams under concurrency produced
 exactly the text they produce alone (llama.cpp's kernels are not
 batch-invariant, so late tokens may differ) and where the first difference
 fell, and what prompt-prefix reuse saves when a chat continues.
@@ -28,6 +31,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -100,6 +104,18 @@ def _level(url: str, level: int, offset: int, tokens: int, options: dict[str, An
         return list(pool.map(lambda q: {**_stream(url, prompt(q), tokens, options), "q": q}, questions))
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _runner_pid(url: str) -> int:
+    with urllib.request.urlopen(f"{url}/api/distributed/status", timeout=30) as response:
+        runners = json.load(response)["runner_stats"]["runners"]
+    return int(next(r["pid"] for r in runners if r["model"].startswith("bench")))
+
+
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -140,38 +156,54 @@ def main() -> None:
         _level(url, 1, 0, 8, options)
         parent.send({"prompt": prompt(QUESTIONS[0]), "tokens": 8})
         parent.recv()
-        alone = {q: _stream(url, prompt(q), args.tokens, options)["text"] for q in QUESTIONS[: max(levels)]}
-        bare_runs = []
-        for q in QUESTIONS[: max(levels)]:
-            parent.send({"prompt": prompt(q), "tokens": args.tokens})
-            bare_runs.append(parent.recv())
-        bare_rate = sum(r["tokens"] for r in bare_runs) / sum(r["wall"] for r in bare_runs)
-        rows = []
-        for level in levels:
-            rates, ttfts, same, diverged = [], [], 0, []
-            for round_no in range(args.rounds):
+        used = QUESTIONS[: min(len(QUESTIONS), max(levels) + args.rounds - 1)]
+        alone = {q: _stream(url, prompt(q), args.tokens, options)["text"] for q in used}
+        # Each round runs every level through omx and, right after, bare llama-cpp-python on the same
+        # requests one after another: paired figures drift less with whatever else the machine runs.
+        stats: dict[int, dict[str, list[Any]]] = {
+            lv: {"omx": [], "bare": [], "vs1": [], "ttft": [], "diff": [], "cpu": [], "bare_cpu": []} for lv in levels}
+        runner = _runner_pid(url)
+        for round_no in range(args.rounds):
+            one = 0.0
+            for level in levels:
+                cpu = _cpu_seconds(runner)
                 runs = _level(url, level, round_no, args.tokens, options)
+                cpu = _cpu_seconds(runner) - cpu
                 wall = max(r["end"] for r in runs) - min(r["start"] for r in runs)
-                rates.append(sum(r["eval_count"] for r in runs) / wall)
-                ttfts += [r["ttft"] * 1000 for r in runs]
+                rate = sum(r["eval_count"] for r in runs) / wall
+                one = one or rate
+                bare_tokens = bare_wall = 0.0
+                bare_cpu = _cpu_seconds(worker.pid)
                 for r in runs:
-                    if r["q"] in alone:
-                        if r["text"] == alone[r["q"]]:
-                            same += 1
-                        else:
-                            diverged.append(_first_difference(r["text"], alone[r["q"]]))
-            rows.append((level, rates, ttfts, same, diverged))
-        base = statistics.median(rows[0][1])
+                    parent.send({"prompt": prompt(r["q"]), "tokens": args.tokens})
+                    got = parent.recv()
+                    bare_tokens += got["tokens"]
+                    bare_wall += got["wall"]
+                row = stats[level]
+                row["cpu"].append(sum(r["eval_count"] for r in runs) / cpu)
+                row["bare_cpu"].append(bare_tokens / (_cpu_seconds(worker.pid) - bare_cpu))
+                row["omx"].append(rate)
+                row["bare"].append(bare_tokens / bare_wall)
+                row["vs1"].append(rate / one)
+                row["ttft"] += [r["ttft"] * 1000 for r in runs]
+                row["diff"] += [None if r["text"] == alone[r["q"]] else _first_difference(r["text"], alone[r["q"]])
+                                for r in runs if r["q"] in alone]
         print(f"model: {model.name}  tokens/stream: {args.tokens}  threads: {args.threads}  "
               f"num_parallel: {max(levels)}  rounds: {args.rounds}")
-        print(f"bare llama-cpp-python, the same requests one after another: {bare_rate:.1f} tokens/s")
-        print(f"{'streams':>8}{'tokens/s':>10}{'(min-max)':>16}{'vs 1':>7}{'vs bare':>9}"
-              f"{'TTFT p50':>10}{'p99 ms':>8}{'same as alone':>15}  first difference at char")
-        for level, rates, ttfts, same, diverged in rows:
-            med = statistics.median(rates)
-            print(f"{level:8d}{med:10.1f}{f'({min(rates):.1f}-{max(rates):.1f})':>16}{med / base:6.2f}x"
-                  f"{med / bare_rate:8.2f}x{_pct(ttfts, 0.5):10.0f}{_pct(ttfts, 0.99):8.0f}"
-                  f"{f'{same}/{same + len(diverged)}':>15}  {sorted(diverged) if diverged else '-'}")
+        print(f"{'streams':>8}{'omx tok/s':>11}{'(min-max)':>16}{'bare seq':>10}{'vs 1 stream':>13}{'vs bare':>9}"
+              f"{'TTFT p50':>10}{'p99 ms':>8}{'tok/CPU-s':>10}{'bare':>6}{'same as alone':>15}  first diff. at char")
+        for level in levels:
+            row = stats[level]
+            med = statistics.median(row["omx"])
+            ratio = statistics.median(o / b for o, b in zip(row["omx"], row["bare"], strict=True))
+            diverged = sorted(d for d in row["diff"] if d is not None)
+            same = len(row["diff"]) - len(diverged)
+            spread = f"({min(row['omx']):.1f}-{max(row['omx']):.1f})"
+            matched = f"{same}/{len(row['diff'])}"
+            print(f"{level:8d}{med:11.1f}{spread:>16}{statistics.median(row['bare']):10.1f}"
+                  f"{statistics.median(row['vs1']):12.2f}x{ratio:8.2f}x"
+                  f"{_pct(row['ttft'], 0.5):10.0f}{_pct(row['ttft'], 0.99):8.0f}{statistics.median(row['cpu']):10.1f}"
+                  f"{statistics.median(row['bare_cpu']):6.1f}{matched:>15}  {diverged or '-'}")
         _prefix_reuse(url, options)
         parent.send(None)
         worker.join(30)
