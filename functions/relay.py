@@ -1,15 +1,16 @@
-"""What the router needs to relay a peer's answer: its reply shape, whole reads, failure wording (pure helpers)."""
+"""What the router needs to relay a peer's answer: its reply shape, whole reads, JSON answers, failure wording."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator, Mapping
-from typing import Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, Protocol
 
 from omx.errors import PeerError
 
-__all__ = ["MAX_JSON_REPLY", "RETRYABLE", "STREAM_ERRORS", "PeerReply", "cut_error", "error_text", "read_all",
-           "retryable", "streamed"]
+__all__ = ["MAX_JSON_REPLY", "RETRYABLE", "STREAM_ERRORS", "PeerReply", "cut_error", "error_text", "json_answer",
+           "read_all", "retryable", "streamed"]
 
 MAX_JSON_REPLY = 256 << 20
 RETRYABLE = frozenset({401, 403, 404, 408, 429})
@@ -73,3 +74,22 @@ def error_text(body: bytes, status: int) -> str:
     if isinstance(error, dict):
         error = error.get("message")
     return str(error) if error else f"status {status}"
+
+
+async def json_answer(request: Callable[[], Awaitable[PeerReply]], node: str, path: str,
+                      within_s: float) -> tuple[int, Any]:
+    """The status and JSON body of the reply ``request`` gets from ``node`` for ``path``, all within
+    ``within_s``; raises :class:`~omx.errors.PeerError` on a timeout or a body that is not JSON."""
+    try:
+        async with asyncio.timeout(within_s):
+            reply = await request()
+            try:
+                raw = await read_all(reply)
+            finally:
+                await reply.aclose()
+    except TimeoutError as exc:
+        raise PeerError(f"{node} did not answer {path} within {within_s:g} s") from exc
+    try:
+        return reply.status, json.loads(raw) if raw else None
+    except ValueError as exc:
+        raise PeerError(f"{node} answered {path} with invalid JSON") from exc

@@ -23,15 +23,14 @@ for a free slot anywhere instead of queueing behind one node, then 503; meanwhil
 the :class:`DemandSink` may add a replica of the model on an idle node.
 
 **Load.** The router counts the model-routed requests running here per model
-(:meth:`local_load`); hop answers carry that load in ``X-Omx-Load``, and peers
-are polled (``GET /api/peer/load``) when their last report is older than half a
-second while requests flow, and every couple of seconds while needed lately.
-"""
+(:meth:`local_load`); hop answers carry it in ``X-Omx-Load``; peers are polled
+(``GET /api/peer/load``) when their report is older than half a second while
+requests flow (a call waits briefly for holders nothing fresh is known of), and
+every couple of seconds while needed lately."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import time
@@ -49,6 +48,7 @@ from omx.functions.relay import (
     PeerReply,
     cut_error,
     error_text,
+    json_answer,
     read_all,
     retryable,
     streamed,
@@ -84,16 +84,13 @@ log = logging.getLogger("omx.routing")
 
 HOP_HEADER = "X-Omx-Hop"
 NODE_HEADER = "X-Omx-Node"
-MAX_TRIES = 3
-"""Nodes tried for one request before it fails with 503."""
-AVOID_S = 5.0
-"""Seconds a node that failed a request is tried only after every other holder."""
-BUSY_AVOID_S = 1.0
-"""The same for a node that was only busy (503, 429)."""
+MAX_TRIES = 3  # nodes tried for one request before it fails with 503
+AVOID_S = 5.0  # seconds a node that failed a request is tried only after every other holder
+BUSY_AVOID_S = 1.0  # the same for a node that was only busy (503, 429)
 DOWN_RETRY_AFTER = 5
-IDLE_POLL_S = 2.0
-"""How often the loads of the peers needed lately are polled while no request asks for them."""
+IDLE_POLL_S = 2.0  # how often the loads of the peers needed lately are polled while no request asks for them
 FOLLOW_S = 60.0  # seconds a peer's load stays polled after it was last needed (to rank, for a demand copy, to show)
+FIRST_LOAD_WAIT_S = 0.25  # at most this long a call waits for the loads of holders nothing fresh is known of
 
 
 class PeerLink(Protocol):
@@ -189,10 +186,11 @@ class Router:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _keep_fresh(self) -> None:
         while True:
@@ -305,11 +303,25 @@ class Router:
                                    self.book.free_memory(node, now), avoided=self.avoid.avoided(node, now)))
         return cands
 
+    async def _learn_loads(self, holders: Holders) -> None:
+        """Poll holders nothing fresh is known of, briefly: after a quiet spell a call still goes where it is warm."""
+        now = self.clock()
+        unknown = [n for n in holders.alive if n != self.node_id and self.book.node_load(n, now) is None
+                   and not self.avoid.avoided(n, now)]
+        polls: list[asyncio.Task[None]] = []
+        for node in unknown:
+            self.book.needed(node, now)
+            self.book.asked(node, now)
+            polls.append(self._spawn(self._poll(node), f"route-load-{node}"))
+        if polls:
+            await asyncio.wait(polls, timeout=FIRST_LOAD_WAIT_S)
+
     async def order(self, holders: Holders, peers: bool) -> tuple[Holders, tuple[NodeId, ...]]:
         """Where to try a call, best first; waits in the holding queue while every holder is at capacity.
 
         ``peers``: whether other members are alive (a lone node queues on itself, as Ollama does).
         """
+        await self._learn_loads(holders)
         holding = self.holding
         if holding is None or not holding.enabled or not peers:
             return holders, self.ranked(holders)
@@ -484,16 +496,5 @@ class Router:
                         within_s: float = 5.0) -> tuple[int, Any]:
         """A hop request's status and JSON answer (for the cluster-wide views); raises PeerError."""
         headers = {"Content-Type": "application/json", HOP_HEADER: "1"}
-        try:
-            async with asyncio.timeout(within_s):
-                reply = await self.link.request(node, method, path, headers, body, head_timeout_s=within_s)
-                try:
-                    raw = await read_all(reply)
-                finally:
-                    await reply.aclose()
-        except TimeoutError as exc:
-            raise PeerError(f"{node} did not answer {path} within {within_s:g} s") from exc
-        try:
-            return reply.status, json.loads(raw) if raw else None
-        except ValueError as exc:
-            raise PeerError(f"{node} answered {path} with invalid JSON") from exc
+        return await json_answer(lambda: self.link.request(node, method, path, headers, body, head_timeout_s=within_s),
+                                 node, path, within_s)

@@ -159,6 +159,20 @@ async def test_an_idle_local_holder_wins_over_an_idle_peer() -> None:
     assert not link.sent and obs.routed_calls == [(KEY, A)] and c.response_headers[NODE_HEADER] == A
 
 
+async def test_a_lone_call_after_a_quiet_spell_waits_for_the_holders_loads_and_goes_where_the_model_is_loaded() -> None:
+    router, link, obs, _ = make({A: True, B: True})  # nothing known of B's load: A would win the tie
+    link.loads[B] = NodeLoad.of({KEY: ModelLoad(True, 0, 0, 1)})  # but B has the model loaded, A does not
+    link.answers[B] = [FakeReply()]
+    await router.serve(spec(), body(), call(router))
+    assert [s[0] for s in link.sent] == [B] and obs.routed_calls == [(KEY, B)]
+
+
+async def test_a_holder_whose_load_cannot_be_fetched_costs_the_call_nothing_but_the_poll() -> None:
+    router, link, obs, _ = make({A: True, B: True})  # B's load poll fails (no load in the fake link)
+    assert await router.serve(spec(), body(), call(router)) == {"ran": "here"}
+    assert not link.sent and obs.routed_calls == [(KEY, A)]
+
+
 async def test_a_busy_local_holder_sends_the_next_call_to_an_idle_peer() -> None:
     router, link, obs, scheduler = make({A: True, B: True})
     link.loads[B] = NodeLoad.of({KEY: ModelLoad(True, 0, 0, 1)})
