@@ -26,6 +26,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -244,10 +245,17 @@ class Cluster:
         return time.monotonic() - started
 
     def close(self) -> None:
-        for node in [*self.extra, *self.nodes]:
-            if node.proc is not None and node.proc.proc.poll() is None:
-                node.stop()
-            node.close()
+        """Stop every node gracefully, all at once (each leaves while the others do), then release them."""
+        nodes = [*self.extra, *self.nodes]
+        running = [n.proc.proc for n in nodes if n.proc is not None and n.proc.proc.poll() is None]
+        for proc in running:
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30.0
+        for proc in running:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(max(0.1, deadline - time.monotonic()))
+        for node in nodes:
+            node.close()  # kills what did not stop in time
         leftover = serf_pids(str(self.root))
         for pid in leftover:
             with contextlib.suppress(ProcessLookupError):
