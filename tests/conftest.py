@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -7,6 +8,11 @@ import pytest
 
 from tests.support.node import NodeProcess, create_model, start_node
 from tests.support.tiny_gguf import write_tiny_llama
+
+# pytest-xdist's workers carry LINES=24 and COLUMNS=80, which Rich (and other terminal code) would
+# take over the real size of the pseudo-terminals the CLI tests open.
+for _name in ("LINES", "COLUMNS"):
+    os.environ.pop(_name, None)
 
 TINY_TEMPLATE = (
     "{{ if .System }}<s>{{ .System }}</s>{{ end }}{{ range .Messages }}{{ .Role }}: {{ .Content }}\n{{ end }}assistant:"
