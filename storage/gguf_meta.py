@@ -25,7 +25,7 @@ import numpy
 
 from omx.errors import InvalidRequest
 
-__all__ = ["GGUFInfo", "human_number", "is_gguf", "read_gguf_info"]
+__all__ = ["GGUFInfo", "TensorTable", "human_number", "is_gguf", "read_gguf_info", "read_tensor_table"]
 
 _POOLING = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
 _VERBOSE_ONLY_ARRAY_LIMIT = 64
@@ -198,6 +198,54 @@ def _read_header(path: Path, verbose: bool) -> tuple[dict[str, Any], int, str | 
 
         return kv, params, token(kv.get("tokenizer.ggml.bos_token_id")), token(
             kv.get("tokenizer.ggml.eos_token_id"))
+
+
+@dataclass(frozen=True)
+class TensorTable:
+    """A GGUF's metadata and where each tensor's data starts (what sizing a model's layers needs)."""
+
+    metadata: dict[str, Any]
+    """Values by key; arrays of more than a few items come back as None (their lengths are in ``array_lengths``)."""
+    array_lengths: dict[str, int]
+    tensors: tuple[tuple[str, int], ...]
+    """(name, data offset relative to ``data_start``) in file order."""
+    data_start: int
+    file_size: int
+
+
+def read_tensor_table(path: Path) -> TensorTable:
+    """Read a GGUF's metadata and tensor table (blocking); raises ValueError when it is not a sound GGUF."""
+    try:
+        return _read_tensor_table(path)
+    except struct.error as exc:
+        raise ValueError("the GGUF header runs past the end of the file") from exc
+
+
+def _read_tensor_table(path: Path) -> TensorTable:
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        p = _Parser(buf)
+        if bytes(buf[:4]) != b"GGUF":
+            raise ValueError("bad magic (not a little-endian GGUF file)")
+        p.pos = 8
+        n_tensors, n_kv = p.unpack("<Q"), p.unpack("<Q")
+        if n_kv > _MAX_KV:
+            raise ValueError("implausible metadata count")
+        kv: dict[str, Any] = {}
+        lengths: dict[str, int] = {}
+        for _ in range(n_kv):
+            key = p.string()
+            vtype = p.unpack("<I")
+            if vtype == _ARRAY:
+                lengths[key] = _array_len(buf, p.pos)
+            kv[key] = p.value(vtype, keep_arrays=lengths.get(key, 0) <= _VERBOSE_ONLY_ARRAY_LIMIT)
+        tensors = []
+        for _ in range(n_tensors):
+            name = p.string()
+            n_dims = p.unpack("<I")
+            p.pos += 8 * n_dims + 4  # dims, ggml type
+            tensors.append((name, int(p.unpack("<Q"))))
+        alignment = int(kv.get("general.alignment") or 32)
+        return TensorTable(kv, lengths, tuple(tensors), -(-p.pos // alignment) * alignment, len(buf))
 
 
 def _array_len(buf: mmap.mmap, pos: int) -> int:

@@ -82,6 +82,15 @@ def test_layer_costs_come_from_the_gguf_tensor_table(tmp_path: Path) -> None:
     assert costs.output > 0
 
 
+def test_a_truncated_gguf_is_a_value_error_not_a_read_past_its_end(tmp_path: Path) -> None:
+    whole = write_tiny_llama(tmp_path / "t.gguf", seed=1).read_bytes()
+    cut = tmp_path / "cut.gguf"
+    for size in (4, 24, len(whole) // 50):
+        cut.write_bytes(whole[:size])
+        with pytest.raises(ValueError):
+            read_layer_costs(cut)
+
+
 def test_a_cpu_build_offloads_nothing(tmp_path: Path) -> None:
     if llama_cpp.llama_supports_gpu_offload():
         pytest.skip("llama-cpp-python here was built with a GPU backend")

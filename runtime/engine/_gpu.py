@@ -13,11 +13,11 @@ layer count wins over the estimate (``num_gpu`` -1 means "estimate").
 from __future__ import annotations
 
 import ctypes
-import mmap
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from omx.storage.gguf_meta import read_tensor_table
 
 __all__ = ["GpuFit", "LayerCosts", "compute_graph_bytes", "fit_layers", "gpu_free_memory", "plan_offload",
            "read_layer_costs", "resolve_gpu_layers"]
@@ -25,8 +25,6 @@ __all__ = ["GpuFit", "LayerCosts", "compute_graph_bytes", "fit_layers", "gpu_fre
 DRIVER_RESERVE = 512 * 2**20
 """VRAM left for the CUDA/ROCm context and allocator slack (Ollama keeps a few hundred MiB too)."""
 
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
 
 
 @dataclass(frozen=True)
@@ -91,68 +89,15 @@ def resolve_gpu_layers(requested: int, *, supported: bool, costs: LayerCosts | N
     return fit_layers(costs, free=free, n_ctx_total=n_ctx_total, n_ubatch=n_ubatch)
 
 
-# ------------------------------------------------------------------ reading a GGUF's tensor table
-
-
-class _Reader:
-    def __init__(self, buf: mmap.mmap) -> None:
-        self.buf = buf
-        self.pos = 0
-
-    def unpack(self, fmt: str) -> Any:
-        value = struct.unpack_from(fmt, self.buf, self.pos)[0]
-        self.pos += struct.calcsize(fmt)
-        return value
-
-    def string(self) -> str:
-        n = self.unpack("<Q")
-        text = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", errors="replace")
-        self.pos += n
-        return text
-
-    def value(self, vtype: int) -> Any:
-        if vtype in _SCALARS:
-            return self.unpack(_SCALARS[vtype])
-        if vtype == _STRING:
-            return self.string()
-        if vtype != _ARRAY:
-            raise ValueError(f"unknown GGUF value type {vtype}")
-        etype, count = self.unpack("<I"), self.unpack("<Q")
-        if etype in _SCALARS and count > 64:
-            self.pos += struct.calcsize(_SCALARS[etype]) * count
-            return None
-        if etype == _STRING and count > 64:
-            for _ in range(count):
-                self.pos += 8 + struct.unpack_from("<Q", self.buf, self.pos)[0]
-            return None
-        return [self.value(etype) for _ in range(count)]
+# ------------------------------------------------------------------ sizing a model from its tensor table
 
 
 def read_layer_costs(path: Path) -> LayerCosts:
     """Per-layer weight sizes (from tensor offsets) and KV-cache shape of a GGUF file."""
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        r = _Reader(buf)
-        if bytes(buf[:4]) != b"GGUF":
-            raise ValueError("not a GGUF file")
-        r.pos = 8
-        n_tensors, n_kv = r.unpack("<Q"), r.unpack("<Q")
-        kv: dict[str, Any] = {}
-        n_vocab = 0
-        for _ in range(n_kv):
-            key = r.string()
-            vtype = r.unpack("<I")
-            if key == "tokenizer.ggml.tokens" and vtype == _ARRAY:
-                n_vocab = int(struct.unpack_from("<Q", buf, r.pos + 4)[0])
-            kv[key] = r.value(vtype)
-        tensors: list[tuple[str, int]] = []
-        for _ in range(n_tensors):
-            name = r.string()
-            n_dims = r.unpack("<I")
-            r.pos += 8 * n_dims + 4
-            tensors.append((name, r.unpack("<Q")))
-        alignment = int(kv.get("general.alignment") or 32)
-        data_start = -(-r.pos // alignment) * alignment
-        end = len(buf) - data_start
+    table = read_tensor_table(path)
+    kv, tensors = table.metadata, table.tensors
+    n_vocab = table.array_lengths.get("tokenizer.ggml.tokens", 0)
+    end = table.file_size - table.data_start
     ordered = sorted(tensors, key=lambda t: t[1])
     sizes = {name: (ordered[i + 1][1] if i + 1 < len(ordered) else end) - offset
              for i, (name, offset) in enumerate(ordered)}
@@ -223,7 +168,7 @@ def plan_offload(model_path: Path, requested: int, *, n_ctx_total: int, n_ubatch
     if supported:
         try:
             costs = read_layer_costs(model_path)
-        except (OSError, ValueError, struct.error):
+        except (OSError, ValueError):
             costs = None
     free = gpu_free_memory() if supported and requested < 0 else 0
     return resolve_gpu_layers(requested, supported=supported, costs=costs, free=free, n_ctx_total=n_ctx_total,
