@@ -30,7 +30,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, QuicEvent
 
 __all__ = ["LARGE_LOOPBACK_DATAGRAM", "SEND_BUFFER", "SOCKET_BUFFER", "AsyncHttp3Transport", "Http3Transport",
-           "datagram_size", "enlarge_buffers"]
+           "close_quietly", "datagram_size", "enlarge_buffers"]
 
 _END = object()
 
@@ -226,10 +226,10 @@ class AsyncHttp3Transport(httpx.AsyncBaseTransport):
                                                       create_protocol=_H3Client, wait_connected=True)),
                     connect_s)
             except TimeoutError as exc:
-                await _close_quietly(stack)
+                await close_quietly(stack)
                 raise httpx.ConnectTimeout(f"no HTTP/3 answer from {host}:{port}") from exc
             except (ConnectionError, OSError) as exc:
-                await _close_quietly(stack)
+                await close_quietly(stack)
                 raise httpx.ConnectError(f"HTTP/3 connection to {host}:{port} failed: {exc}") from exc
             assert isinstance(client, _H3Client)
             self._connections[(host, port)] = (stack, client)
@@ -261,10 +261,11 @@ class AsyncHttp3Transport(httpx.AsyncBaseTransport):
         connections, self._connections = list(self._connections.values()), {}
         for stack, client in connections:
             client.close()
-            await _close_quietly(stack)
+            await close_quietly(stack)
 
 
-async def _close_quietly(stack: contextlib.AsyncExitStack) -> None:
+async def close_quietly(stack: contextlib.AsyncExitStack) -> None:
+    """Close a QUIC connection's exit stack, whatever it raises (the connection is being dropped)."""
     with contextlib.suppress(Exception):
         await stack.aclose()
 

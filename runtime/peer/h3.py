@@ -47,7 +47,13 @@ from qh3.quic.events import ConnectionTerminated, QuicEvent
 from qh3.quic.packet import pull_quic_transport_parameters, push_quic_transport_parameters
 from qh3.tls import ExtensionType
 
-from omx.runtime.http3 import LARGE_LOOPBACK_DATAGRAM, LOOPBACK_DATAGRAM, datagram_size, enlarge_buffers
+from omx.runtime.http3 import (
+    LARGE_LOOPBACK_DATAGRAM,
+    LOOPBACK_DATAGRAM,
+    close_quietly,
+    datagram_size,
+    enlarge_buffers,
+)
 from omx.runtime.peer.wire import WireError, WireResponse
 
 __all__ = ["STREAM_WINDOW", "CONNECTION_WINDOW", "H3PeerClient", "H3PeerResponse"]
@@ -297,7 +303,7 @@ class H3PeerClient:
                 return known[1], True
             if known is not None:
                 self._connections.pop(address)
-                await _close_quietly(known[0])
+                await close_quietly(known[0])
             host, _, port = address.rpartition(":")
             host = host.strip("[]")
             stack = contextlib.AsyncExitStack()
@@ -306,11 +312,11 @@ class H3PeerClient:
                     conn = await stack.enter_async_context(connect(
                         host, int(port), configuration=self._config(host), create_protocol=_Connection))
             except TimeoutError as exc:
-                await _close_quietly(stack)
+                await close_quietly(stack)
                 raise WireError(f"no HTTP/3 answer from {address} within {self.connect_timeout}s (is its "
                                 f"certificate from this cluster's CA?)") from exc
             except (ConnectionError, OSError, ValueError) as exc:
-                await _close_quietly(stack)
+                await close_quietly(stack)
                 raise WireError(f"HTTP/3 connection to {address} failed: {exc}") from exc
             assert isinstance(conn, _Connection)
             if conn._transport is not None:
@@ -386,9 +392,4 @@ class H3PeerClient:
         connections, self._connections = list(self._connections.values()), {}
         for stack, conn in connections:
             conn.close()
-            await _close_quietly(stack)
-
-
-async def _close_quietly(stack: contextlib.AsyncExitStack) -> None:
-    with contextlib.suppress(Exception):
-        await stack.aclose()
+            await close_quietly(stack)
