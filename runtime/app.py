@@ -345,6 +345,12 @@ def _endpoint(spec: HandlerSpec, services: Services, dispatcher: Dispatcher) -> 
     async def _answer(request: Request, call: Call, on_stream_end: Callable[[], None]) -> Response:
         try:
             dispatcher.precheck(spec, call)  # headers only: nothing is read for a caller who will be refused
+        except OmxError as exc:
+            refused = error_response(exc, spec)
+            if request.headers.get("content-length", "0") != "0" or "transfer-encoding" in request.headers:
+                refused.headers["Connection"] = "close"  # its body is left unread: the connection is done
+            return refused
+        try:
             body: Any = None
             if spec.auth == "peer" or call.hop:
                 body = await _read_peer_body(request, spec, call, dispatcher)

@@ -111,6 +111,9 @@ async def test_a_refused_caller_is_answered_without_a_body_byte_read() -> None:
         r = await client.post("/echo", content=body, headers={"Content-Length": "200000000"})
         assert r.status_code == 401 and "API key" in r.json()["error"]
         assert body.pulled == 0
+        assert r.headers["connection"] == "close"  # the unread body ends the connection: no client reuses it
+        r = await client.post("/echo", content=b"")
+        assert r.status_code == 401 and "connection" not in r.headers  # no body: the connection may go on
         body = _Body(10**6)
         r = await client.post("/api/cluster/join", content=body, headers=_bearer(KEY))
         assert r.status_code == 403 and body.pulled == 0
