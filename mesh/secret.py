@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import hmac
 import secrets
@@ -98,6 +99,10 @@ class ClusterSecret:
 
     def peer_auth_key(self) -> bytes:
         """The HMAC key for signing peer requests (see :mod:`omx.mesh.peer_auth`)."""
+        return self._peer_auth_key
+
+    @functools.cached_property
+    def _peer_auth_key(self) -> bytes:  # derived once: every peer request is signed or checked with it
         return hkdf_sha256(self.value, b"omx peer auth key", 32)
 
     def ca_key_seed(self) -> bytes:

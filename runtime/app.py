@@ -29,7 +29,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from omx.errors import InvalidRequest, OmxError, ServiceBusy
+from omx.errors import InvalidRequest, NotFound, OmxError, ServiceBusy
 from omx.functions.call import Call, Services
 from omx.functions.dispatch import Dispatcher
 from omx.functions.registry import (
@@ -42,6 +42,8 @@ from omx.functions.registry import (
     is_stream,
 )
 from omx.runtime.file_response import FileRangeResponse
+from omx.runtime.peer.server import PEER_LISTENER as _PEER_LISTENER
+from omx.runtime.peer.server import PEER_PREFIX as _PEER_PREFIX
 
 __all__ = ["build_app", "error_response", "json_response"]
 
@@ -350,6 +352,9 @@ def _endpoint(spec: HandlerSpec, services: Services, dispatcher: Dispatcher) -> 
             if request.headers.get("content-length", "0") != "0" or "transfer-encoding" in request.headers:
                 refused.headers["Connection"] = "close"  # its body is left unread: the connection is done
             return refused
+        if (_PEER_LISTENER in request.scope.get("extensions", {}) and not call.hop
+                and not spec.path.startswith(_PEER_PREFIX)):
+            return error_response(NotFound(f"404 page not found: {call.path} (this port serves peers only)"), spec)
         try:
             body: Any = None
             if spec.auth == "peer" or call.hop:

@@ -123,7 +123,8 @@ class Node:
                                       api_of=self.cluster.peer_h3_address if h3 else self.cluster.api_of,
                                       snapshot=self.cluster.cluster_snapshot, on_bytes=on_bytes,
                                       on_sync=self.cluster.metrics.peer_sync,
-                                      client=H3PeerClient(tls_dir(settings.home) / "ca.crt") if h3 else None)
+                                      client=H3PeerClient(tls_dir(settings.home) / "ca.crt") if h3 else None,
+                                      fast_of=None if h3 else self.cluster.peer_address)
         self.router: Router | None = None
         """Model-routed calls go to the best holder through it (made in :meth:`bind`)."""
 

@@ -11,18 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
 from omx.errors import ConfigError
 from omx.functions.call import Call, NodeInfo, Services
-from omx.functions.dispatch import Dispatcher
+from omx.functions.dispatch import Dispatcher, peer_verifier
 from omx.functions.registry import FileRange, FunctionRegistry
-from omx.mesh import NodeTags
+from omx.mesh import NodeTags, Verifier, sign
 from omx.runtime.app import build_app
 from omx.runtime.config import ReplicationConfig
 from omx.runtime.peer import Bandwidth, TokenBucket, transfer_address
 from omx.runtime.peer.server import PeerServer, parse_request_head
 from omx.runtime.peer.wire import WireClient, WireError
 from omx.types import NodeId
+from tests.support.transfer import KEY
 
 
 def _app(path: Path, claim: int) -> Any:
@@ -225,3 +227,81 @@ def test_the_transfer_port_travels_in_the_tags_and_names_the_address() -> None:
     assert transfer_address({"role": "not omx"}) is None
     with pytest.raises(ConfigError):
         NodeTags(api="10.0.0.5:8080", transfer_port=70000)
+
+
+# ------------------------------------------------------------------ hop requests
+
+
+class _Count(BaseModel):
+    count: int = 3
+
+
+def _hop_app(ended: asyncio.Event, gap_s: float) -> Any:
+    """A hop handler that streams a line every ``gap_s`` (``ended`` is set when its stream closes), a plain one."""
+    registry = FunctionRegistry()
+
+    async def lines(body: _Count, _call: Call) -> AsyncIterator[dict[str, int]]:
+        async def stream() -> AsyncIterator[dict[str, int]]:
+            try:
+                for i in range(body.count):
+                    if i:
+                        await asyncio.sleep(gap_s)
+                    yield {"n": i}
+            finally:
+                ended.set()
+
+        return stream()
+
+    async def plain(_body: Any, _call: Call) -> dict[str, str]:
+        return {"plain": "yes"}
+
+    registry.handler("/api/lines", methods=("POST",), request=_Count, response="ndjson", hop=True)(lines)
+    registry.handler("/api/plain", methods=("POST",), request=_Count, auth="public", hop=False)(plain)
+    services = Services(store=None, scheduler=None, node=NodeInfo(NodeId("omx-t"), "t"))  # type: ignore[arg-type]
+    return build_app(registry, services, Dispatcher(peer_verifier=peer_verifier(Verifier(KEY, window_s=300))))
+
+
+def _hop_request(path: str, body: bytes, *, signed: bool = True) -> bytes:
+    headers = {"X-Omx-Hop": "1", "Content-Type": "application/json", "Content-Length": str(len(body))}
+    if signed:
+        headers |= sign(KEY, "omx-a", "POST", path, body)
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return f"POST {path} HTTP/1.1\r\nHost: t\r\n{head}\r\n".encode() + body
+
+
+async def test_signed_hop_requests_are_served_and_nothing_else_is() -> None:
+    ended = asyncio.Event()
+    async with _serve(_hop_app(ended, 0.0)) as address:
+        ok = await _raw(address, _hop_request("/api/lines", b'{"count": 2}'))
+        assert ok.startswith(b"HTTP/1.1 200") and ok.count(b'{"n":') == 2, ok[:300]
+        unsigned = await _raw(address, _hop_request("/api/lines", b"{}", signed=False))
+        assert unsigned.startswith(b"HTTP/1.1 401") and b'"error"' in unsigned
+        # A handler that does not take hop requests is not served here, hop header or not.
+        plain = await _raw(address, _hop_request("/api/plain", b"{}"))
+        assert plain.startswith(b"HTTP/1.1 404") and b"peers only" in plain
+        unmarked = _hop_request("/api/lines", b"{}").replace(b"X-Omx-Hop: 1\r\n", b"")
+        assert (await _raw(address, unmarked)).startswith(b"HTTP/1.1 404")
+
+
+async def test_a_client_that_leaves_a_stream_is_seen_at_once() -> None:
+    ended = asyncio.Event()
+    async with _serve(_hop_app(ended, 3600.0)) as address:  # no second line for an hour: no write can notice
+        host, _, port = address.partition(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(_hop_request("/api/lines", b'{"count": 2}'))
+        first = await asyncio.wait_for(reader.readuntil(b'{"n":0}'), 10)
+        assert first.startswith(b"HTTP/1.1 200") and not ended.is_set()
+        writer.close()
+        await asyncio.wait_for(ended.wait(), 10)  # the stream was closed by the disconnect, not by an error
+
+
+async def test_a_request_pipelined_behind_a_stream_closes_the_connection_after_it() -> None:
+    ended = asyncio.Event()
+    async with _serve(_hop_app(ended, 0.05)) as address:
+        host, _, port = address.partition(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(_hop_request("/api/lines", b'{"count": 3}') * 2)
+        answer = await asyncio.wait_for(reader.read(), 10)  # until the server closes the connection
+        writer.close()
+        assert answer.count(b"HTTP/1.1 200") == 1 and answer.count(b'{"n":') == 3, answer[:400]
+        assert answer.endswith(b"0\r\n\r\n")  # the first answer whole, then the connection closed

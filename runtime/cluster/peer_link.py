@@ -8,6 +8,11 @@ secret never travels). Response bodies come as the peer sent them, so a relayed
 stream is the peer's bytes exactly. Transport failures become
 :class:`~omx.errors.PeerError`, which is what the router retries on.
 
+Requests with bodies up to :data:`FAST_MAX_BODY` (load polls, forwarded
+calls, the views) go to the member's transfer listener when ``fast_of`` names
+one (:class:`~omx.runtime.peer.server.PeerServer`, which serves hop requests
+with less added latency than Hypercorn); larger ones go to its API.
+
 With ``peer.transport: http3`` the same requests go over QUIC to each
 member's HTTP/3 listener (``address_of`` then names it, ``client`` is an
 :class:`~omx.runtime.peer.h3.H3PeerClient`). Request bodies sent and answers
@@ -28,13 +33,15 @@ from omx.runtime.peer.wire import WireError
 from omx.storage.placement import ClusterSnapshot
 from omx.types import NodeId
 
-__all__ = ["CONNECT_TIMEOUT_S", "FIRST_BYTE_TIMEOUT_S", "LOAD_PATH", "HttpPeerLink"]
+__all__ = ["CONNECT_TIMEOUT_S", "FAST_MAX_BODY", "FIRST_BYTE_TIMEOUT_S", "LOAD_PATH", "HttpPeerLink"]
 
 LOAD_PATH = "/api/peer/load"
 CONNECT_TIMEOUT_S = 3.0
 FIRST_BYTE_TIMEOUT_S = 300.0
 """How long a forwarded call may wait for its peer's answer to start (a non-streamed one: to end)."""
 LOAD_TIMEOUT_S = 2.0
+FAST_MAX_BODY = 1 << 20
+"""The largest request body sent to a transfer listener (its ``max_body``)."""
 _MAX_LOAD = 1 << 20
 
 
@@ -99,8 +106,11 @@ class HttpPeerLink:
     def __init__(self, node_id: str, key: Callable[[], bytes], api_of: Callable[[str], str | None],
                  snapshot: Callable[[], ClusterSnapshot], *, client: PeerClient | None = None,
                  on_bytes: Callable[[str, str, int], None] | None = None,
-                 on_sync: Callable[[str, int], None] | None = None) -> None:
+                 on_sync: Callable[[str, int], None] | None = None,
+                 fast_of: Callable[[str], str | None] | None = None) -> None:
         self.node_id = node_id
+        self._fast_of = fast_of
+        """A member's transfer listener (None: use ``api_of``), for requests with small bodies."""
         self.on_sync = on_sync
         """Told ``(kind, bytes)`` after each answered load poll and function-table pull (sync metrics)."""
         self._key = key
@@ -112,10 +122,12 @@ class HttpPeerLink:
     def snapshot(self) -> ClusterSnapshot:
         return self._snapshot()
 
-    def _address(self, node: NodeId) -> str:
+    def _address(self, node: NodeId, body_size: int = 0) -> str:
         api = self._api_of(node)
         if api is None:
             raise PeerError(f"peer {node} is not an alive member")
+        if self._fast_of is not None and body_size <= FAST_MAX_BODY:
+            return self._fast_of(node) or api
         return api
 
     async def request(self, node: NodeId, method: str, path: str, headers: Mapping[str, str], body: bytes, *,
@@ -124,7 +136,7 @@ class HttpPeerLink:
         signed = {**headers, **sign(self._key(), self.node_id, method, path, body)}
         try:
             response = await self._client.request(
-                self._address(node), method, path, signed, body,
+                self._address(node, len(body)), method, path, signed, body,
                 head_timeout=FIRST_BYTE_TIMEOUT_S if head_timeout_s is None else head_timeout_s)
         except _BROKEN as exc:
             raise _broken(node, exc) from exc

@@ -7,13 +7,20 @@ served on a second listener (``p2p.transfer_port``, advertised to peers in the
 extension (``http.response.zerocopysend``): the adapter hands it a file and a
 range, and the kernel sends the bytes (``loop.sendfile`` -> ``os.sendfile``).
 It serves the same app as the API port, so handlers, auth and error mapping
-are the registry's; only paths under ``/api/peer/`` are answered here.
+are the registry's; only paths under ``/api/peer/`` and hop requests (calls a
+peer forwarded, marked ``X-Omx-Hop``: the router sends them here because this
+server adds less to each one than Hypercorn does) are answered here. The scope
+carries the ``omx.peer_listener`` extension, so the app refuses any other
+handler on this port (a hop request, like a peer one, must carry a valid peer
+signature). A streamed answer learns of a client that left through
+``http.disconnect`` at once, as under Hypercorn.
 
 Supported: HTTP/1.1 (and 1.0) keep-alive, ``Content-Length`` request bodies up
 to ``max_body`` bytes, fixed-length and chunked responses. Not supported (400
 or 501, then the connection closes): chunked request bodies, ``Expect``,
-upgrades, pipelining beyond one request at a time (requests are read one after
-another). The lifespan protocol is left to the main server.
+upgrades, pipelining (a request that arrives while the previous one is being
+answered closes the connection after that answer). The lifespan protocol is left
+to the main server.
 """
 
 from __future__ import annotations
@@ -29,11 +36,14 @@ from urllib.parse import unquote
 
 import orjson
 
-__all__ = ["PEER_PREFIX", "PeerServer", "RequestHead", "parse_request_head"]
+__all__ = ["HOP_HEADER", "PEER_LISTENER", "PEER_PREFIX", "PeerServer", "RequestHead", "parse_request_head"]
 
 log = logging.getLogger("omx.runtime.peer")
 
 PEER_PREFIX = "/api/peer/"
+HOP_HEADER = b"x-omx-hop"
+PEER_LISTENER = "omx.peer_listener"
+"""The scope extension that marks a request as having come in on this listener."""
 _ZEROCOPY = "http.response.zerocopysend"
 _REASONS = {200: "OK", 206: "Partial Content", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
             404: "Not Found", 405: "Method Not Allowed", 409: "Conflict", 413: "Content Too Large",
@@ -228,21 +238,26 @@ class PeerServer:
             return await self._error(writer, 413, f"request body too large (the limit is {self.max_body} bytes)")
         body = await reader.readexactly(length) if length else b""
         path, _, query = head.target.partition("?")
-        if not path.startswith(self.prefix):
+        if not path.startswith(self.prefix) and head.header(HOP_HEADER) is None:
             return await self._error(writer, 404, f"404 page not found: {path} (this port serves peers only)")
-        return await self._run_app(head, path, query, body, writer)
+        return await self._run_app(head, path, query, body, reader, writer)
 
-    async def _run_app(self, head: RequestHead, path: str, query: str, body: bytes,
+    async def _run_app(self, head: RequestHead, path: str, query: str, body: bytes, reader: asyncio.StreamReader,
                        writer: asyncio.StreamWriter) -> bool:
         done = asyncio.get_running_loop().create_future()
         delivered = False
+        watch: asyncio.Future[bytes] | None = None
 
         async def receive() -> dict[str, Any]:
-            nonlocal delivered
+            nonlocal delivered, watch
             if not delivered:
                 delivered = True
                 return {"type": "http.request", "body": body, "more_body": False}
-            await asyncio.shield(done)  # no disconnect is reported while the response is being written
+            if watch is None:  # one read outlives a cancelled receive(): Starlette polls with cancelled calls
+                watch = asyncio.ensure_future(reader.read(1))
+            await asyncio.wait((watch, done), return_when=asyncio.FIRST_COMPLETED)
+            if not done.done() and not watch.cancelled() and watch.exception() is None and watch.result():
+                await asyncio.shield(done)  # a pipelined request, not a departure: closed after this answer
             return {"type": "http.disconnect"}
 
         peer, local = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
@@ -251,7 +266,7 @@ class PeerServer:
             "method": head.method, "scheme": "http", "path": unquote(path), "raw_path": path.encode(),
             "query_string": query.encode(), "root_path": "", "headers": list(head.headers),
             "client": tuple(peer[:2]) if peer else None, "server": tuple(local[:2]) if local else None,
-            "extensions": {_ZEROCOPY: {}},
+            "extensions": {_ZEROCOPY: {}, PEER_LISTENER: {}},
         }
         send = _ResponseWriter(writer, head_only=head.method == "HEAD")
         try:
@@ -263,9 +278,20 @@ class PeerServer:
             return await self._error(writer, 500, "internal error")
         finally:
             done.set_result(None)
+            pipelined = _settle(watch)
         if not send.complete:
             if send.head_sent:
                 return False
             return await self._error(writer, 500, "internal error: the handler sent no response")
-        return head.keep_alive and not send.broken
+        return head.keep_alive and not send.broken and not pipelined
+
+
+def _settle(watch: asyncio.Future[bytes] | None) -> bool:
+    """Stop a request's disconnect watch; True when it read a byte of another request (the connection is done)."""
+    if watch is None:
+        return False
+    if not watch.done():
+        watch.cancel()  # nothing was read: the next request's bytes stay in the reader
+        return False
+    return watch.cancelled() or watch.exception() is not None or bool(watch.result())
 
