@@ -33,8 +33,8 @@ SECTIONS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
                               "first non-loopback one)."),
         ("profile", "lan", "Serf timing profile: lan, wan or local (local shortens every timer)."),
         ("join", "[]", "Peers to join at start, as host:port (the cluster secret is needed to join)."),
-        ("transfer_port", "0", "TCP port serving model chunks to peers with sendfile, on the API address "
-                               "(0: any free port; peers learn it from the gossip tags)."),
+        ("transfer_port", "0", "TCP port serving peers on the API address: model chunks with sendfile, and "
+                               "forwarded calls (0: any free port; peers learn it from the gossip tags)."),
     ]),
     ("models", "The content-addressed model store.", [
         ("store_path", "null", "Where models live (default: $OMX_HOME/data/models)."),

@@ -121,8 +121,8 @@ class P2PConfig(_Section):
     profile: Literal["lan", "wan", "local"] = "lan"
     join: list[str] = Field(default_factory=list)
     transfer_port: int = Field(default=0, ge=0, le=65535, description=(
-        "TCP port of the transfer listener serving chunks to peers (0: any free port, told to peers "
-        "in the gossip tags)."))
+        "TCP port of the transfer listener serving chunks and forwarded calls to peers (0: any free port, "
+        "told to peers in the gossip tags)."))
 
 
 class ModelsConfig(_Section):
