@@ -19,7 +19,8 @@ node's cluster CA), one connection each, on one event loop:
 Contenders alternate in ``--repeat`` rounds and the best round of each counts
 (the machine may be shared). Figures are printed, never asserted.
 
-Run: ``python bench/http3.py [--requests 400] [--tokens 128] [--upload-mib 64] [--chunk-mib 64] [--repeat 3]``.
+Run: ``python bench/http3.py [--requests 400] [--tokens 128] [--upload-mib 64] [--chunk-mib 64] [--repeat 3]
+[--only chunk upload]``.
 ``--profile DIR`` also writes a cProfile of this process's HTTP/3 chunk transfers and uploads there.
 """
 
@@ -160,6 +161,8 @@ async def run(node: NodeProcess, args: argparse.Namespace) -> None:
     await bench_stream(h1, 4)  # load the model once
     for _ in range(args.repeat):
         for name, fn in benches.items():
+            if args.only and name not in args.only:
+                continue
             for label in ("h1", "h3"):
                 results[label].setdefault(name, []).append(await profiled(name, label, fn(label)))
     await h1.aclose()
@@ -179,6 +182,8 @@ async def run(node: NodeProcess, args: argparse.Namespace) -> None:
             (f"peer chunk transfer {args.chunk_mib} MiB MB/s", "chunk", "chunk_MBps", False)]
     print(f"{'measure':<48}{'HTTP/1.1':>12}{'HTTP/3':>12}{'h3/h1':>8}")
     for title, name, key, lower in rows:
+        if name not in results["h1"]:
+            continue
         a, b = best(results["h1"][name], key, lower), best(results["h3"][name], key, lower)
         print(f"{title:<48}{a:>12.1f}{b:>12.1f}{b / a:>8.2f}")
 
@@ -191,6 +196,8 @@ def main() -> None:
     parser.add_argument("--chunk-mib", type=int, default=64, help="the node's models.chunk_size, in MiB")
     parser.add_argument("--profile", type=Path, default=None, help="write cProfile output to this folder")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--only", nargs="+", choices=["version", "stream", "upload", "chunk"], default=None,
+                        help="run only these measures")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="omx-bench-h3-") as tmp:
         gguf = write_tiny_llama(Path(tmp) / "tiny.gguf", seed=7)

@@ -1,142 +1,100 @@
-"""Hypercorn's HTTP/3 server, tuned for bulk transfers: the one place omx reaches into Hypercorn's QUIC code.
+"""omx's HTTP/3 server: QUIC on qh3 (its connection in Rust) under Hypercorn's ASGI streams.
 
-Hypercorn (0.17, 0.18) gives every QUIC connection aioquic's default
-configuration and keeps at most 10 received datagrams waiting, dropping the
-rest. Measured on loopback (bench/http3.py, a 64 MiB peer chunk), that held
-HTTP/3 to about 1 MB/s: the server sent 1200-byte datagrams (one Python pass of
-aioquic per 1200 bytes), and a client's burst overran the 10-datagram queue,
-so aioquic's loss recovery shrank its window. Here:
+Hypercorn (0.17, 0.18) serves QUIC with aioquic, whose connection is Python: its
+per-packet work held a 64 MiB peer chunk to 89-151 MB/s on loopback, the serving
+loop spending about 4 ms of CPU per MiB (py-spy), and it keeps at most 10 received
+datagrams waiting. Here Hypercorn keeps the HTTP semantics (its ``HTTPStream`` runs
+the ASGI app per request stream, as for HTTP/1.1) and qh3, aioquic's fork with the
+QUIC connection, packet protection and HTTP/3 framing in Rust, does the rest:
 
+* :class:`TunedQuicProtocol` takes the place of Hypercorn's QUIC protocol: it routes
+  datagrams by connection id to qh3 ``QuicConnection`` objects and speaks HTTP/3 with
+  qh3's ``H3Connection`` (:class:`H3Streams`, Hypercorn's ``H3Protocol`` on qh3);
 * datagrams towards a loopback client are :data:`~omx.runtime.http3.LARGE_LOOPBACK_DATAGRAM`
-  bytes, or the client's ``max_udp_payload_size`` transport parameter when smaller
-  (:class:`LargeDatagramConnection`, which also splits what aioquic cannot frame past 16 KiB);
-  elsewhere QUIC's 1200, which every path carries (aioquic does no path-MTU discovery): the
-  configuration is chosen per connection by the client's address. Measured (bench/http3.py,
-  a 64 MiB peer chunk to the qh3 peer client): 16 KiB datagrams 42-48 MB/s, 65,000-byte ones
-  106-123 MB/s, the serving loop then idle more than half the time (py-spy);
-* receive windows are 16 MiB per stream and 64 MiB per connection (aioquic: 1 MiB
-  each), so an upload is not held waiting for window updates;
+  bytes, or the client's ``max_udp_payload_size`` transport parameter when smaller (qh3
+  keeps to it); elsewhere QUIC's 1200, which every path carries: the configuration is
+  chosen per connection by the client's address;
+* receive windows are 16 MiB per stream and 64 MiB per connection, so an upload is not
+  held waiting for window updates;
 * up to :data:`DATAGRAM_QUEUE` received datagrams wait for the protocol instead of 10;
-* at most :data:`MAX_CONNECTIONS` connections at once (Hypercorn sets no bound):
-  a handshake past it is dropped;
+* at most :data:`MAX_CONNECTIONS` connections at once (Hypercorn sets no bound): a
+  handshake past it is dropped; qh3 lets a client have 100 request streams open at once,
+  more only as streams end;
 * a connection's timer (pacing, ACK delay, loss detection) is an event-loop timer
-  (``call_at``), as in aioquic's own asyncio protocol. Hypercorn restarts a task
-  for it after every send, and a timer that fires and sends cancels its own task
-  half-way, so sends the pacer had scheduled waited for the next incoming ACK:
-  the measured round trip grew to 50-300 ms on loopback and the congestion window
-  (3-6 MB in flight) was all that moved per round trip;
-* a response body waits for room: Hypercorn hands every piece to aioquic at once,
-  so a 64 MiB chunk sat whole in one stream's send buffer, and appending each
-  1 MiB piece to it moved the whole buffer (a quarter of the serving loop's time,
-  py-spy; aioquic drops acknowledged bytes from the front of a ``bytearray``, which
-  moves the rest: 27 ms per MiB with 64 MiB held, 4 ms at 8, 1.3 at 2), and a
-  client that never reads held that memory. The application's next piece now waits
-  while the connection holds more than :data:`SEND_BUFFER` bytes unacknowledged
-  (read from aioquic's stream send buffers); 4 MiB measured best of 2, 4, 8 and 64
-  (below the congestion window, about 4 MB on loopback, the sender starves).
+  (``call_at``), as in qh3's own asyncio protocol (Hypercorn restarts a task for it
+  after every send, and one that fires and sends cancels itself half-way, so sends the
+  pacer had scheduled waited for the next ACK);
+* a response body waits for room: the application's next piece waits while the
+  connection holds more than :data:`SEND_BUFFER` bytes not yet sent (qh3's
+  ``get_send_buffer_size``), so a client that never reads holds at most that, and what
+  congestion control lets be in flight, of the node's memory.
 
-:func:`install` puts :class:`TunedUDPServer` where Hypercorn's asyncio worker
-looks up the class it serves ``quic_bind`` sockets with
-(``hypercorn.asyncio.run.UDPServer``). It checks that the names it replaces are
-still there, so a Hypercorn release that moves them stops the start with a
-clear error instead of serving untuned.
+:func:`install` puts :class:`TunedUDPServer` where Hypercorn's asyncio worker looks
+up the class it serves ``quic_bind`` sockets with (``hypercorn.asyncio.run.UDPServer``).
+It checks that the name it replaces is still there, so a Hypercorn release that moves
+it stops the start with a clear error instead of serving another way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-import functools
 import ipaddress
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import hypercorn.asyncio.run as hypercorn_run
-import hypercorn.protocol.quic as hypercorn_quic
-from aioquic.buffer import Buffer, size_uint_var  # type: ignore[attr-defined]  # re-exported from aioquic._buffer
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
-from aioquic.quic.packet import pull_quic_header, pull_quic_transport_parameters
 from hypercorn.asyncio.task_group import TaskGroup
 from hypercorn.asyncio.udp_server import UDPServer
+from hypercorn.config import Config
 from hypercorn.events import Event, RawData
-from hypercorn.protocol.quic import QuicProtocol, _Connection
-from hypercorn.typing import ConnectionState
+from hypercorn.protocol.events import Body, EndBody
+from hypercorn.protocol.h3 import H3Protocol
+from hypercorn.typing import AppWrapper, ConnectionState, WorkerContext
 from hypercorn.utils import parse_socket_addr
+from qh3._hazmat import Buffer
+from qh3.h3.connection import H3_ALPN, H3Connection
+from qh3.h3.events import DataReceived, HeadersReceived
+from qh3.quic.configuration import QuicConfiguration
+from qh3.quic.connection import QuicConnection, QuicConnectionError
+from qh3.quic.events import (
+    ConnectionIdIssued,
+    ConnectionIdRetired,
+    ConnectionTerminated,
+    ProtocolNegotiated,
+    QuicEvent,
+)
+from qh3.quic.packet import (
+    QuicErrorCode,
+    QuicPacketType,
+    encode_quic_retry,
+    encode_quic_version_negotiation,
+    pull_quic_header,
+)
+from qh3.quic.retry import QuicRetryTokenHandler
 
 from omx.runtime.http3 import LARGE_LOOPBACK_DATAGRAM, SAFE_DATAGRAM
 
 __all__ = ["CONNECTION_WINDOW", "DATAGRAM_QUEUE", "MAX_CONNECTIONS", "SEND_BUFFER", "STREAM_WINDOW",
-           "LargeDatagramConnection", "TunedQuicProtocol", "TunedUDPServer", "install"]
-
-FRAME_DATA_MAX = 16383
-"""aioquic writes a STREAM or CRYPTO frame's length as a 2-byte varint, so at most this many bytes each."""
-_DEFAULT_UDP_PAYLOAD = 65527
-"""RFC 9000's ``max_udp_payload_size`` for a peer that does not send the transport parameter."""
+           "H3Streams", "TunedQuicProtocol", "TunedUDPServer", "install", "server_configurations"]
 
 STREAM_WINDOW = 16 << 20
 CONNECTION_WINDOW = 64 << 20
 DATAGRAM_QUEUE = 1024
 SEND_BUFFER = 4 << 20
-"""Bytes a connection may hold unacknowledged before the application's next body piece waits."""
+"""Bytes a connection may hold not yet sent before the application's next body piece waits."""
 MAX_CONNECTIONS = 1024
-"""QUIC connections served at once; a handshake past it is dropped. (aioquic lets each connection have
-128 request streams open at once, more only as streams end.)"""
+"""QUIC connections served at once; a handshake past it is dropped."""
+log = logging.getLogger("omx.runtime.quic_server")
 
-
-class _Capped:
-    """A packet builder whose room for the next frame is at most ``cap`` bytes (all else delegated)."""
-
-    def __init__(self, builder: Any, cap: int) -> None:
-        self._builder = builder
-        self._cap = cap
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._builder, name)
-
-    @property
-    def remaining_flight_space(self) -> int:
-        room: int = self._builder.remaining_flight_space
-        return min(room, self._cap)
-
-
-def _capped(builder: Any, cap: int) -> Any:
-    return _Capped(builder, cap)
-
-
-class LargeDatagramConnection(QuicConnection):
-    """aioquic's connection able to send datagrams past 16 KiB, to a peer that takes them.
-
-    aioquic writes one STREAM frame per stream per packet, its length a 2-byte varint
-    (``push_uint16(length | 0x4000)``): a frame with 16 KiB or more data corrupts its own
-    length field (a peer answers "unknown frame type" or "failed to parse frame"). Here a
-    stream fills a packet with several frames of at most :data:`FRAME_DATA_MAX` bytes, CRYPTO
-    frames keep under it too (so do the long-header packets carrying them, whose length field is
-    2 bytes as well), and the datagram size drops to the peer's ``max_udp_payload_size``
-    transport parameter when that is smaller (aioquic ignores it; absent, it is 65,527).
-    """
-
-    def _write_stream_frame(self, builder: Any, space: Any, stream: Any, max_offset: int) -> int:
-        used = 0
-        while not stream.sender.buffer_is_empty:
-            offset = stream.sender.next_offset
-            overhead = 3 + size_uint_var(stream.stream_id) + (size_uint_var(offset) if offset else 0)
-            room = builder.remaining_flight_space
-            used += super()._write_stream_frame(_capped(builder, FRAME_DATA_MAX + overhead), space, stream,
-                                                max_offset)
-            if builder.remaining_flight_space >= room:  # nothing written: no room, no credit or nothing due
-                break
-        return used
-
-    def _write_crypto_frame(self, builder: Any, space: Any, stream: Any) -> bool:
-        result: bool = super()._write_crypto_frame(_capped(builder, FRAME_DATA_MAX // 2), space, stream)
-        return result
-
-    def _parse_transport_parameters(self, data: bytes, from_session_ticket: bool = False) -> None:
-        super()._parse_transport_parameters(data, from_session_ticket)
-        limit = pull_quic_transport_parameters(Buffer(data=data)).max_udp_payload_size or _DEFAULT_UDP_PAYLOAD
-        if limit < self._max_datagram_size:
-            self._max_datagram_size = max(limit, SAFE_DATAGRAM)
-            self._loss._pacer._max_datagram_size = self._max_datagram_size
+_CID_LENGTH = 8
+_DATAGRAM_FRAME = 65536
+"""qh3's HTTP/3 layer announces HTTP datagrams (``SETTINGS_H3_DATAGRAM``), which a client only accepts
+with a ``max_datagram_frame_size`` transport parameter beside it."""
 
 
 def _loopback(host: str) -> bool:
@@ -148,88 +106,204 @@ def _loopback(host: str) -> bool:
     return (mapped or addr).is_loopback
 
 
-def _held(connection: _Connection) -> int:
-    """Bytes the connection's streams hold to send or to see acknowledged (aioquic's send buffers)."""
-    return sum(len(stream.sender._buffer) for stream in connection.quic._streams.values())
+def server_configurations(certfile: str, keyfile: str) -> tuple[QuicConfiguration, QuicConfiguration]:
+    """The server's QUIC configurations: (towards loopback clients, towards all others)."""
+    remote = QuicConfiguration(alpn_protocols=H3_ALPN, is_client=False, max_data=CONNECTION_WINDOW,
+                               max_stream_data=STREAM_WINDOW, max_datagram_size=SAFE_DATAGRAM,
+                               connection_id_length=_CID_LENGTH, max_datagram_frame_size=_DATAGRAM_FRAME)
+    remote.load_cert_chain(certfile=certfile, keyfile=keyfile)
+    return dataclasses.replace(remote, max_datagram_size=LARGE_LOOPBACK_DATAGRAM), remote
 
 
-class TunedQuicProtocol(QuicProtocol):
-    """Hypercorn's QUIC protocol with a configuration per connection (see the module docstring)."""
+class H3Streams(H3Protocol):
+    """Hypercorn's HTTP/3 protocol (request streams handed to the ASGI app) on qh3's ``H3Connection``."""
+
+    def __init__(self, app: AppWrapper, config: Config, context: WorkerContext, task_group: Any,
+                 state: ConnectionState, client: tuple[str, int] | None, server: tuple[str, int] | None,
+                 quic: QuicConnection, send: Callable[[], Awaitable[None]]) -> None:
+        # Hypercorn's ``__init__`` would open aioquic's H3Connection on the qh3 connection.
+        self.app, self.config, self.context, self.task_group, self.state = app, config, context, task_group, state
+        self.client, self.server, self.send = client, server, send
+        self.connection = H3Connection(quic)  # type: ignore[assignment]
+        self.streams = {}
+
+    async def handle(self, quic_event: QuicEvent) -> None:  # type: ignore[override]
+        for event in self.connection.handle_event(quic_event):  # type: ignore[arg-type]
+            if isinstance(event, HeadersReceived):
+                if not self.context.terminated.is_set() and event.stream_id not in self.streams:
+                    await self._create_stream(event)  # type: ignore[arg-type]
+                    if event.stream_ended:
+                        await self.streams[event.stream_id].handle(EndBody(stream_id=event.stream_id))
+            elif isinstance(event, DataReceived):
+                stream = self.streams.get(event.stream_id)
+                if stream is None:
+                    continue
+                if event.data:
+                    await stream.handle(Body(stream_id=event.stream_id, data=event.data))
+                if event.stream_ended:
+                    await stream.handle(EndBody(stream_id=event.stream_id))
+
+    async def _create_server_push(self, stream_id: int, path: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        """omx pushes nothing (a push an app asks for is dropped, as for a client that refuses pushes)."""
+
+
+@dataclasses.dataclass(eq=False)
+class _Connection:
+    quic: QuicConnection
+    cids: set[bytes]
+    client: tuple[str, int] | None
+    h3: H3Streams | None = None
+    timer: asyncio.TimerHandle | None = None
+    drained: asyncio.Future[None] | None = None
+
+
+class TunedQuicProtocol:
+    """Hypercorn's QUIC protocol on qh3, with a configuration per connection (see the module docstring)."""
 
     max_connections = MAX_CONNECTIONS
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        base: QuicConfiguration = self.quic_config
-        base.max_data, base.max_stream_data = CONNECTION_WINDOW, STREAM_WINDOW
-        base.max_datagram_size = SAFE_DATAGRAM
-        self._remote = base
-        self._local = dataclasses.replace(base, max_datagram_size=LARGE_LOOPBACK_DATAGRAM)
+    def __init__(self, app: AppWrapper, config: Config, context: WorkerContext, task_group: TaskGroup,
+                 state: ConnectionState, server: tuple[str, int] | None,
+                 send: Callable[[Event], Awaitable[None]]) -> None:
+        self.app, self.config, self.context, self.task_group, self.state = app, config, context, task_group, state
+        self.server = server
+        self.send = send
+        self.connections: dict[bytes, _Connection] = {}
+        self.open = 0
+        """Connections open (each is in :attr:`connections` under every connection id it has)."""
+        self.serving: asyncio.Task[Any] | None = None
+        """The task that feeds :meth:`handle`; it never waits for a response body's room."""
+        self._local, self._remote = server_configurations(str(config.certfile), str(config.keyfile))
+        self._versions = self._remote.supported_versions
         self._loop = asyncio.get_running_loop()
-        self._timers: dict[int, asyncio.TimerHandle] = {}
-        self._drained: dict[int, asyncio.Future[None]] = {}
-        self._senders: dict[int, Any] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._tokens = QuicRetryTokenHandler()
+
+    @property
+    def idle(self) -> bool:
+        return not self.connections
 
     async def handle(self, event: Event) -> None:
-        if isinstance(event, RawData) and event.address is not None:
-            if self._full(event.data):
-                return
-            # Read only when a datagram opens a connection: it then takes the client's configuration.
-            self.quic_config = self._local if _loopback(str(event.address[0])) else self._remote
-        await super().handle(event)
-
-    def _full(self, data: bytes) -> bool:
-        """True for a datagram that would open a connection past :attr:`max_connections` (it is dropped:
-        the client's handshake times out, everyone connected is served as before)."""
-        if len(self.connections) < self.max_connections:  # at least one connection id per connection
-            return False
+        if not isinstance(event, RawData) or event.address is None:
+            return
+        data, address = event.data, event.address
         try:
-            header = pull_quic_header(Buffer(data=data), host_cid_length=8)
+            header = pull_quic_header(Buffer(data=data), host_cid_length=_CID_LENGTH)
         except ValueError:
-            return False
-        if header.destination_cid in self.connections:
-            return False
-        return len({id(c) for c in self.connections.values()}) >= self.max_connections
+            return
+        if header.version is not None and header.version not in self._versions:
+            await self.send(RawData(data=encode_quic_version_negotiation(
+                source_cid=header.destination_cid, destination_cid=header.source_cid,
+                supported_versions=self._versions), address=address))
+            return
+        connection = self.connections.get(header.destination_cid)
+        if connection is None:
+            if (len(data) < 1200 or header.packet_type != QuicPacketType.INITIAL
+                    or self.context.terminated.is_set() or self.open >= self.max_connections):
+                return
+            if not header.token:
+                await self._retry(header.version or self._versions[0], header.destination_cid,
+                                  header.source_cid, address)
+                return
+            try:
+                original_cid, retry_cid = self._tokens.validate_token(address, header.token)
+            except ValueError:
+                return
+            configuration = self._local if _loopback(str(address[0])) else self._remote
+            quic = QuicConnection(configuration=configuration, original_destination_connection_id=original_cid,
+                                  retry_source_connection_id=retry_cid)
+            connection = _Connection(quic, {header.destination_cid, quic.host_cid}, address)
+            for cid in connection.cids:
+                self.connections[cid] = connection
+            self.open += 1
+        try:
+            connection.quic.receive_datagram(data, address, now=self.context.time())
+            await self._handle_events(connection)
+        except QuicConnectionError as exc:
+            self._fail(connection, exc)
+
+    async def _retry(self, version: int, original_cid: bytes, client_cid: bytes, address: Any) -> None:
+        """Answer a first Initial with a Retry: the client's next one carries a token proving its address.
+
+        Nothing is kept for a client until then (a forged source address costs one datagram), and the
+        address counts as validated, so the server's first flight is not held to 3x what the client sent
+        (qh3 2.1's server fails a handshake with ``packet builder capacity exhausted`` at that limit
+        when the client's first flight is one 1200-byte datagram, as aioquic's is)."""
+        retry_cid = os.urandom(_CID_LENGTH)
+        await self.send(RawData(data=encode_quic_retry(
+            version=version, source_cid=retry_cid, destination_cid=client_cid,
+            original_destination_cid=original_cid,
+            retry_token=self._tokens.create_token(address, original_cid, retry_cid)), address=address))
+
+    def _fail(self, connection: _Connection, exc: Exception) -> None:
+        """Drop a connection qh3 failed on (the others are served on)."""
+        log.warning("HTTP/3 connection from %s dropped: %s", connection.client, exc)
+        with contextlib.suppress(Exception):
+            connection.quic.close(error_code=QuicErrorCode.INTERNAL_ERROR)
+        self._forget(connection)
+
+    async def _handle_events(self, connection: _Connection) -> None:
+        while (event := connection.quic.next_event()) is not None:
+            if isinstance(event, ConnectionTerminated):
+                self._forget(connection)
+            elif isinstance(event, ProtocolNegotiated):
+                connection.h3 = H3Streams(self.app, self.config, self.context, self.task_group, self.state,
+                                          connection.client, self.server, connection.quic,
+                                          partial(self._app_send, connection))
+            elif isinstance(event, ConnectionIdIssued):
+                connection.cids.add(event.connection_id)
+                self.connections[event.connection_id] = connection
+            elif isinstance(event, ConnectionIdRetired):
+                connection.cids.discard(event.connection_id)
+                self.connections.pop(event.connection_id, None)
+            if connection.h3 is not None:
+                await connection.h3.handle(event)
+        await self.send_all(connection)
+
+    def _forget(self, connection: _Connection) -> None:
+        if not connection.cids:
+            return
+        for cid in connection.cids:
+            self.connections.pop(cid, None)
+        connection.cids = set()
+        self.open -= 1
+        if connection.timer is not None:
+            connection.timer.cancel()
+            connection.timer = None
 
     async def send_all(self, connection: _Connection) -> None:
-        for data, address in connection.quic.datagrams_to_send(now=self.context.time()):
+        quic = connection.quic
+        for data, address in quic.datagrams_to_send(now=self.context.time()):
             await self.send(RawData(data=data, address=address))
         self._arm(connection)
-        h3 = connection.h3
-        if h3 is not None and h3.send is not self._senders.get(id(connection)):
-            # The application's body pieces go through :meth:`_app_send`, which waits for room.
-            self._senders[id(connection)] = h3.send = functools.partial(self._app_send, connection)
-        waiter = self._drained.get(id(connection))
-        if waiter is not None and (not connection.cids or _held(connection) <= SEND_BUFFER):
-            del self._drained[id(connection)]
+        waiter = connection.drained
+        if waiter is not None and (not connection.cids or quic.get_send_buffer_size() <= SEND_BUFFER):
+            connection.drained = None
             if not waiter.done():
                 waiter.set_result(None)
-        if not connection.cids:
-            self._senders.pop(id(connection), None)
 
     async def _app_send(self, connection: _Connection) -> None:
         """Send what the application wrote; then wait while the connection holds more than
-        :data:`SEND_BUFFER` bytes not yet acknowledged (woken by :meth:`send_all` as ACKs arrive)."""
+        :data:`SEND_BUFFER` bytes not yet sent (woken by :meth:`send_all` as ACKs open the window)."""
         await self.send_all(connection)
-        while connection.cids and _held(connection) > SEND_BUFFER:
-            waiter = self._drained.get(id(connection))
-            if waiter is None:
-                waiter = self._drained[id(connection)] = self._loop.create_future()
-            await waiter
+        if asyncio.current_task() is self.serving:  # an answer written while a datagram is handled
+            return
+        while connection.cids and connection.quic.get_send_buffer_size() > SEND_BUFFER:
+            if connection.drained is None:
+                connection.drained = self._loop.create_future()
+            await connection.drained
 
     def _arm(self, connection: _Connection) -> None:
         """Call :meth:`_due` at the connection's next timer (loss detection, pacing, ACK delay, idle)."""
-        key = id(connection)
-        previous = self._timers.pop(key, None)
-        if previous is not None:
-            previous.cancel()
+        if connection.timer is not None:
+            connection.timer.cancel()
+            connection.timer = None
         at = connection.quic.get_timer()
         if at is not None and connection.cids:
-            self._timers[key] = self._loop.call_at(at, self._fire, connection)
+            connection.timer = self._loop.call_at(at, self._fire, connection)
 
     def _fire(self, connection: _Connection) -> None:
-        self._timers.pop(id(connection), None)
+        connection.timer = None
         task = self._loop.create_task(self._due(connection))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -237,8 +311,11 @@ class TunedQuicProtocol(QuicProtocol):
     async def _due(self, connection: _Connection) -> None:
         if not connection.cids:  # terminated meanwhile
             return
-        connection.quic.handle_timer(now=self.context.time())
-        await self._handle_events(connection, None)
+        try:
+            connection.quic.handle_timer(now=self.context.time())
+            await self._handle_events(connection)
+        except QuicConnectionError as exc:
+            self._fail(connection, exc)
 
 
 class TunedUDPServer(UDPServer):
@@ -254,12 +331,14 @@ class TunedUDPServer(UDPServer):
         sock = self.transport.get_extra_info("socket")
         server = parse_socket_addr(sock.family, sock.getsockname())
         async with TaskGroup(self.loop) as task_group:
-            self.protocol = TunedQuicProtocol(self.app, self.config, self.context, task_group,
-                                              ConnectionState(self.state.copy()), server, self.protocol_send)
+            protocol = TunedQuicProtocol(self.app, self.config, self.context, task_group,
+                                         ConnectionState(self.state.copy()), server, self.protocol_send)
+            protocol.serving = asyncio.current_task()
+            self.protocol = protocol  # type: ignore[assignment]
             try:
-                while not self.context.terminated.is_set() or not self.protocol.idle:
+                while not self.context.terminated.is_set() or not protocol.idle:
                     event = await self.protocol_queue.get()
-                    await self.protocol.handle(event)
+                    await protocol.handle(event)
             finally:
                 self.transport.close()  # Hypercorn leaves its datagram transport open at shutdown
 
@@ -271,9 +350,5 @@ def install() -> None:
         return
     if current is not UDPServer:
         raise RuntimeError("this Hypercorn release serves QUIC with another class than "
-                           "hypercorn.asyncio.udp_server.UDPServer; omx's HTTP/3 tuning does not fit it")
-    if getattr(hypercorn_quic, "QuicConnection", None) is not QuicConnection:
-        raise RuntimeError("this Hypercorn release opens QUIC connections another way than "
-                           "hypercorn.protocol.quic.QuicConnection; omx's HTTP/3 tuning does not fit it")
-    hypercorn_quic.QuicConnection = LargeDatagramConnection  # type: ignore[attr-defined]
+                           "hypercorn.asyncio.udp_server.UDPServer; omx's HTTP/3 server does not fit it")
     hypercorn_run.UDPServer = TunedUDPServer  # type: ignore[attr-defined]

@@ -1,8 +1,8 @@
-"""Datagrams past 16 KiB between omx's QUIC server connection (aioquic) and its peer client (qh3), in memory.
+"""Datagrams past 16 KiB between omx's QUIC server configuration and its peer client (both qh3), in memory.
 
-aioquic writes a STREAM frame's length in 2 bytes, so its own frames past 16 KiB break;
-:class:`~omx.runtime.quic_server.LargeDatagramConnection` splits them and keeps to the client's
-``max_udp_payload_size``, which omx's peer client advertises as its datagram size (qh3 says 1472).
+The server sends :data:`~omx.runtime.http3.LARGE_LOOPBACK_DATAGRAM`-byte datagrams to a loopback client
+and keeps to the client's ``max_udp_payload_size``, which omx's peer client advertises as its datagram
+size (qh3 says 1472).
 """
 
 from __future__ import annotations
@@ -10,19 +10,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from aioquic.buffer import Buffer  # type: ignore[attr-defined]
-from aioquic.quic.configuration import QuicConfiguration as ServerConfiguration
-from aioquic.quic.events import HandshakeCompleted as ServerHandshakeCompleted
-from aioquic.quic.events import StreamDataReceived as ServerStreamData
-from aioquic.quic.packet import pull_quic_header
-from qh3.quic.configuration import QuicConfiguration as ClientConfiguration
-from qh3.quic.connection import QuicConnection as ClientConnection
-from qh3.quic.events import StreamDataReceived as ClientStreamData
+from qh3._hazmat import Buffer
+from qh3.quic.configuration import QuicConfiguration
+from qh3.quic.connection import QuicConnection
+from qh3.quic.events import HandshakeCompleted, StreamDataReceived
+from qh3.quic.packet import pull_quic_header
 
 from omx.mesh import ClusterSecret
 from omx.runtime.http3 import LARGE_LOOPBACK_DATAGRAM
 from omx.runtime.peer.h3 import _advertise_datagram_size
-from omx.runtime.quic_server import LargeDatagramConnection
+from omx.runtime.quic_server import server_configurations
 from omx.runtime.tls import ensure_tls
 
 CLIENT = ("127.0.0.1", 50001)
@@ -32,21 +29,18 @@ SERVER = ("127.0.0.1", 50002)
 def transfer(tmp_path: Path, *, advertise: bool, size: int = 300_000) -> tuple[bytes, bytes, list[int]]:
     """The client asks on a stream, the server answers ``size`` bytes: (sent, received, 1-RTT datagram sizes)."""
     files = ensure_tls(tmp_path, ClusterSecret.generate(), "omx-a", ["127.0.0.1"])
-    client_config = ClientConfiguration(is_client=True, alpn_protocols=["h3"], server_name="127.0.0.1",
-                                        max_datagram_size=LARGE_LOOPBACK_DATAGRAM)
+    client_config = QuicConfiguration(is_client=True, alpn_protocols=["h3"], server_name="127.0.0.1",
+                                      max_datagram_size=LARGE_LOOPBACK_DATAGRAM)
     client_config.load_verify_locations(cafile=str(files.ca_cert))
-    client = ClientConnection(configuration=client_config)
+    client = QuicConnection(configuration=client_config)
     if advertise:
         _advertise_datagram_size(client)
-    server_config = ServerConfiguration(is_client=False, alpn_protocols=["h3"],
-                                        max_datagram_size=LARGE_LOOPBACK_DATAGRAM)
-    server_config.load_cert_chain(files.cert, files.key)
+    server_config, _ = server_configurations(str(files.cert), str(files.key))
     now = 1.0
     client.connect(SERVER, now=now)
     first = client.datagrams_to_send(now=now)
     header = pull_quic_header(Buffer(data=first[0][0]), host_cid_length=8)
-    server = LargeDatagramConnection(configuration=server_config,
-                                     original_destination_connection_id=header.destination_cid)
+    server = QuicConnection(configuration=server_config, original_destination_connection_id=header.destination_cid)
     for data, _ in first:
         server.receive_datagram(data, CLIENT, now=now)
     sent = os.urandom(size)
@@ -60,17 +54,17 @@ def transfer(tmp_path: Path, *, advertise: bool, size: int = 300_000) -> tuple[b
                 sizes.append(len(data))
             client.receive_datagram(data, SERVER, now=now)
         while (event := client.next_event()) is not None:
-            if isinstance(event, ClientStreamData):
+            if isinstance(event, StreamDataReceived):
                 received += event.data
                 if event.end_stream:
                     return sent, bytes(received), sizes
         for data, _ in client.datagrams_to_send(now=now):
             server.receive_datagram(data, CLIENT, now=now)
         while (server_event := server.next_event()) is not None:
-            if isinstance(server_event, ServerHandshakeCompleted) and not connected:
+            if isinstance(server_event, HandshakeCompleted) and not connected:
                 connected = True
                 client.send_stream_data(client.get_next_available_stream_id(), b"GET", end_stream=True)
-            elif isinstance(server_event, ServerStreamData) and server_event.end_stream:
+            elif isinstance(server_event, StreamDataReceived) and server_event.end_stream:
                 server.send_stream_data(server_event.stream_id, sent, end_stream=True)
     raise AssertionError(f"the answer did not arrive: {len(received)} of {size} bytes")
 
@@ -78,7 +72,7 @@ def transfer(tmp_path: Path, *, advertise: bool, size: int = 300_000) -> tuple[b
 def test_large_datagrams_carry_a_stream_intact(tmp_path: Path) -> None:
     sent, received, sizes = transfer(tmp_path, advertise=True)
     assert received == sent
-    assert max(sizes) > 2 * 16384  # several STREAM frames per datagram
+    assert max(sizes) > 2 * 16384
     assert max(sizes) <= LARGE_LOOPBACK_DATAGRAM
 
 
