@@ -175,6 +175,10 @@ def test_a_lists_and_shows_models_held_elsewhere(cluster: Cluster) -> None:
     assert shown.json() == post(b, "/api/show", {"model": "tiny"}).json()
     assert post(a, "/api/show", {"model": "nowhere"}).status_code == 404
     assert held_by(b)["c-only:latest"] == [c.node_id]  # every node lists the whole cluster
+    # Past the transfer listener's 1 MiB, a forwarded call goes to the peer's API port instead.
+    big_body = {"model": "tiny", "system": "x" * (1 << 20) + "y"}
+    big = post(a, "/api/show", big_body)
+    assert big.status_code == 200 and big.json() == post(b, "/api/show", big_body).json()
 
 
 def test_ps_shows_what_every_node_has_loaded(cluster: Cluster) -> None:
