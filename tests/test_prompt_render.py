@@ -9,9 +9,11 @@ import pytest
 from omx.functions.prompt import (
     DEFAULT_TEMPLATE,
     Message,
+    TemplateError,
     TemplateExecutionError,
     ToolCall,
     build_chat_prompt,
+    parse_template,
     render_chat,
     render_generate,
     render_jinja_chat,
@@ -152,3 +154,13 @@ def test_jinja_helpers_and_errors() -> None:
         render_jinja_chat(tmpl, [Message("user", "x"), Message("user", "y")], now=now)
     with pytest.raises(TemplateExecutionError):
         render_jinja_chat("{{ ''.__class__.__mro__ }}", [Message("user", "x")])
+
+
+def test_parsed_templates_are_kept_and_bad_ones_fail_every_time() -> None:
+    source = "{{ .System }} {{ .Prompt }}"
+    assert parse_template(source) is parse_template(source)  # parsed once, shared (it is immutable)
+    huge = source + " " * (64 * 1024)
+    assert parse_template(huge) is not parse_template(huge)  # too large to keep
+    for _ in range(2):
+        with pytest.raises(TemplateError):
+            parse_template("{{ .Prompt ")
