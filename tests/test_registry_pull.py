@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from omx.errors import IntegrityError, NotFound, RegistryError, Unauthorized
+from omx.errors import IntegrityError, NotFound, RegistryError, StoreError, Unauthorized
 from omx.storage.manifests import Manifest
 from omx.storage.registry import Credentials
+from tests.support.disk import fill, mount_tmpfs, unmount
 from tests.support.registry_fixtures import CHUNK, collect, make_client, make_layers
 from tests.support.registry_server import RegistryServer
 
@@ -206,3 +207,59 @@ async def test_missing_model_is_not_found(server: RegistryServer, tmp_path: Path
     finally:
         await transport.aclose()
     assert not (tmp_path / "manifests").exists()
+
+
+# ------------------------------------------------------------------ a full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    disk = tmp_path / "disk"
+    mount_tmpfs(disk, 4 << 20)
+    try:
+        yield disk
+    finally:
+        unmount(disk)
+
+
+async def test_a_model_larger_than_the_free_disk_is_refused_before_any_download(
+        server: RegistryServer, small_disk: Path) -> None:
+    config, layers = make_layers(6 << 20)
+    manifest = Manifest.from_bytes(server.add_model("library/huge", "latest", config, layers))
+    client, transport = make_client(small_disk, server.netloc)
+    try:
+        with pytest.raises(StoreError, match="not enough disk space"):
+            await collect(client.pull("huge"))
+    finally:
+        await transport.aclose()
+    assert server.sent[manifest.layers[0].digest] == 0  # not one byte was fetched
+
+
+async def test_a_disk_that_fills_during_a_pull_fails_it_at_once_and_the_pull_resumes_later(
+        server: RegistryServer, small_disk: Path) -> None:
+    config, layers = make_layers(2 << 20)
+    manifest = Manifest.from_bytes(server.add_model("library/mid", "latest", config, layers))
+    layer = manifest.layers[0]
+    server.before_blob[layer.digest] = lambda: fill(small_disk, leave=10 * CHUNK)
+    client, transport = make_client(small_disk, server.netloc, concurrency=1, max_retries=5)
+    try:
+        with pytest.raises(StoreError, match="no space left"):
+            await collect(client.pull("mid"))
+    finally:
+        await transport.aclose()
+    requests = [p for m, p, _ in server.log if m == "GET" and p.endswith(layer.digest)]
+    assert len(requests) == 1  # a full disk is not retried
+    # With room again, a new pull keeps the chunks written before the disk filled.
+    (small_disk / "filler").unlink()
+    del server.before_blob[layer.digest]
+    sent_before = server.sent[layer.digest]
+    client, transport = make_client(small_disk, server.netloc)
+    try:
+        lines = await collect(client.pull("mid"))
+    finally:
+        await transport.aclose()
+    assert lines[-1] == {"status": "success"}
+    first = next(line for line in lines if line.get("digest") == layer.digest)
+    assert first.get("completed", 0) > 0
+    assert server.sent[layer.digest] - sent_before < layer.size
+    _check_blobs(small_disk, manifest)

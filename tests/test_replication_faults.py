@@ -26,11 +26,7 @@ in a row (a unit test on a replicator with an in-memory cluster and a fake clock
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
-import os
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,6 +44,7 @@ from omx.storage.holdings_meta import HoldingsMeta
 from omx.storage.placement import ClusterSnapshot, plan, rank
 from omx.types import BlobDigest, NodeId
 from tests.support.cluster import Cluster, ClusterNode, metric, start_cluster
+from tests.support.disk import fill, mount_tmpfs, unmount
 from tests.support.node import create_model, wait_until
 from tests.support.placement import cluster as placement_cluster
 from tests.support.placement import holdings
@@ -65,43 +62,6 @@ TINY_CACHE = str(64 * 1024)
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def mount_tmpfs(path: Path, size: int) -> None:
-    """Mount a tmpfs of ``size`` bytes on ``path``; skip (fail under ``CI=true``) where that is impossible."""
-    path.mkdir(parents=True, exist_ok=True)
-    try:
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                                capture_output=True, text=True, timeout=30, check=False)
-        problem = result.stderr.strip() if result.returncode else ""
-    except OSError as exc:
-        problem = str(exc)
-    if not problem:
-        return
-    message = f"cannot mount a small tmpfs for the full-disk tests (run as root): {problem}"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message)
-    pytest.skip(message)
-
-
-def unmount(path: Path) -> None:
-    if subprocess.run(["umount", str(path)], capture_output=True, timeout=30, check=False).returncode:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30, check=False)
-
-
-def fill(disk: Path, leave: int = 16 * 1024) -> Path:
-    """Write a file on ``disk`` until at most ``leave`` bytes are free (less than one chunk)."""
-    filler = disk / "filler"
-    with open(filler, "ab") as f:
-        while (free := shutil.disk_usage(disk).free) > leave:
-            try:
-                f.write(b"\0" * min(free - leave, 1 << 20))
-                f.flush()
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
-                break
-    return filler
 
 
 def stop_quickly(cluster: Cluster) -> None:

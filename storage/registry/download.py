@@ -32,6 +32,7 @@ from omx.types import BlobDigest
 from ..blobs import BlobInfo, BlobStore
 from ..chunks import BlobHasher
 from ..partial import PartialBlob
+from ..space import disk_error, is_disk_full, require_room
 from ._io import discard, error_detail, header, read_body
 from .auth import Authenticator
 
@@ -150,12 +151,22 @@ class BlobDownload:
         self._sleep = sleep
 
     async def run(self) -> BlobInfo:
+        """Fetch what the partial blob lacks; a full disk is a :class:`StoreError` that says so, at once."""
+        try:
+            return await self._run()
+        except OSError as e:
+            if is_disk_full(e):
+                raise disk_error(e, f"blob {self.digest}", self.blobs.root) from e
+            raise
+
+    async def _run(self) -> BlobInfo:
         part = await asyncio.to_thread(PartialBlob.open, self.blobs, self.digest, self.size)
         hasher = FrontierHasher(part)
         try:
             await asyncio.to_thread(hasher.offer, 0)
             held = part.held()
             self.completed = sum(part.chunk_range(i)[1] for i in held)
+            require_room(self.blobs.root, self.size - self.completed, f"blob {self.digest}")
             self._on_progress()
             queue = deque(plan_parts(part.missing(), self.settings.concurrency))
             async with asyncio.TaskGroup() as tg:
@@ -180,6 +191,8 @@ class BlobDownload:
                 if cursor[0] < p.end:
                     raise TransientError(f"the registry closed the download of {self.digest} early")
             except (OSError, TimeoutError, TransientError) as e:
+                if isinstance(e, OSError) and is_disk_full(e):  # no retry helps; the chunks written stay
+                    raise disk_error(e, f"blob {self.digest}", self.blobs.root) from e
                 failures = 0 if cursor[0] > before else failures + 1
                 if failures > self.settings.max_retries:
                     raise RegistryError(f"download of {self.digest} failed after retries: {e}") from e

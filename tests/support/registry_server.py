@@ -17,6 +17,7 @@ import json
 import re
 import secrets
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
 
@@ -68,6 +69,8 @@ class RegistryServer:
     """Each GET of the digest takes the next offset of its list and closes the connection there."""
     corrupt: dict[str, int] = field(default_factory=dict)
     """The byte at this offset of the digest is served flipped."""
+    before_blob: dict[str, Callable[[], None]] = field(default_factory=dict)
+    """Called before each GET of the digest sends its bytes (e.g. to fill the receiver's disk)."""
     redirect_to: RegistryServer | None = None
     auth: tuple[str, str, str] | None = None
     """``("basic"|"bearer", user, password)``."""
@@ -208,6 +211,8 @@ class RegistryServer:
                 return await _send(w, 416, b"")
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
+        if digest in self.before_blob:
+            self.before_blob[digest]()
         drops = self.drop_after.get(digest)
         stop = drops.pop(0) if drops else None
         w.write(_head(status, headers, end - start))
