@@ -44,12 +44,12 @@ def _app(path: Path, claim: int) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def _serve(app: Any) -> AsyncIterator[str]:
+async def _serve(app: Any, **options: Any) -> AsyncIterator[str]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(16)
     stop = asyncio.Event()
-    task = asyncio.create_task(PeerServer(app, idle_timeout=5.0).serve(sock, stop.wait))
+    task = asyncio.create_task(PeerServer(app, **{"idle_timeout": 5.0, **options}).serve(sock, stop.wait))
     try:
         yield f"127.0.0.1:{sock.getsockname()[1]}"
     finally:
@@ -305,3 +305,20 @@ async def test_a_request_pipelined_behind_a_stream_closes_the_connection_after_i
         writer.close()
         assert answer.count(b"HTTP/1.1 200") == 1 and answer.count(b'{"n":') == 3, answer[:400]
         assert answer.endswith(b"0\r\n\r\n")  # the first answer whole, then the connection closed
+
+
+async def test_connections_past_the_cap_are_refused_and_the_others_served(blob_file: Path) -> None:
+    async with _serve(_app(blob_file, 10), max_connections=2) as address:
+        host, _, port = address.partition(":")
+        idle = [await asyncio.open_connection(host, int(port)) for _ in range(2)]  # hold both places
+        refused = await _raw(address, b"GET /api/peer/info HTTP/1.1\r\n\r\n")
+        assert refused.startswith(b"HTTP/1.1 503") and b"too many peer connections" in refused
+        reader, writer = idle[0]
+        writer.write(b"GET /api/peer/info HTTP/1.1\r\n\r\n")  # a held connection is still served
+        assert (await asyncio.wait_for(reader.readuntil(b"42}"), 10)).startswith(b"HTTP/1.1 200")
+        for _, w in idle:
+            w.close()
+        deadline = asyncio.get_running_loop().time() + 10
+        while not (await _raw(address, b"GET /api/peer/info HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 200"):
+            assert asyncio.get_running_loop().time() < deadline, "a place never freed up"
+            await asyncio.sleep(0.05)

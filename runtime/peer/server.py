@@ -20,7 +20,8 @@ to ``max_body`` bytes, fixed-length and chunked responses. Not supported (400
 or 501, then the connection closes): chunked request bodies, ``Expect``,
 upgrades, pipelining (a request that arrives while the previous one is being
 answered closes the connection after that answer). The lifespan protocol is left
-to the main server.
+to the main server. At most ``max_connections`` (1024) are open at once; one
+past that gets a 503 and is closed.
 """
 
 from __future__ import annotations
@@ -165,11 +166,13 @@ class PeerServer:
     """Serves the peer routes of an ASGI app on its own socket (see the module docstring)."""
 
     def __init__(self, app: Any, *, prefix: str = PEER_PREFIX, max_body: int = 1 << 20,
-                 idle_timeout: float = 65.0) -> None:
+                 idle_timeout: float = 65.0, max_connections: int = 1024) -> None:
         self.app = app
         self.prefix = prefix
         self.max_body = max_body
         self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        """Connections past it get a 503 and are closed (the node's file descriptors stay for its API)."""
         self._connections: set[asyncio.Task[None]] = set()
 
     async def serve(self, sock: socket.socket, shutdown: Callable[[], Awaitable[Any]]) -> None:
@@ -188,6 +191,11 @@ class PeerServer:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        if len(self._connections) >= self.max_connections:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._error(writer, 503, "too many peer connections; retry later"), 1.0)
+            writer.close()
+            return
         self._connections.add(task)
         sock = writer.get_extra_info("socket")
         if sock is not None:
