@@ -14,7 +14,8 @@ node's cluster CA), one connection each, on one event loop:
   ``GET /api/peer/blobs/:digest/chunks`` through :class:`~omx.runtime.peer.HttpPeerTransport`, over
   HTTP/1.1 from the transfer listener (``sendfile``, :class:`~omx.runtime.peer.wire.WireClient`) and
   over HTTP/3 from the QUIC listener (:class:`~omx.runtime.peer.h3.H3PeerClient`), as
-  ``peer.transport: http1`` and ``http3`` do: MB/s.
+  ``peer.transport: http1`` and ``http3`` do: MB/s, and the CPU time the serving node and the client
+  spent per MiB (from ``/proc``; the client's includes this process's other threads).
 
 Contenders alternate in ``--repeat`` rounds and the best round of each counts
 (the machine may be shared). Figures are printed, never asserted.
@@ -100,13 +101,23 @@ async def bench_upload(client: httpx.AsyncClient, data: bytes) -> dict[str, floa
     return {"upload_MBps": len(payload) / elapsed / 1e6}
 
 
-async def bench_chunk(transport: HttpPeerTransport, digest: str, size: int,
-                      buffer: bytearray) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds of process ``pid`` (all its threads), from ``/proc``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def bench_chunk(transport: HttpPeerTransport, digest: str, size: int, buffer: bytearray,
+                      server_pid: int) -> dict[str, float]:
+    server_cpu, client_cpu = cpu_seconds(server_pid), time.process_time()
     start = time.perf_counter()
     body = await transport.read_chunks(NodeId("seed"), BlobDigest(digest), 0, 1, size, into=buffer)
     elapsed = time.perf_counter() - start
     assert len(body) == size
-    return {"chunk_MBps": size / elapsed / 1e6}
+    mib = size / (1 << 20)
+    return {"chunk_MBps": size / elapsed / 1e6,
+            "server_ms_per_MiB": 1000 * (cpu_seconds(server_pid) - server_cpu) / mib,
+            "client_ms_per_MiB": 1000 * (time.process_time() - client_cpu) / mib}
 
 
 class Profiled:
@@ -127,7 +138,10 @@ class Profiled:
 
 
 def best(rounds: list[dict[str, float]], key: str, lower: bool = False) -> float:
+    """The best round's figure; for CPU time per MiB the mean of all rounds (``/proc`` counts in ticks)."""
     values = [r[key] for r in rounds]
+    if key.endswith("_per_MiB"):
+        return statistics.mean(values)
     return min(values) if lower else max(values)
 
 
@@ -155,7 +169,7 @@ async def run(node: NodeProcess, args: argparse.Namespace) -> None:
         "version": lambda label: bench_version(clients[label], args.requests),
         "stream": lambda label: bench_stream(clients[label], args.tokens),
         "upload": lambda label: bench_upload(clients[label], data),
-        "chunk": lambda label: bench_chunk(peers[label], digest, len(chunk), buffer),
+        "chunk": lambda label: bench_chunk(peers[label], digest, len(chunk), buffer, node.proc.pid),
     }
     profiled = Profiled({"chunk", "upload"})
     await bench_stream(h1, 4)  # load the model once
@@ -179,13 +193,16 @@ async def run(node: NodeProcess, args: argparse.Namespace) -> None:
             (f"generate ({args.tokens} tokens) time to first token ms", "stream", "ttft_ms", True),
             ("generate NDJSON lines/s", "stream", "lines_per_s", False),
             (f"upload {args.upload_mib} MiB MB/s", "upload", "upload_MBps", False),
-            (f"peer chunk transfer {args.chunk_mib} MiB MB/s", "chunk", "chunk_MBps", False)]
+            (f"peer chunk transfer {args.chunk_mib} MiB MB/s", "chunk", "chunk_MBps", False),
+            ("  its serving node's CPU ms per MiB", "chunk", "server_ms_per_MiB", True),
+            ("  its client's CPU ms per MiB", "chunk", "client_ms_per_MiB", True)]
     print(f"{'measure':<48}{'HTTP/1.1':>12}{'HTTP/3':>12}{'h3/h1':>8}")
     for title, name, key, lower in rows:
         if name not in results["h1"]:
             continue
         a, b = best(results["h1"][name], key, lower), best(results["h3"][name], key, lower)
-        print(f"{title:<48}{a:>12.1f}{b:>12.1f}{b / a:>8.2f}")
+        ratio = f"{b / a:>8.2f}" if a else f"{'-':>8}"
+        print(f"{title:<48}{a:>12.1f}{b:>12.1f}{ratio}")
 
 
 def main() -> None:

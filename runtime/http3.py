@@ -1,10 +1,14 @@
-"""HTTP/3 client transports for httpx, over aioquic, verified against the cluster CA.
+"""HTTP/3 client transports for httpx, over qh3, verified against the cluster CA.
 
 :class:`AsyncHttp3Transport` is an ``httpx.AsyncBaseTransport``: one QUIC
 connection per ``host:port`` (opened on first use, reopened when it closes),
 requests as HTTP/3 streams, response bodies streamed as their DATA frames
 arrive. :class:`Http3Transport` is the synchronous ``httpx.BaseTransport``
 the CLI uses: it runs the async transport on an event loop in a helper thread.
+The QUIC stack is qh3, aioquic's fork with the connection, packet protection and
+HTTP/3 framing in Rust, as for the peer client (:mod:`omx.runtime.peer.h3`); aioquic's
+Python connection bounded a 64 MiB upload to about 67 MB/s (bench/http3.py) and cannot
+send datagrams past 16 KiB.
 Either plugs into an ``httpx`` client (``transport=``), so callers keep
 httpx's API and its exception types: a refused handshake or an untrusted
 certificate is ``httpx.ConnectError``, a connection lost mid-body
@@ -22,29 +26,28 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from aioquic.asyncio.client import connect
-from aioquic.asyncio.protocol import QuicConnectionProtocol
-from aioquic.h3.connection import H3_ALPN, H3Connection
-from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.events import ConnectionTerminated, QuicEvent
+from qh3._hazmat import Buffer
+from qh3.asyncio.client import connect
+from qh3.asyncio.protocol import QuicConnectionProtocol
+from qh3.h3.connection import H3_ALPN, H3Connection
+from qh3.h3.events import DataReceived, H3Event, HeadersReceived
+from qh3.quic.configuration import QuicConfiguration
+from qh3.quic.events import ConnectionTerminated, QuicEvent
+from qh3.quic.packet import pull_quic_transport_parameters, push_quic_transport_parameters
+from qh3.tls import ExtensionType
 
 __all__ = ["LARGE_LOOPBACK_DATAGRAM", "SEND_BUFFER", "SOCKET_BUFFER", "AsyncHttp3Transport", "Http3Transport",
-           "close_quietly", "datagram_size", "enlarge_buffers"]
+           "advertise_datagram_size", "close_quietly", "datagram_size", "enlarge_buffers"]
 
 _END = object()
 
-LOOPBACK_DATAGRAM = 16384
-"""Datagram size towards a loopback address. aioquic's per-packet Python work bounds throughput, so
-bigger packets carry more for the same work (an upload ran 1.7 MB/s at 1200 bytes, 18 MB/s at 16 KiB);
-loopback's MTU (64 KiB) means no fragmentation; aioquic writes a STREAM frame's length in 2 bytes, so its
-frames break past 16 KiB (an "unknown frame type" at the peer) and this module's client stays at 16 KiB."""
 LARGE_LOOPBACK_DATAGRAM = 65000
-"""Datagram size omx's HTTP/3 server and peer client use towards loopback (under the 65,507 (IPv4) and
-65,487 (IPv6) bytes of UDP payload loopback's 64 KiB MTU carries): aioquic past 16 KiB needs the frame
-splitting of :class:`omx.runtime.quic_server.LargeDatagramConnection`, which this module's client lacks."""
+"""Datagram size omx's HTTP/3 server and clients use towards loopback (under the 65,507 (IPv4) and
+65,487 (IPv6) bytes of UDP payload loopback's 64 KiB MTU carries): the per-packet work bounds throughput,
+so bigger packets carry more for the same work (an upload over aioquic ran 1.7 MB/s at 1200 bytes, 18 MB/s
+at 16 KiB)."""
 SEND_BUFFER = 4 << 20
-"""Bytes of a request body the connection holds unacknowledged before the next piece waits."""
+"""Bytes of a request body the connection holds not yet sent before the next piece waits."""
 _PIECE = 1 << 20
 SAFE_DATAGRAM = 1200
 """Elsewhere QUIC's minimum, which every path carries (aioquic does no path-MTU discovery)."""
@@ -66,13 +69,41 @@ def enlarge_buffers(sock: Any) -> None:
 
 
 def datagram_size(host: str) -> int:
-    """The largest QUIC datagram to send to ``host``."""
+    """The largest QUIC datagram to send to and take from ``host``."""
     if host == "localhost":
-        return LOOPBACK_DATAGRAM
+        return LARGE_LOOPBACK_DATAGRAM
     try:
-        return LOOPBACK_DATAGRAM if ipaddress.ip_address(host).is_loopback else SAFE_DATAGRAM
+        return LARGE_LOOPBACK_DATAGRAM if ipaddress.ip_address(host).is_loopback else SAFE_DATAGRAM
     except ValueError:
         return SAFE_DATAGRAM
+
+
+def advertise_datagram_size(quic: Any) -> None:
+    """Make ``quic`` (a qh3 client connection) advertise its ``max_datagram_size`` as the largest UDP
+    payload it takes (the ``max_udp_payload_size`` transport parameter), where qh3 always says 1472.
+
+    qh3 receives datagrams of any size; a server that honours the parameter (omx's, see
+    :mod:`omx.runtime.quic_server`) then sends datagrams up to its own limit towards a loopback client
+    instead of 1472 bytes."""
+    size = quic._configuration.max_datagram_size
+    create_tls = quic._create_tls
+
+    def advertising(remote_source_cid: bytes | None) -> Any:
+        bridge = create_tls(remote_source_cid)
+        serialize = bridge.serialize_transport_parameters
+
+        def serialize_transport_parameters() -> bytes:
+            params = pull_quic_transport_parameters(Buffer(data=serialize()))
+            params.max_udp_payload_size = max(params.max_udp_payload_size or 0, size)
+            buf = Buffer(capacity=4096)
+            push_quic_transport_parameters(buf, params)
+            return bytes(buf.data)
+
+        bridge.serialize_transport_parameters = serialize_transport_parameters
+        bridge.tls.handshake_extensions = [(ExtensionType.QUIC_TRANSPORT_PARAMETERS, serialize_transport_parameters())]
+        return bridge
+
+    quic._create_tls = advertising
 
 
 class _Stream:
@@ -86,26 +117,27 @@ class _H3Client(QuicConnectionProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        advertise_datagram_size(self._quic)
         self.h3 = H3Connection(self._quic)
         self.streams: dict[int, _Stream] = {}
         self.closed: str | None = None
         self._room: asyncio.Future[None] | None = None
 
     def _held(self) -> int:
-        """Bytes the streams hold to send or to see acknowledged (aioquic's send buffers)."""
-        return sum(len(stream.sender._buffer) for stream in self._quic._streams.values())
+        """Bytes of the streams not sent yet (qh3's send queues)."""
+        held: int = self._quic.get_send_buffer_size()
+        return held
 
-    def datagram_received(self, data: bytes | str, addr: Any) -> None:
-        super().datagram_received(data, addr)
+    def transmit(self) -> None:
+        super().transmit()  # after every datagram received and timer
         if self._room is not None and (self.closed is not None or self._held() <= SEND_BUFFER):
             if not self._room.done():
                 self._room.set_result(None)
             self._room = None
 
     async def _wait_for_room(self) -> None:
-        """Wait while more than :data:`SEND_BUFFER` bytes are unacknowledged: aioquic drops acknowledged
-        bytes from the front of a ``bytearray``, which moves all the rest (a 64 MiB upload handed over
-        at once spent more time there than in sending)."""
+        """Wait while more than :data:`SEND_BUFFER` bytes are not sent yet, so a large upload is not
+        queued whole (its memory stays bounded, and the caller's body is read as it is sent)."""
         while self.closed is None and self._held() > SEND_BUFFER:
             if self._room is None:
                 self._room = asyncio.get_running_loop().create_future()
@@ -228,7 +260,7 @@ class AsyncHttp3Transport(httpx.AsyncBaseTransport):
             except TimeoutError as exc:
                 await close_quietly(stack)
                 raise httpx.ConnectTimeout(f"no HTTP/3 answer from {host}:{port}") from exc
-            except (ConnectionError, OSError) as exc:
+            except (ConnectionError, OSError, ValueError) as exc:
                 await close_quietly(stack)
                 raise httpx.ConnectError(f"HTTP/3 connection to {host}:{port} failed: {exc}") from exc
             assert isinstance(client, _H3Client)

@@ -224,9 +224,9 @@ def test_garbage_datagrams_leave_the_node_serving(node: NodeProcess) -> None:
 
 
 def test_datagram_size_is_large_only_on_loopback() -> None:
-    from omx.runtime.http3 import LOOPBACK_DATAGRAM, SAFE_DATAGRAM, datagram_size
+    from omx.runtime.http3 import LARGE_LOOPBACK_DATAGRAM, SAFE_DATAGRAM, datagram_size
 
-    assert datagram_size("127.0.0.1") == datagram_size("::1") == datagram_size("localhost") == LOOPBACK_DATAGRAM
+    assert datagram_size("127.0.0.1") == datagram_size("::1") == datagram_size("localhost") == LARGE_LOOPBACK_DATAGRAM
     assert datagram_size("10.0.0.5") == datagram_size("node.example") == SAFE_DATAGRAM == 1200
 
 

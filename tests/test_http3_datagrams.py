@@ -17,8 +17,7 @@ from qh3.quic.events import HandshakeCompleted, StreamDataReceived
 from qh3.quic.packet import pull_quic_header
 
 from omx.mesh import ClusterSecret
-from omx.runtime.http3 import LARGE_LOOPBACK_DATAGRAM
-from omx.runtime.peer.h3 import _advertise_datagram_size
+from omx.runtime.http3 import LARGE_LOOPBACK_DATAGRAM, advertise_datagram_size
 from omx.runtime.quic_server import server_configurations
 from omx.runtime.tls import ensure_tls
 
@@ -34,7 +33,7 @@ def transfer(tmp_path: Path, *, advertise: bool, size: int = 300_000) -> tuple[b
     client_config.load_verify_locations(cafile=str(files.ca_cert))
     client = QuicConnection(configuration=client_config)
     if advertise:
-        _advertise_datagram_size(client)
+        advertise_datagram_size(client)
     server_config, _ = server_configurations(str(files.cert), str(files.key))
     now = 1.0
     client.connect(SERVER, now=now)

@@ -37,23 +37,14 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from qh3._hazmat import Buffer
 from qh3.asyncio.client import connect
 from qh3.asyncio.protocol import QuicConnectionProtocol
 from qh3.h3.connection import H3_ALPN, H3Connection
 from qh3.h3.events import DataReceived, H3Event, HeadersReceived
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.events import ConnectionTerminated, QuicEvent
-from qh3.quic.packet import pull_quic_transport_parameters, push_quic_transport_parameters
-from qh3.tls import ExtensionType
 
-from omx.runtime.http3 import (
-    LARGE_LOOPBACK_DATAGRAM,
-    LOOPBACK_DATAGRAM,
-    close_quietly,
-    datagram_size,
-    enlarge_buffers,
-)
+from omx.runtime.http3 import advertise_datagram_size, close_quietly, datagram_size, enlarge_buffers
 from omx.runtime.peer.wire import WireError, WireResponse
 
 __all__ = ["STREAM_WINDOW", "CONNECTION_WINDOW", "H3PeerClient", "H3PeerResponse"]
@@ -131,47 +122,12 @@ class _Stream:
         self.wake.set()
 
 
-def _datagram_size(host: str) -> int:
-    """The largest datagram to send to and take from ``host``: loopback carries
-    :data:`~omx.runtime.http3.LARGE_LOOPBACK_DATAGRAM` (qh3 writes any size correctly)."""
-    size = datagram_size(host)
-    return LARGE_LOOPBACK_DATAGRAM if size == LOOPBACK_DATAGRAM else size
-
-
-def _advertise_datagram_size(quic: Any) -> None:
-    """Make ``quic`` (a qh3 client connection) advertise its ``max_datagram_size`` as the largest UDP
-    payload it takes (the ``max_udp_payload_size`` transport parameter), where qh3 always says 1472.
-
-    qh3 receives datagrams of any size; a server that honours the parameter (omx's, see
-    :class:`omx.runtime.quic_server.LargeDatagramConnection`) then sends datagrams up to its own
-    limit towards a loopback client instead of 1472 bytes."""
-    size = quic._configuration.max_datagram_size
-    create_tls = quic._create_tls
-
-    def advertising(remote_source_cid: bytes | None) -> Any:
-        bridge = create_tls(remote_source_cid)
-        serialize = bridge.serialize_transport_parameters
-
-        def serialize_transport_parameters() -> bytes:
-            params = pull_quic_transport_parameters(Buffer(data=serialize()))
-            params.max_udp_payload_size = max(params.max_udp_payload_size or 0, size)
-            buf = Buffer(capacity=4096)
-            push_quic_transport_parameters(buf, params)
-            return bytes(buf.data)
-
-        bridge.serialize_transport_parameters = serialize_transport_parameters
-        bridge.tls.handshake_extensions = [(ExtensionType.QUIC_TRANSPORT_PARAMETERS, serialize_transport_parameters())]
-        return bridge
-
-    quic._create_tls = advertising
-
-
 class _Connection(QuicConnectionProtocol):
     """One QUIC connection speaking HTTP/3; events go to the stream they belong to."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        _advertise_datagram_size(self._quic)
+        advertise_datagram_size(self._quic)
         self.h3 = H3Connection(self._quic)
         self.streams: dict[int, _Stream] = {}
         self.closed: str | None = None
@@ -285,7 +241,7 @@ class H3PeerClient:
 
     def _config(self, host: str) -> QuicConfiguration:
         config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, server_name=host,
-                                   max_datagram_size=_datagram_size(host), max_data=self.connection_window,
+                                   max_datagram_size=datagram_size(host), max_data=self.connection_window,
                                    max_stream_data=self.stream_window)
         try:
             config.load_verify_locations(cafile=self.cafile)
