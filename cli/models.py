@@ -79,7 +79,7 @@ def ps_cmd(ctx: click.Context, as_json: bool) -> None:
 @click.argument("models", nargs=-1, required=True)
 @click.pass_context
 def rm_cmd(ctx: click.Context, models: tuple[str, ...]) -> None:
-    """Remove one or more models."""
+    """Remove one or more models from every alive node of the cluster."""
     with client_for(ctx) as client:
         for name in models:
             client.request("DELETE", "/api/delete", json_body={"model": name})

@@ -1,4 +1,4 @@
-"""The cluster-wide model views: ``/api/tags``, ``/v1/models``, ``/api/ps`` and ``/api/show`` over every node.
+"""The cluster-wide model views (``/api/tags``, ``/v1/models``, ``/api/ps``, ``/api/show``) and delete.
 
 A node answers them for the whole cluster: the models it holds first, then the
 models only peers hold (each row as a holder lists it, with ``held_by`` naming
@@ -7,6 +7,8 @@ with its ``node``), and ``show`` of a model held elsewhere from a holder. Peers
 are asked with signed hop requests, which they answer for themselves only. A
 peer's list is cached until its inventory version changes; a peer that does not
 answer in time is left out of ``ps`` and described from its inventory in ``tags``.
+``delete`` asks every alive peer to delete the model too (each also stops
+placing copies of it for a while, so no replica is re-added meanwhile).
 """
 
 from __future__ import annotations
@@ -24,10 +26,13 @@ from omx.storage.holdings import HeldModel, model_key
 from omx.storage.placement import ClusterSnapshot
 from omx.types import NodeId
 
-__all__ = ["VIEW_TIMEOUT_S", "cluster_ps", "held_by", "holders_by_model", "remote_tags", "show_elsewhere"]
+__all__ = ["DELETE_TIMEOUT_S", "VIEW_TIMEOUT_S", "cluster_ps", "delete_elsewhere", "held_by", "holders_by_model",
+           "remote_tags", "show_elsewhere"]
 
 VIEW_TIMEOUT_S = 3.0
 """How long a view waits for each peer."""
+DELETE_TIMEOUT_S = 30.0
+"""How long a delete waits for each peer (it unloads the model there first)."""
 
 
 def holders_by_model(snapshot: ClusterSnapshot, *, besides: str | None = None) -> dict[str, tuple[NodeId, ...]]:
@@ -127,3 +132,24 @@ async def show_elsewhere(router: Router, name: str, body: bytes) -> dict[str, An
         if status == 200 and isinstance(doc, dict):
             return doc
     return None
+
+
+async def delete_elsewhere(router: Router, body: bytes) -> tuple[bool, list[str]]:
+    """Ask every alive peer to delete the model named in ``body`` (a hop ``/api/delete``).
+
+    Returns whether any peer held it, and a line for each peer that could not be asked or failed.
+    """
+    peers = [v.node for v in router.link.snapshot().nodes if v.alive and v.node != router.node_id]
+
+    async def one(node: NodeId) -> tuple[bool, str | None]:
+        try:
+            status, doc = await router.peer_json(node, "DELETE", "/api/delete", body, within_s=DELETE_TIMEOUT_S)
+        except PeerError as exc:
+            return False, str(exc)
+        if status in (200, 404):
+            return status == 200, None
+        error = doc.get("error") if isinstance(doc, dict) else None
+        return False, f"{node} answered {status}: {error or 'no reason given'}"
+
+    results = await asyncio.gather(*(one(n) for n in peers))
+    return any(held for held, _ in results), [failure for _, failure in results if failure]

@@ -156,6 +156,10 @@ class ReplicationView(Protocol):
         """Reconcile soon."""
         ...
 
+    def forget(self, model: str) -> None:
+        """A user deletes ``model`` from the cluster: place no copy of it anywhere for a while, fetch none here."""
+        ...
+
 
 # ------------------------------------------------------------------ wire shapes
 

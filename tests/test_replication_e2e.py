@@ -329,3 +329,26 @@ def test_verify_exits_1_when_no_peer_can_repair(tmp_path: Path, gguf: Path) -> N
         assert (tmp_path / "lone" / "data" / "models" / "damaged" / digest.replace(":", "-")).is_file()
     finally:
         node.stop()
+
+
+def test_delete_removes_a_model_from_every_node_and_no_copy_comes_back(cluster: Cluster, gguf: Path) -> None:
+    alive = [n for n in cluster.nodes if n.proc is not None]
+    a, name = alive[0], "gone-model:latest"
+    with a.client() as client:
+        create_model(client, name, gguf)
+    wait_until(lambda: holders(a, name).get("replicas") == 2, timeout=DEADLINE, interval=0.25,
+               what="the model to have 2 replicas")
+    held = set(holders(a, name)["nodes"])
+    entry = next((n for n in alive if n.node_id not in held), alive[-1])
+    r = httpx.request("DELETE", entry.url + "/api/delete", json={"model": name}, timeout=60)
+    assert r.status_code == 200, r.text
+    wait_until(lambda: all(name not in {m["name"] for m in n.get("/api/tags")["models"]} for n in alive),
+               timeout=DEADLINE, interval=0.25, what="every node to stop listing the deleted model")
+    # Two more reconcile rounds everywhere: no node places a copy again.
+    rounds = {n.node_id: n.get("/api/distributed/replication/status")["reconciles"] for n in alive}
+    assert post(a, "/api/distributed/rebalance", {}).status_code == 200
+    wait_until(lambda: all(n.get("/api/distributed/replication/status")["reconciles"] >= rounds[n.node_id] + 2
+                           for n in alive), timeout=DEADLINE, interval=0.25, what="two reconcile rounds")
+    assert all(name not in local_models(n) for n in alive)
+    again = httpx.request("DELETE", a.url + "/api/delete", json={"model": name}, timeout=60)
+    assert again.status_code == 404 and "not found" in again.json()["error"]

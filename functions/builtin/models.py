@@ -13,9 +13,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import omx
-from omx.errors import InvalidRequest, ModelNotFound
+from omx.errors import InvalidRequest, ModelNotFound, ServiceBusy
 from omx.functions.call import Call
-from omx.functions.cluster_models import cluster_ps, held_by, remote_tags, show_elsewhere
+from omx.functions.cluster_models import cluster_ps, delete_elsewhere, held_by, remote_tags, show_elsewhere
 from omx.functions.registry import FunctionRegistry, Reply
 from omx.functions.schemas import CopyRequest, CreateRequest, DeleteRequest, ShowRequest
 from omx.storage import ModelDetails, model_row, parse_digest
@@ -81,14 +81,35 @@ async def copy(body: CopyRequest, call: Call) -> Reply:
 
 
 async def delete(body: DeleteRequest, call: Call) -> Reply:
-    """Delete a model; blobs nothing else references are collected."""
+    """Delete a model from every alive node of the cluster; blobs nothing else references are collected.
+
+    A peer's hop request deletes it from that node only. Every node asked also stops placing replicas of the
+    model for a while, so none is re-added from a copy not yet deleted.
+    """
     if not body.model:
         raise InvalidRequest("model is required")
-    store = call.services.store
-    loaded_as = (await store.resolve(body.model)).name.display  # "tiny" is loaded as "tiny:latest"
-    await call.services.scheduler.unload(loaded_as)
-    await store.delete(body.model)
+    if call.services.replication is not None:
+        call.services.replication.forget(body.model)
+    router = call.services.router
+    if router is None or call.hop:
+        await _delete_here(body.model, call)
+        return Reply(None)
+    held_elsewhere, failures = await delete_elsewhere(router, call.body_bytes)
+    try:
+        await _delete_here(body.model, call)
+    except ModelNotFound:
+        if not held_elsewhere and not failures:
+            raise
+    if failures:
+        raise ServiceBusy(f"model '{body.model}' was not deleted everywhere: {'; '.join(failures)}", retry_after=5)
     return Reply(None)
+
+
+async def _delete_here(model: str, call: Call) -> None:
+    store = call.services.store
+    loaded_as = (await store.resolve(model)).name.display  # "tiny" is loaded as "tiny:latest"
+    await call.services.scheduler.unload(loaded_as)
+    await store.delete(model)
 
 
 async def blob_head(_body: None, call: Call) -> Reply:
@@ -151,6 +172,6 @@ def register(registry: FunctionRegistry) -> None:
     h("/api/show", request=ShowRequest, name="show", hop=True, tags=("ollama",))(show)
     h("/api/create", request=CreateRequest, response="ndjson", name="create", tags=("ollama",))(create)
     h("/api/copy", request=CopyRequest, name="copy", tags=("ollama",))(copy)
-    h("/api/delete", methods=("DELETE",), request=DeleteRequest, name="delete", tags=("ollama",))(delete)
+    h("/api/delete", methods=("DELETE",), request=DeleteRequest, name="delete", hop=True, tags=("ollama",))(delete)
     h("/api/blobs/{digest}", methods=("HEAD",), name="blob_head", tags=("ollama",))(blob_head)
     h("/api/blobs/{digest}", methods=("POST",), body="raw", name="blob_upload", tags=("ollama",))(blob_upload)

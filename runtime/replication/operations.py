@@ -61,6 +61,9 @@ class ReplicationService:
     def summary(self) -> ReplicationSummary:
         return self.r.summary()
 
+    def forget(self, model: str) -> None:
+        self.r.forget(model)
+
     def kick(self) -> None:
         self.r.kick()
 

@@ -60,6 +60,8 @@ log = logging.getLogger("omx.replication")
 
 NOMINAL_RATE = 100e6
 """Bytes/s assumed for a rebalance estimate when no bandwidth limit is configured."""
+FORGET_S = 120.0
+"""How long no node places a copy of a model a user deleted (the delete reaches every holder well within it)."""
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,21 @@ class Replicator:
     def kick(self) -> None:
         """Reconcile soon (membership or inventories changed, or a user asked)."""
         self._wake.set()
+
+    def forget(self, model: str, for_s: float = FORGET_S) -> None:
+        """A user deletes ``model`` from the cluster: add it on no node for ``for_s``, stop fetching it here.
+
+        Every node the delete reaches does the same, so their plans agree (see :class:`Constraints`).
+        """
+        key = model_key(model)
+        until = self.clock() + for_s
+        for view in self.link.cluster_snapshot().nodes:
+            self.avoid[(key, view.node)] = max(until, self.avoid.get((key, view.node), until))
+        self.avoid[(key, self.node_id)] = max(until, self.avoid.get((key, self.node_id), until))
+        fetch = self._fetches.get(key)
+        if fetch is not None and fetch.task is not None:
+            fetch.task.cancel()
+        self._failed.pop(key, None)
 
     def spawn(self, coro: object, name: str) -> asyncio.Task[object]:
         task: asyncio.Task[object] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
