@@ -6,6 +6,7 @@ import asyncio
 import json
 from pathlib import Path
 
+import llama_cpp
 import pytest
 
 from omx.protocols import Completion, CompletionChunk, CompletionDone, SamplingOptions
@@ -156,3 +157,27 @@ async def test_parallel_sequences_share_one_copy_of_the_weights(tmp_path: Path) 
     grew = sizes[4] - sizes[1]
     print(f"RSS num_parallel 1: {sizes[1] / 1e6:.1f} MB, 4: {sizes[4] / 1e6:.1f} MB, +{grew / 1e6:.1f} MB")
     assert grew <= 3 * kv_per_sequence + 16 * 2**20, "four sequences must cost their KV cache, not more weights"
+
+
+def test_embedding_inputs_share_one_decode_and_equal_one_by_one(models: dict[str, Path],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from omx.runtime.engine._batch_backend import BatchBackend
+
+    backend = BatchBackend({"model_path": str(models["plain"]), "n_ctx": 256, "n_batch": 256, "n_threads": 1})
+    texts = ["hello world", "the sky is blue", "why", "one two three four", "water people time"]
+    alone = [backend.embed([text], normalize=False, truncate=True)[0][0] for text in texts]
+    real = llama_cpp.llama_cpp.llama_decode
+    calls: list[int] = []
+
+    def counting(ctx: object, batch: llama_cpp.llama_batch) -> int:
+        calls.append(batch.n_tokens)
+        return int(real(ctx, batch))
+
+    monkeypatch.setattr(llama_cpp.llama_cpp, "llama_decode", counting)
+    together, count = backend.embed(texts, normalize=False, truncate=True)
+    # Every input is a sequence of one decode call, pooled on its own.
+    assert calls == [count]
+    assert len(together) == len(texts)
+    for got, want in zip(together, alone, strict=True):
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
+    assert together[0] != pytest.approx(together[1], rel=1e-2)

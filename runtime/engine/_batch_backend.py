@@ -98,9 +98,10 @@ class BatchBackend:
         cparams.n_batch = self.n_batch
         cparams.n_ubatch = min(self.n_batch, 512)
         cparams.n_seq_max = self.n_parallel
-        # A cache per sequence: a request's cells are laid out as a lone context lays them out, so it
-        # computes what bare llama-cpp-python computes whatever ran before it (with one shared cache a
-        # lone Gemma 3 270M request after others diverged from bare in 1 of 8 prompts).
+        # A cache per sequence: a request's cells lie in position order, as in a lone context, so it
+        # computes what bare llama-cpp-python computes whatever ran before it. In one shared cache a
+        # sequence's new cells may fill gaps that others left, out of position order: there a lone
+        # Gemma 3 270M request after others diverged from bare in 1 of 8 prompts.
         cparams.kv_unified = False
         cparams.n_threads = self.n_threads
         # Steps that carry several sequences run on the batch team: a configured thread count bounds it too.
