@@ -40,9 +40,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
+import hmac
 import ipaddress
 import logging
 import os
+import struct
+import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -75,12 +79,11 @@ from qh3.quic.packet import (
     encode_quic_version_negotiation,
     pull_quic_header,
 )
-from qh3.quic.retry import QuicRetryTokenHandler
 
 from omx.runtime.http3 import LARGE_LOOPBACK_DATAGRAM, SAFE_DATAGRAM
 
 __all__ = ["CONNECTION_WINDOW", "DATAGRAM_QUEUE", "MAX_CONNECTIONS", "SEND_BUFFER", "STREAM_WINDOW",
-           "H3Streams", "TunedQuicProtocol", "TunedUDPServer", "install", "server_configurations"]
+           "H3Streams", "RetryTokens", "TunedQuicProtocol", "TunedUDPServer", "install", "server_configurations"]
 
 STREAM_WINDOW = 16 << 20
 CONNECTION_WINDOW = 64 << 20
@@ -170,6 +173,34 @@ class H3Streams(H3Protocol):
         """omx pushes nothing (a push an app asks for is dropped, as for a client that refuses pushes)."""
 
 
+class RetryTokens:
+    """Retry tokens: the connection ids a handshake continues with, sealed to the client's address and
+    time with an HMAC under a key of this process (qh3's own handler makes an RSA key, about 0.2 s)."""
+
+    lifetime = 10.0
+    """Seconds a token is good for (a client sends it straight back)."""
+
+    def __init__(self) -> None:
+        self._key = os.urandom(32)
+
+    def _mac(self, address: Any, body: bytes) -> bytes:
+        return hmac.new(self._key, f"{address[0]}|{address[1]}|".encode() + body, hashlib.sha256).digest()
+
+    def create_token(self, address: Any, original_cid: bytes, retry_cid: bytes) -> bytes:
+        body = struct.pack("!dB", time.time(), len(original_cid)) + original_cid + retry_cid
+        return body + self._mac(address, body)
+
+    def validate_token(self, address: Any, token: bytes) -> tuple[bytes, bytes]:
+        """(original destination connection id, retry source connection id); ValueError for a bad token."""
+        body, mac = token[:-32], token[-32:]
+        if len(body) < 9 or not hmac.compare_digest(mac, self._mac(address, body)):
+            raise ValueError("not a retry token of this server for this address")
+        made, length = struct.unpack_from("!dB", body)
+        if not 0 <= time.time() - made <= self.lifetime:
+            raise ValueError("the retry token has expired")
+        return body[9:9 + length], body[9 + length:]
+
+
 @dataclasses.dataclass(eq=False)
 class _Connection:
     quic: QuicConnection
@@ -202,7 +233,7 @@ class TunedQuicProtocol:
         self._versions = self._remote.supported_versions
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._token_handler: QuicRetryTokenHandler | None = None
+        self._tokens = RetryTokens()
 
     @property
     def idle(self) -> bool:
@@ -246,14 +277,6 @@ class TunedQuicProtocol:
             await self._handle_events(connection)
         except QuicConnectionError as exc:
             self._fail(connection, exc)
-
-    @property
-    def _tokens(self) -> QuicRetryTokenHandler:
-        """Retry tokens' handler, made at the first handshake (it generates an RSA key: a node that
-        serves no HTTP/3 client spends nothing on it)."""
-        if self._token_handler is None:
-            self._token_handler = QuicRetryTokenHandler()
-        return self._token_handler
 
     async def _retry(self, version: int, original_cid: bytes, client_cid: bytes, address: Any) -> None:
         """Answer a first Initial with a Retry: the client's next one carries a token proving its address.

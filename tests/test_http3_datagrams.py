@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 from qh3._hazmat import Buffer
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection
@@ -18,7 +19,7 @@ from qh3.quic.packet import pull_quic_header
 
 from omx.mesh import ClusterSecret
 from omx.runtime.http3 import LARGE_LOOPBACK_DATAGRAM, advertise_datagram_size
-from omx.runtime.quic_server import server_configurations
+from omx.runtime.quic_server import RetryTokens, server_configurations
 from omx.runtime.tls import ensure_tls
 
 CLIENT = ("127.0.0.1", 50001)
@@ -79,3 +80,18 @@ def test_server_keeps_to_the_clients_max_udp_payload_size(tmp_path: Path) -> Non
     sent, received, sizes = transfer(tmp_path, advertise=False)  # qh3 as it comes: 1472
     assert received == sent
     assert sizes and max(sizes) <= 1472
+
+
+def test_retry_tokens_hold_only_for_the_address_they_were_made_for() -> None:
+    tokens = RetryTokens()
+    token = tokens.create_token(("127.0.0.1", 5000), b"original", b"retry-id")
+    assert tokens.validate_token(("127.0.0.1", 5000), token) == (b"original", b"retry-id")
+    for address, bad in ((("127.0.0.1", 5001), token), (("127.0.0.2", 5000), token),
+                         (("127.0.0.1", 5000), token[:-1] + bytes([token[-1] ^ 1])),
+                         (("127.0.0.1", 5000), b""),
+                         (("127.0.0.1", 5000), RetryTokens().create_token(("127.0.0.1", 5000), b"o", b"r"))):
+        with pytest.raises(ValueError):
+            tokens.validate_token(address, bad)
+    tokens.lifetime = -1.0
+    with pytest.raises(ValueError, match="expired"):
+        tokens.validate_token(("127.0.0.1", 5000), token)
