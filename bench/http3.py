@@ -1,9 +1,9 @@
 """HTTP/1.1 vs HTTP/3 against one node, in one run, printed as ratios.
 
 One ``omx start`` node (standalone, its own home, the generated tiny llama model)
-serves both: HTTP/1.1 on its TCP port and HTTP/3 (Hypercorn + aioquic) on its UDP
+serves both: HTTP/1.1 on its TCP port and HTTP/3 (Hypercorn's HTTP layer on qh3's QUIC) on its UDP
 port. The clients are httpx (HTTP/1.1, keep-alive) and httpx over omx's
-:class:`~omx.runtime.http3.AsyncHttp3Transport` (aioquic, verified against the
+:class:`~omx.runtime.http3.AsyncHttp3Transport` (qh3, verified against the
 node's cluster CA), one connection each, on one event loop:
 
 * ``/api/version``: requests per second and p50/p99 latency, sequential;

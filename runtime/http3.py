@@ -50,7 +50,7 @@ SEND_BUFFER = 4 << 20
 """Bytes of a request body the connection holds not yet sent before the next piece waits."""
 _PIECE = 1 << 20
 SAFE_DATAGRAM = 1200
-"""Elsewhere QUIC's minimum, which every path carries (aioquic does no path-MTU discovery)."""
+"""Elsewhere QUIC's minimum, which every path carries (omx's server does no path-MTU discovery)."""
 
 
 SOCKET_BUFFER = 4 << 20

@@ -6,8 +6,8 @@ a clear message. Beside the API's TCP listener (Hypercorn) runs the transfer
 listener (:class:`~omx.runtime.peer.server.PeerServer`: the peer endpoints with
 ``sendfile``). HTTP/3 over QUIC runs in the API's Hypercorn server on a UDP
 socket bound here too (:func:`bind_udp`), with the node's TLS files; the TCP
-side stays plain HTTP/1.1 and its answers carry ``Alt-Svc`` pointing at it. Hypercorn's QUIC
-server is tuned for bulk transfers first (:mod:`omx.runtime.quic_server`).
+side stays plain HTTP/1.1 and its answers carry ``Alt-Svc`` pointing at it. The QUIC side is
+qh3's, under Hypercorn's HTTP layer (:mod:`omx.runtime.quic_server`).
 """
 
 from __future__ import annotations
