@@ -50,6 +50,10 @@ async def test_concurrent_requests_carry_only_their_own_text(models: dict[str, P
     print(f"identical to the end: {identical}/{len(PROMPTS)}")
     # llama.cpp's CPU kernels give this f32 model the same logits whatever the batch holds.
     assert identical == len(PROMPTS)
+    # Alone again after all that (finished sequences keep their cells for prefix reuse): bare's output.
+    for prompt in PROMPTS:
+        chunks, _ = await collect(runner, Completion(prompt + " again", GREEDY))
+        assert "".join(chunks) == llm.create_completion(prompt + " again", **bare_kwargs(GREEDY))["choices"][0]["text"]
 
 
 async def test_disconnect_frees_the_sequence_and_others_continue(models: dict[str, Path]) -> None:
@@ -114,7 +118,7 @@ async def test_a_long_prompt_enters_in_chunks_while_others_stream(models: dict[s
 
     try:
         streaming = asyncio.ensure_future(consume("s", Completion("hello", SamplingOptions(temperature=0.0,
-                                                                                           num_predict=600))))
+                                                                                           num_predict=1900))))
         await eventually(lambda: events.count("s") >= 3, "the first stream is generating")
         prompt = "the sky " * 300
         n_prompt = len(await runner.tokenize(prompt))
@@ -127,6 +131,8 @@ async def test_a_long_prompt_enters_in_chunks_while_others_stream(models: dict[s
     finally:
         await runner.close()
     assert long_done.prompt_eval_count == n_prompt
+    # The stream must still be running for this to measure anything (a tiny model is fast).
+    assert "s:done" not in events[:first_long]
     # One decode step per chunk of the long prompt, each also carrying the stream's next token:
     # without chunked prefill the stream would get one or two tokens while the prompt is read.
     steps = -(-n_prompt // chunk)
