@@ -286,7 +286,8 @@ def test_traffic_and_load_of_the_other_node_show_on_this_nodes_page(browser: Any
 
 
 def test_pull_from_peers_and_delete_in_the_page(browser: Any, cluster: Cluster, tiny_gguf: Path, shots: Path) -> None:
-    """On B's dashboard: pull a model only A holds (it comes from A, no registry), then delete B's copy."""
+    """On B's dashboard: pull a model only A holds (it comes from A, no registry), delete it (from both), and
+    migrate another from A to B."""
     from playwright.sync_api import expect
 
     a, b = cluster[0], cluster[1]
@@ -305,16 +306,20 @@ def test_pull_from_peers_and_delete_in_the_page(browser: Any, cluster: Cluster, 
     page.screenshot(path=str(shots / "models-pulled.png"))
     page.once("dialog", lambda d: d.accept())
     page.get_by_role("button", name="Delete webpull:latest").click()
-    expect(row.locator("td").nth(3)).to_have_text("1")
-    placed = {m["name"]: m for m in b.get("/api/distributed/models")["models"]}
-    assert placed["webpull:latest"]["nodes"] == [a.node_id]  # B's copy went, A's stayed
+    expect(row).to_have_count(0)  # gone from both nodes
+    for node in (a, b):
+        assert "webpull:latest" not in {m["name"] for m in node.get("/api/tags")["models"]}
 
-    page.get_by_role("button", name="Migrate webpull:latest").click()
-    dialog = page.get_by_role("dialog", name="Migrate webpull:latest")
+    with a.client() as client:
+        create_model(client, "webmove", tiny_gguf, template=TINY_TEMPLATE)
+    moved = page.locator('#models-body tr[data-model="webmove:latest"]')
+    expect(moved.locator("td").nth(5)).to_have_text(a.node_id)
+    page.get_by_role("button", name="Migrate webmove:latest").click()
+    dialog = page.get_by_role("dialog", name="Migrate webmove:latest")
     expect(dialog.get_by_label("From node")).to_have_value(a.node_id)
     dialog.get_by_label("To node").select_option(b.node_id)
     dialog.get_by_role("button", name="Migrate").click()
-    expect(row.locator("td").nth(5)).to_have_text(b.node_id)  # the copy moved from A to B
+    expect(moved.locator("td").nth(5)).to_have_text(b.node_id)  # the copy moved from A to B
     w.check()
     page.close()
 

@@ -44,7 +44,7 @@ function renderModels() {
           onclick: () => act("set factor", () => postJSON("/api/distributed/replicate", { model: m.name, factor: Number(factor.value) })) }, "Set factor"),
         el("button", { type: "button", "aria-label": `Migrate ${m.name}`, onclick: () => openMigrate(m) }, "Migrate"),
         el("button", { type: "button", "aria-label": `Delete ${m.name}`,
-          onclick: () => confirm(`Delete ${m.name} from this node?`) && act("delete", () => request("/api/delete", { method: "DELETE", body: { model: m.name } })) }, "Delete")));
+          onclick: () => confirm(`Delete ${m.name} from every node of the cluster?`) && act("delete", () => request("/api/delete", { method: "DELETE", body: { model: m.name } })) }, "Delete")));
   }));
 }
 
