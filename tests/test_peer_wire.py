@@ -255,8 +255,15 @@ def _hop_app(ended: asyncio.Event, gap_s: float) -> Any:
     async def plain(_body: Any, _call: Call) -> dict[str, str]:
         return {"plain": "yes"}
 
+    async def wait(_body: Any, call: Call) -> dict[str, str]:
+        while not await call.is_disconnected():  # noqa: ASYNC110 - polled, as a non-streamed handler does
+            await asyncio.sleep(0.02)
+        ended.set()
+        return {}
+
     registry.handler("/api/lines", methods=("POST",), request=_Count, response="ndjson", hop=True)(lines)
     registry.handler("/api/plain", methods=("POST",), request=_Count, auth="public", hop=False)(plain)
+    registry.handler("/api/wait", methods=("POST",), request=_Count, hop=True)(wait)
     services = Services(store=None, scheduler=None, node=NodeInfo(NodeId("omx-t"), "t"))  # type: ignore[arg-type]
     return build_app(registry, services, Dispatcher(peer_verifier=peer_verifier(Verifier(KEY, window_s=300))))
 
@@ -293,6 +300,19 @@ async def test_a_client_that_leaves_a_stream_is_seen_at_once() -> None:
         assert first.startswith(b"HTTP/1.1 200") and not ended.is_set()
         writer.close()
         await asyncio.wait_for(ended.wait(), 10)  # the stream was closed by the disconnect, not by an error
+
+
+async def test_a_handler_polling_for_its_client_sees_it_leave() -> None:
+    ended = asyncio.Event()
+    async with _serve(_hop_app(ended, 0.0)) as address:
+        host, _, port = address.partition(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(_hop_request("/api/wait", b"{}"))
+        await writer.drain()
+        await asyncio.sleep(0.2)  # let the handler poll a few times while the client is still there
+        assert not ended.is_set()
+        writer.close()
+        await asyncio.wait_for(ended.wait(), 10)
 
 
 async def test_a_request_pipelined_behind_a_stream_closes_the_connection_after_it() -> None:

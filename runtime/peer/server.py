@@ -263,7 +263,8 @@ class PeerServer:
                 return {"type": "http.request", "body": body, "more_body": False}
             if watch is None:  # one read outlives a cancelled receive(): Starlette polls with cancelled calls
                 watch = asyncio.ensure_future(reader.read(1))
-            await asyncio.wait((watch, done), return_when=asyncio.FIRST_COMPLETED)
+            if not (watch.done() or done.done()):  # a finished watch answers without waiting (a polled call)
+                await asyncio.wait((watch, done), return_when=asyncio.FIRST_COMPLETED)
             if not done.done() and not watch.cancelled() and watch.exception() is None and watch.result():
                 await asyncio.shield(done)  # a pipelined request, not a departure: closed after this answer
             return {"type": "http.disconnect"}
