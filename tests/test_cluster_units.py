@@ -48,6 +48,7 @@ def test_precedence_token_then_env_then_file(tmp_path: Path) -> None:
     env = {"OMX_CLUSTER_SECRET": in_env.value.hex()}
     assert resolve_secret(None, path, True, {}).secret == on_file
     assert resolve_secret(None, path, True, env).secret == in_env
+    assert resolve_secret(None, path, True, {}).secret == in_env  # kept: a restart without the variable agrees
     token = JoinToken(seeds=("127.0.0.9:4001",), secret=in_token).encode()
     got = resolve_secret(token, path, True, env)
     assert got.secret == in_token and got.seeds == ("127.0.0.9:4001",) and got.source == "token"

@@ -5,8 +5,9 @@ Precedence: a join token (``cluster.token`` / ``--token``) > ``OMX_CLUSTER_SECRE
 A node that is not joining anyone creates the secret file on its first start
 (a lone node is a one-node cluster); a node told to join (``p2p.join``)
 without any secret fails with :class:`ConfigError` (``omx start`` exits 2).
-A token's secret is written to the secret file, so the node keeps its cluster
-across restarts without the token.
+A token's secret, and one from ``OMX_CLUSTER_SECRET``, is written to the secret
+file, so the node keeps its cluster across restarts without the token or the
+variable (a restart without it used to come back as a one-node cluster).
 """
 
 from __future__ import annotations
@@ -47,9 +48,11 @@ def resolve_secret(token: str | None, secret_path: Path, joining: bool,
     text = env.get(SECRET_ENV, "").strip()
     if text:
         try:
-            return SecretResolution(ClusterSecret.from_text(text), "env")
+            secret = ClusterSecret.from_text(text)
         except InvalidSecret as exc:
             raise ConfigError(f"{SECRET_ENV}: {exc.message}", key="cluster.secret") from exc
+        persist_secret(secret_path, secret)
+        return SecretResolution(secret, "env")
     if secret_path.exists():
         try:
             return SecretResolution(read_secret(secret_path), "file")
