@@ -27,7 +27,11 @@ QUIC connection, packet protection and HTTP/3 framing in Rust, does the rest:
 * a response body waits for room: the application's next piece waits while the
   connection holds more than :data:`SEND_BUFFER` bytes not yet sent (qh3's
   ``get_send_buffer_size``), so a client that never reads holds at most that, and what
-  congestion control lets be in flight, of the node's memory.
+  congestion control lets be in flight, of the node's memory;
+* a client's first Initial gets a Retry (:meth:`TunedQuicProtocol._retry`);
+* at a stop, connections with no request in progress close at once, the others as their
+  last request ends: clients are told, and the serving loop ends (Hypercorn's waited for a
+  datagram, so every stop took its 3 s graceful timeout).
 
 :func:`install` puts :class:`TunedUDPServer` where Hypercorn's asyncio worker looks
 up the class it serves ``quic_bind`` sockets with (``hypercorn.asyncio.run.UDPServer``).
@@ -55,8 +59,9 @@ import hypercorn.asyncio.run as hypercorn_run
 from hypercorn.asyncio.task_group import TaskGroup
 from hypercorn.asyncio.udp_server import UDPServer
 from hypercorn.config import Config
-from hypercorn.events import Event, RawData
-from hypercorn.protocol.events import Body, EndBody
+from hypercorn.events import Closed, Event, RawData
+from hypercorn.protocol.events import Body, EndBody, StreamClosed
+from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h3 import H3Protocol
 from hypercorn.typing import AppWrapper, ConnectionState, WorkerContext
 from hypercorn.utils import parse_socket_addr
@@ -146,12 +151,21 @@ class H3Streams(H3Protocol):
 
     def __init__(self, app: AppWrapper, config: Config, context: WorkerContext, task_group: Any,
                  state: ConnectionState, client: tuple[str, int] | None, server: tuple[str, int] | None,
-                 quic: QuicConnection, send: Callable[[], Awaitable[None]]) -> None:
+                 quic: QuicConnection, send: Callable[[], Awaitable[None]],
+                 idle: Callable[[], Awaitable[None]] | None = None) -> None:
         # Hypercorn's ``__init__`` would open aioquic's H3Connection on the qh3 connection.
         self.app, self.config, self.context, self.task_group, self.state = app, config, context, task_group, state
         self.client, self.server, self.send = client, server, send
         self.connection = _H3Connection(quic)  # type: ignore[assignment]
         self.streams = {}
+        self.idle = idle
+        """Awaited when the last request ends while the server is shutting down."""
+
+    async def stream_send(self, event: StreamEvent) -> None:
+        await super().stream_send(event)
+        if (isinstance(event, StreamClosed) and not self.streams and self.idle is not None
+                and self.context.terminated.is_set()):
+            await self.idle()
 
     async def handle(self, quic_event: QuicEvent) -> None:  # type: ignore[override]
         for event in self.connection.handle_event(quic_event):  # type: ignore[arg-type]
@@ -228,6 +242,8 @@ class TunedQuicProtocol:
         self.serving: asyncio.Task[Any] | None = None
         self.transport: asyncio.DatagramTransport | None = None
         """Datagrams go straight to it when set (else through ``send``, as Hypercorn's protocol does)."""
+        self.wake: Callable[[], None] | None = None
+        """Wakes the serving loop (to see that the last connection is gone while shutting down)."""
         """The task that feeds :meth:`handle`; it never waits for a response body's room."""
         self._local, self._remote = server_configurations(str(config.certfile), str(config.keyfile))
         self._versions = self._remote.supported_versions
@@ -240,6 +256,9 @@ class TunedQuicProtocol:
         return not self.connections
 
     async def handle(self, event: Event) -> None:
+        if isinstance(event, Closed) and self.context.terminated.is_set():
+            await self.shutdown()
+            return
         if not isinstance(event, RawData) or event.address is None:
             return
         data, address = event.data, event.address
@@ -305,7 +324,7 @@ class TunedQuicProtocol:
             elif isinstance(event, ProtocolNegotiated):
                 connection.h3 = H3Streams(self.app, self.config, self.context, self.task_group, self.state,
                                           connection.client, self.server, connection.quic,
-                                          partial(self._app_send, connection))
+                                          partial(self._app_send, connection), partial(self._close, connection))
             elif isinstance(event, ConnectionIdIssued):
                 connection.cids.add(event.connection_id)
                 self.connections[event.connection_id] = connection
@@ -326,11 +345,37 @@ class TunedQuicProtocol:
         if connection.timer is not None:
             connection.timer.cancel()
             connection.timer = None
+        if not self.connections and self.context.terminated.is_set() and self.wake is not None:
+            self.wake()  # the serving loop ends once it sees no connection left
+
+    async def shutdown(self) -> None:
+        """The server is stopping: close every connection with no request in progress now, the others
+        as their last request ends (Hypercorn's graceful timeout bounds the wait). A client is told at once,
+        and the serving loop ends without waiting for connections to time out."""
+        for connection in {id(c): c for c in self.connections.values()}.values():
+            if connection.h3 is None or not connection.h3.streams:
+                await self._close(connection)
+
+    async def _close(self, connection: _Connection) -> None:
+        if not connection.cids:
+            return
+        connection.quic.close(error_code=QuicErrorCode.NO_ERROR)
+        await self.send_all(connection)
+        self._forget(connection)
+
+    def stop(self) -> None:
+        """Cancel every connection's timer (the socket is closing)."""
+        for connection in self.connections.values():
+            if connection.timer is not None:
+                connection.timer.cancel()
+                connection.timer = None
 
     async def send_all(self, connection: _Connection) -> None:
         quic = connection.quic
         datagrams = quic.datagrams_to_send(now=self.context.time())
         if self.transport is not None:
+            if self.transport.is_closing():
+                return
             sendto = self.transport.sendto
             for data, address in datagrams:
                 sendto(data, address)
@@ -396,13 +441,27 @@ class TunedUDPServer(UDPServer):
             protocol = TunedQuicProtocol(self.app, self.config, self.context, task_group,
                                          ConnectionState(self.state.copy()), server, self.protocol_send)
             protocol.serving, protocol.transport = asyncio.current_task(), self.transport
+            protocol.wake = self._wake
             self.protocol = protocol  # type: ignore[assignment]
+            watch = asyncio.create_task(self._watch())
             try:
                 while not self.context.terminated.is_set() or not protocol.idle:
                     event = await self.protocol_queue.get()
                     await protocol.handle(event)
             finally:
+                watch.cancel()
+                protocol.stop()
                 self.transport.close()  # Hypercorn leaves its datagram transport open at shutdown
+
+    async def _watch(self) -> None:
+        """Hand the protocol a ``Closed`` event when the server terminates (its loop may be waiting for a
+        datagram that never comes: Hypercorn's own waits its graceful timeout, 3 s, for every stop)."""
+        await self.context.terminated.wait()
+        self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(asyncio.QueueFull):  # the loop has datagrams to handle: it runs anyway
+            self.protocol_queue.put_nowait(Closed())
 
 
 def install() -> None:

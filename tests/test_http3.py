@@ -376,3 +376,40 @@ async def test_connections_past_the_bound_are_dropped_and_the_others_served(tmp_
             await client.aclose()
         stop.set()
         await asyncio.wait_for(server, 10)
+
+
+async def test_a_stopping_server_closes_its_connections(tmp_path: Path) -> None:
+    """A client holding a connection (as a peer does) is told at once when the node stops; without the
+    close it would learn only at its idle timeout, and the server waited its graceful timeout first."""
+    import asyncio
+
+    from omx.runtime.peer.h3 import H3PeerClient
+    from omx.runtime.server import H3Listener, bind_tcp, bind_udp, serve_app
+
+    async def app(scope: dict[str, object], receive: object, send: Any) -> None:
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    tls = ensure_tls(tmp_path, ClusterSecret.generate(), "omx-stop", ["127.0.0.1"])
+    tcp, udp = bind_tcp("127.0.0.1", 0), bind_udp("127.0.0.1", 0)
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve_app(app, tcp, stop.wait, H3Listener(udp, tls)))
+    client = H3PeerClient(tls.ca_cert, connect_timeout=5)
+    try:
+        answer = await client.get(f"127.0.0.1:{udp.port}", "/", {}, max_body=10, timeout=10)
+        assert bytes(answer.body) == b"ok"
+        (_, conn), = client._connections.values()
+        assert conn.closed is None
+        stop.set()
+        for _ in range(100):
+            if conn.closed is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert conn.closed is not None, "the client was not told that the server closed"
+    finally:
+        await client.aclose()
+        stop.set()
+        await asyncio.wait_for(server, 10)
+        tcp.sock.close()
+        udp.sock.close()
