@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -57,6 +58,14 @@ SOCKET_BUFFER = 4 << 20
 """Receive and send buffer asked for each QUIC socket (the kernel caps it at ``net.core.rmem_max``). A burst
 of large datagrams overflows the default (about 208 KiB) while Python is busy, and every datagram lost
 halves the sender's congestion window."""
+
+
+def _not_a_peer_close(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Native peer close")
+
+
+# qh3 logs every connection the other side closes, the normal end of one, as a warning (logger "quic").
+logging.getLogger("quic").addFilter(_not_a_peer_close)
 
 
 def enlarge_buffers(sock: Any) -> None:
