@@ -71,11 +71,6 @@ class _Channel:
 def _load_backend(config: dict[str, Any]) -> Any:
     backend = config.get("backend", "llama-cpp")
     if backend == "llama-cpp":
-        # Before llama.cpp's OpenMP runtime loads: its idle workers sleep instead of spinning between
-        # decode calls. Spinning took a core from the sampling and frame writing between steps and from
-        # the node (4 streams of Gemma 3 270M on 2 cores: 34.4 -> 39.1 tokens per CPU-second).
-        # The node's own OMP_WAIT_POLICY, passed through, still wins.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         if config.get("batching", True):
             from omx.runtime.engine._batch_backend import BatchBackend
 
