@@ -163,6 +163,7 @@ def main() -> None:
         stats: dict[int, dict[str, list[Any]]] = {
             lv: {"omx": [], "bare": [], "vs1": [], "ttft": [], "diff": [], "cpu": [], "bare_cpu": []} for lv in levels}
         runner = _runner_pid(url)
+        load_before = os.getloadavg()[0]
         for round_no in range(args.rounds):
             one = 0.0
             for level in levels:
@@ -189,7 +190,8 @@ def main() -> None:
                 row["diff"] += [None if r["text"] == alone[r["q"]] else _first_difference(r["text"], alone[r["q"]])
                                 for r in runs if r["q"] in alone]
         print(f"model: {model.name}  tokens/stream: {args.tokens}  threads: {args.threads}  "
-              f"num_parallel: {max(levels)}  rounds: {args.rounds}")
+              f"num_parallel: {max(levels)}  rounds: {args.rounds}  "
+              f"load average (1 min): {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
         print(f"{'streams':>8}{'omx tok/s':>11}{'(min-max)':>16}{'bare seq':>10}{'vs 1 stream':>13}{'vs bare':>9}"
               f"{'TTFT p50':>10}{'p99 ms':>8}{'tok/CPU-s':>10}{'bare':>6}{'same as alone':>15}  first diff. at char")
         for level in levels:
