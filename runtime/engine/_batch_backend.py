@@ -32,10 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
+import numpy as np
 from llama_cpp import _internals as internals
 
 from omx.runtime.engine._gpu import plan_offload
-from omx.runtime.engine._sequence import Generation, build_sampler, prompt_tokens
+from omx.runtime.engine._sequence import Generation, build_sampler, penalize_repeats, prompt_tokens, repeat_window
 from omx.runtime.engine._wire import ERR_CANCELLED, ERR_ENGINE, ERR_INVALID, ERR_UNSUPPORTED, RequestError
 from omx.runtime.engine.cpu_quirks import avoid_broken_amx
 
@@ -125,6 +126,7 @@ class BatchBackend:
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.prefill_chunk = max(1, int(config.get("prefill_chunk") or DEFAULT_PREFILL_CHUNK))
         self.metadata = self.model.metadata()
+        self.n_vocab = self.model.n_vocab()
         self._slots = [_Slot(seq) for seq in range(self.n_parallel)]
         self._uses = 0
         self._lock = threading.Condition()
@@ -268,6 +270,7 @@ class BatchBackend:
             reuse = 0
         slot.cached = tokens[:reuse]
         gen.reused = reuse
+        gen.repeat = repeat_window(opts, self.n_ctx_seq)
         gen.pos = reuse
         gen.pending = tokens[reuse:]
         self._uses += 1
@@ -327,6 +330,10 @@ class BatchBackend:
         for index, slot in samplers:
             gen = slot.gen
             assert gen is not None
+            if gen.repeat is not None and gen.completion:
+                last_n, penalty = gen.repeat
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
+                penalize_repeats(logits, gen.completion[-last_n:], penalty)
             token = llama_cpp.llama_sampler_sample(gen.sampler, self.ctx, index)
             if not gen.accept(token):
                 self._end(slot, "done", None)

@@ -18,12 +18,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import llama_cpp
+import numpy as np
 from llama_cpp.llama_grammar import LlamaGrammar
 
 from omx.runtime.engine._textstream import TextStream
 from omx.runtime.engine._wire import ERR_INVALID, RequestError
 
-__all__ = ["Generation", "build_sampler", "prompt_tokens"]
+__all__ = ["Generation", "build_sampler", "penalize_repeats", "prompt_tokens", "repeat_window"]
 
 
 def prompt_tokens(model: Any, req: dict[str, Any]) -> tuple[list[int], bool]:
@@ -49,16 +50,46 @@ def prompt_tokens(model: Any, req: dict[str, Any]) -> tuple[list[int], bool]:
     return bos_tokens + model.tokenize(prompt.encode("utf-8"), False, True) + eos_tokens, False
 
 
+def repeat_window(opts: dict[str, Any], n_ctx: int) -> tuple[int, float] | None:
+    """``(last_n, penalty)`` when the only penalty is a repeat penalty, which the caller then applies.
+
+    llama.cpp's penalties sampler looks every vocabulary entry up in a hash map
+    (about 1.5 ms a token for Gemma 3's 262,144 entries, paid by every sequence
+    of a step); multiplying the few logits of the window's tokens in place, with
+    the same float32 operations, gives the sampler chain the same numbers.
+    """
+    last_n = int(opts.get("repeat_last_n", 64))
+    last_n = n_ctx if last_n < 0 else last_n
+    penalty = float(opts.get("repeat_penalty", 1.1))
+    if float(opts.get("frequency_penalty", 0.0)) or float(opts.get("presence_penalty", 0.0)):
+        return None
+    if last_n == 0 or penalty == 1.0:
+        return None
+    return last_n, penalty
+
+
+def penalize_repeats(logits: Any, window: Sequence[int], penalty: float) -> None:
+    """Apply a repeat penalty to the float32 ``logits`` of the tokens in ``window``, as llama.cpp does."""
+    ids = np.fromiter(set(window), dtype=np.int64)
+    values = logits[ids]
+    factor = np.float32(penalty)
+    logits[ids] = np.where(values <= 0, values * factor, values / factor)
+
+
 def build_sampler(model: Any, opts: dict[str, Any], n_ctx: int) -> Any:
-    """A llama.cpp sampler chain for ``opts``; the caller frees it with ``llama_sampler_free``."""
+    """A llama.cpp sampler chain for ``opts``; the caller frees it with ``llama_sampler_free``.
+
+    Without a penalties sampler when :func:`repeat_window` says the caller applies the repeat penalty.
+    """
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     add = llama_cpp.llama_sampler_chain_add
     try:
         repeat_last_n = int(opts.get("repeat_last_n", 64))
-        add(chain, llama_cpp.llama_sampler_init_penalties(
-            model.n_vocab(), n_ctx if repeat_last_n < 0 else repeat_last_n,
-            float(opts.get("repeat_penalty", 1.1)), float(opts.get("frequency_penalty", 0.0)),
-            float(opts.get("presence_penalty", 0.0))))
+        if repeat_window(opts, n_ctx) is None:
+            add(chain, llama_cpp.llama_sampler_init_penalties(
+                model.n_vocab(), n_ctx if repeat_last_n < 0 else repeat_last_n,
+                float(opts.get("repeat_penalty", 1.1)), float(opts.get("frequency_penalty", 0.0)),
+                float(opts.get("presence_penalty", 0.0))))
         if opts.get("grammar"):
             add(chain, _grammar(model, str(opts["grammar"])))
         temp = float(opts.get("temperature", 0.8))
@@ -103,7 +134,7 @@ class Generation:
     """
 
     __slots__ = ("cancelled", "completion", "emit", "finish_reason", "first_at", "max_tokens", "model",
-                 "pending", "pos", "reused", "rid", "sampler", "sent", "seq", "started", "stream",
+                 "pending", "pos", "repeat", "reused", "rid", "sampler", "sent", "seq", "started", "stream",
                  "strip_space", "tokens")
 
     def __init__(self, rid: int, model: Any, tokens: list[int], sampler: Any, *, seq: int, max_tokens: int,
@@ -124,6 +155,8 @@ class Generation:
         """Position of the next token to decode (cells already in this sequence's cache)."""
         self.reused = 0
         """Prompt tokens found in the cache of the sequence's previous request."""
+        self.repeat: tuple[int, float] | None = None
+        """``(last_n, penalty)`` of a repeat penalty the decode loop applies (see :func:`repeat_window`)."""
         self.started = time.perf_counter_ns()
         self.first_at = 0
         self.finish_reason = ""
