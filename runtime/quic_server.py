@@ -67,7 +67,7 @@ from hypercorn.typing import AppWrapper, ConnectionState, WorkerContext
 from hypercorn.utils import parse_socket_addr
 from qh3._hazmat import Buffer, encode_uint_var
 from qh3.h3.connection import H3_ALPN, FrameType, FrameUnexpected, H3Connection, HeadersState
-from qh3.h3.events import DataReceived, HeadersReceived
+from qh3.h3.events import DataReceived, HeadersReceived, StopSending, StreamReset
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection, QuicConnectionError
 from qh3.quic.events import (
@@ -162,9 +162,14 @@ class H3Streams(H3Protocol):
         """Awaited when the last request ends while the server is shutting down."""
 
     async def stream_send(self, event: StreamEvent) -> None:
+        if not isinstance(event, StreamClosed) and event.stream_id not in self.streams:
+            return  # the client reset the stream: what the app still writes goes nowhere
         await super().stream_send(event)
-        if (isinstance(event, StreamClosed) and not self.streams and self.idle is not None
-                and self.context.terminated.is_set()):
+        if isinstance(event, StreamClosed):
+            await self._maybe_idle()
+
+    async def _maybe_idle(self) -> None:
+        if not self.streams and self.idle is not None and self.context.terminated.is_set():
             await self.idle()
 
     async def handle(self, quic_event: QuicEvent) -> None:  # type: ignore[override]
@@ -182,6 +187,13 @@ class H3Streams(H3Protocol):
                     await stream.handle(Body(stream_id=event.stream_id, data=event.data))
                 if event.stream_ended:
                     await stream.handle(EndBody(stream_id=event.stream_id))
+            elif isinstance(event, (StreamReset, StopSending)):
+                # The client gave the request up (a peer cancelling a transfer): the app sees a disconnect
+                # and its further writes are dropped (qh3 refuses DATA on the stream, an error per write).
+                stream = self.streams.pop(event.stream_id, None)
+                if stream is not None:
+                    await stream.handle(StreamClosed(stream_id=event.stream_id))
+                    await self._maybe_idle()
 
     async def _create_server_push(self, stream_id: int, path: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         """omx pushes nothing (a push an app asks for is dropped, as for a client that refuses pushes)."""

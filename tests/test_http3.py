@@ -413,3 +413,55 @@ async def test_a_stopping_server_closes_its_connections(tmp_path: Path) -> None:
         await asyncio.wait_for(server, 10)
         tcp.sock.close()
         udp.sock.close()
+
+
+async def test_a_request_the_client_gives_up_ends_quietly(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A peer cancelling a transfer resets its stream: the app's further writes go nowhere (no error per
+    write in the log), the app ends, and the connection serves the next request."""
+    import asyncio
+    import logging
+
+    from omx.runtime.peer.h3 import H3PeerClient
+    from omx.runtime.server import H3Listener, bind_tcp, bind_udp, serve_app
+
+    piece, pieces = b"x" * (1 << 20), 64
+    ended: list[bool] = []
+
+    async def app(scope: dict[str, object], receive: object, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        try:
+            size = len(piece) * (pieces if scope["path"] == "/big" else 1)
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-length", str(size).encode())]})
+            for i in range(size // len(piece)):
+                await send({"type": "http.response.body", "body": piece, "more_body": (i + 1) * len(piece) < size})
+        finally:
+            ended.append(True)
+
+    tls = ensure_tls(tmp_path, ClusterSecret.generate(), "omx-reset", ["127.0.0.1"])
+    tcp, udp = bind_tcp("127.0.0.1", 0), bind_udp("127.0.0.1", 0)
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve_app(app, tcp, stop.wait, H3Listener(udp, tls)))
+    client = H3PeerClient(tls.ca_cert, connect_timeout=5)
+    address = f"127.0.0.1:{udp.port}"
+    caplog.set_level(logging.ERROR, logger="hypercorn.error")
+    try:
+        answer = await client.request(address, "GET", "/big", {}, b"", head_timeout=10)
+        async for _ in answer.chunks():
+            break
+        await answer.aclose()  # resets the stream half-way through 64 MiB
+        for _ in range(200):
+            if ended:
+                break
+            await asyncio.sleep(0.05)
+        assert ended, "the app went on waiting to write to a stream the client reset"
+        again = await client.get(address, "/small", {}, max_body=len(piece), timeout=10)
+        assert bytes(again.body) == piece
+        assert not [r for r in caplog.records if r.name == "hypercorn.error"]
+    finally:
+        await client.aclose()
+        stop.set()
+        await asyncio.wait_for(server, 10)
+        tcp.sock.close()
+        udp.sock.close()
