@@ -36,7 +36,14 @@ import numpy as np
 from llama_cpp import _internals as internals
 
 from omx.runtime.engine._gpu import plan_offload
-from omx.runtime.engine._sequence import Generation, build_sampler, penalize_repeats, prompt_tokens, repeat_window
+from omx.runtime.engine._sequence import (
+    Generation,
+    build_sampler,
+    penalize_repeats,
+    plain_greedy,
+    prompt_tokens,
+    repeat_window,
+)
 from omx.runtime.engine._wire import ERR_CANCELLED, ERR_ENGINE, ERR_INVALID, ERR_UNSUPPORTED, RequestError
 from omx.runtime.engine.cpu_quirks import avoid_broken_amx
 
@@ -271,6 +278,7 @@ class BatchBackend:
         slot.cached = tokens[:reuse]
         gen.reused = reuse
         gen.repeat = repeat_window(opts, self.n_ctx_seq)
+        gen.greedy = plain_greedy(opts, self.n_ctx_seq)
         gen.pos = reuse
         gen.pending = tokens[reuse:]
         self._uses += 1
@@ -330,13 +338,24 @@ class BatchBackend:
         for index, slot in samplers:
             gen = slot.gen
             assert gen is not None
-            if gen.repeat is not None and gen.completion:
-                last_n, penalty = gen.repeat
-                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
-                penalize_repeats(logits, gen.completion[-last_n:], penalty)
-            token = llama_cpp.llama_sampler_sample(gen.sampler, self.ctx, index)
+            token = self._pick(gen, index)
             if not gen.accept(token):
                 self._end(slot, "done", None)
+
+    def _pick(self, gen: Generation, index: int) -> int:
+        """The token ``gen``'s sampler chain chooses from output ``index`` of the last decode call."""
+        if gen.repeat is None and not gen.greedy:
+            return int(llama_cpp.llama_sampler_sample(gen.sampler, self.ctx, index))
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
+        if gen.repeat is not None and gen.completion:
+            last_n, penalty = gen.repeat
+            penalize_repeats(logits, gen.completion[-last_n:], penalty)
+        if gen.greedy:
+            token = int(np.argmax(logits))
+            if not np.isnan(logits[token]):
+                llama_cpp.llama_sampler_accept(gen.sampler, token)
+                return token
+        return int(llama_cpp.llama_sampler_sample(gen.sampler, self.ctx, index))
 
     def _put(self, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
         batch = self._batch

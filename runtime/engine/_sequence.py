@@ -24,7 +24,7 @@ from llama_cpp.llama_grammar import LlamaGrammar
 from omx.runtime.engine._textstream import TextStream
 from omx.runtime.engine._wire import ERR_INVALID, RequestError
 
-__all__ = ["Generation", "build_sampler", "penalize_repeats", "prompt_tokens", "repeat_window"]
+__all__ = ["Generation", "build_sampler", "penalize_repeats", "plain_greedy", "prompt_tokens", "repeat_window"]
 
 
 def prompt_tokens(model: Any, req: dict[str, Any]) -> tuple[list[int], bool]:
@@ -66,6 +66,21 @@ def repeat_window(opts: dict[str, Any], n_ctx: int) -> tuple[int, float] | None:
     if last_n == 0 or penalty == 1.0:
         return None
     return last_n, penalty
+
+
+def plain_greedy(opts: dict[str, Any], n_ctx: int) -> bool:
+    """Whether the chain :func:`build_sampler` makes for ``opts`` only picks the highest logit.
+
+    Then the caller may take the first highest logit itself (llama.cpp's greedy
+    sampler keeps the first of equal logits, as ``argmax`` does) instead of having
+    llama.cpp copy the whole vocabulary into a candidate array first.
+    """
+    if float(opts.get("temperature", 0.8)) != 0.0 or opts.get("grammar"):
+        return False
+    if repeat_window(opts, n_ctx) is not None:
+        return True
+    return (float(opts.get("repeat_penalty", 1.1)) == 1.0 and not float(opts.get("frequency_penalty", 0.0))
+            and not float(opts.get("presence_penalty", 0.0)))
 
 
 def penalize_repeats(logits: Any, window: Sequence[int], penalty: float) -> None:
@@ -133,7 +148,7 @@ class Generation:
     never among them). ``emit`` receives streamed text.
     """
 
-    __slots__ = ("cancelled", "completion", "emit", "finish_reason", "first_at", "max_tokens", "model",
+    __slots__ = ("cancelled", "completion", "emit", "finish_reason", "first_at", "greedy", "max_tokens", "model",
                  "pending", "pos", "repeat", "reused", "rid", "sampler", "sent", "seq", "started", "stream",
                  "strip_space", "tokens")
 
@@ -157,6 +172,8 @@ class Generation:
         """Prompt tokens found in the cache of the sequence's previous request."""
         self.repeat: tuple[int, float] | None = None
         """``(last_n, penalty)`` of a repeat penalty the decode loop applies (see :func:`repeat_window`)."""
+        self.greedy = False
+        """The decode loop may take the highest logit itself (see :func:`plain_greedy`)."""
         self.started = time.perf_counter_ns()
         self.first_at = 0
         self.finish_reason = ""
