@@ -29,6 +29,10 @@ QUIC connection, packet protection and HTTP/3 framing in Rust, does the rest:
   ``get_send_buffer_size``), so a client that never reads holds at most that, and what
   congestion control lets be in flight, of the node's memory;
 * a client's first Initial gets a Retry (:meth:`TunedQuicProtocol._retry`);
+* a new certificate (the node joined another cluster: its leaf is reissued under that
+  cluster's CA) is taken for new connections without a restart: the files' identity is
+  checked at each new connection (a ``stat`` each), and a pair that does not load yet
+  (the key written, the certificate not yet) keeps the previous one;
 * at a stop, connections with no request in progress close at once, the others as their
   last request ends: clients are told, and the serving loop ends (Hypercorn's waited for a
   datagram, so every stop took its 3 s graceful timeout).
@@ -44,13 +48,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
-import hmac
 import ipaddress
 import logging
 import os
-import struct
-import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -86,6 +86,7 @@ from qh3.quic.packet import (
 )
 
 from omx.runtime.http3 import LARGE_LOOPBACK_DATAGRAM, SAFE_DATAGRAM
+from omx.runtime.quic_tokens import RetryTokens, files_stamp
 
 __all__ = ["CONNECTION_WINDOW", "DATAGRAM_QUEUE", "MAX_CONNECTIONS", "SEND_BUFFER", "STREAM_WINDOW",
            "H3Streams", "RetryTokens", "TunedQuicProtocol", "TunedUDPServer", "install", "server_configurations"]
@@ -199,34 +200,6 @@ class H3Streams(H3Protocol):
         """omx pushes nothing (a push an app asks for is dropped, as for a client that refuses pushes)."""
 
 
-class RetryTokens:
-    """Retry tokens: the connection ids a handshake continues with, sealed to the client's address and
-    time with an HMAC under a key of this process (qh3's own handler makes an RSA key, about 0.2 s)."""
-
-    lifetime = 10.0
-    """Seconds a token is good for (a client sends it straight back)."""
-
-    def __init__(self) -> None:
-        self._key = os.urandom(32)
-
-    def _mac(self, address: Any, body: bytes) -> bytes:
-        return hmac.new(self._key, f"{address[0]}|{address[1]}|".encode() + body, hashlib.sha256).digest()
-
-    def create_token(self, address: Any, original_cid: bytes, retry_cid: bytes) -> bytes:
-        body = struct.pack("!dB", time.time(), len(original_cid)) + original_cid + retry_cid
-        return body + self._mac(address, body)
-
-    def validate_token(self, address: Any, token: bytes) -> tuple[bytes, bytes]:
-        """(original destination connection id, retry source connection id); ValueError for a bad token."""
-        body, mac = token[:-32], token[-32:]
-        if len(body) < 9 or not hmac.compare_digest(mac, self._mac(address, body)):
-            raise ValueError("not a retry token of this server for this address")
-        made, length = struct.unpack_from("!dB", body)
-        if not 0 <= time.time() - made <= self.lifetime:
-            raise ValueError("the retry token has expired")
-        return body[9:9 + length], body[9 + length:]
-
-
 @dataclasses.dataclass(eq=False)
 class _Connection:
     quic: QuicConnection
@@ -257,6 +230,7 @@ class TunedQuicProtocol:
         self.wake: Callable[[], None] | None = None
         """Wakes the serving loop (to see that the last connection is gone while shutting down)."""
         """The task that feeds :meth:`handle`; it never waits for a response body's room."""
+        self._stamp = files_stamp(str(config.certfile), str(config.keyfile))
         self._local, self._remote = server_configurations(str(config.certfile), str(config.keyfile))
         self._versions = self._remote.supported_versions
         self._loop = asyncio.get_running_loop()
@@ -266,6 +240,20 @@ class TunedQuicProtocol:
     @property
     def idle(self) -> bool:
         return not self.connections
+
+    def _reload_certificate(self) -> None:
+        """Take the certificate files again when they were replaced (see the module docstring)."""
+        certfile, keyfile = str(self.config.certfile), str(self.config.keyfile)
+        stamp = files_stamp(certfile, keyfile)
+        if stamp == self._stamp:
+            return
+        try:
+            self._local, self._remote = server_configurations(certfile, keyfile)
+        except (OSError, ValueError) as exc:  # half written: the next connection tries again
+            log.debug("new certificate not loaded yet: %s", exc)
+            return
+        self._stamp = stamp
+        log.info("HTTP/3 serves the new certificate %s", certfile)
 
     async def handle(self, event: Event) -> None:
         if isinstance(event, Closed) and self.context.terminated.is_set():
@@ -296,6 +284,7 @@ class TunedQuicProtocol:
                 original_cid, retry_cid = self._tokens.validate_token(address, header.token)
             except ValueError:
                 return
+            self._reload_certificate()
             configuration = self._local if _loopback(str(address[0])) else self._remote
             quic = QuicConnection(configuration=configuration, original_destination_connection_id=original_cid,
                                   retry_source_connection_id=retry_cid)

@@ -144,6 +144,28 @@ def test_two_nodes_with_one_secret_serve_under_one_ca(tmp_path: Path) -> None:
         first.stop()
 
 
+def test_a_node_joining_another_cluster_serves_its_ca_without_a_restart(tmp_path: Path) -> None:
+    env = {"OMX_WEB__ENABLED": "false"}
+    member = start_node(tmp_path / "member", host="127.0.0.1", env=env)
+    try:
+        joiner = start_node(tmp_path / "joiner", host="127.0.0.1", env=env)
+        try:
+            cluster_ca = member.home / "tls" / "ca.crt"
+            with h3_client(joiner, ca=cluster_ca) as client, pytest.raises(httpx.ConnectError):
+                client.get("/api/version")  # another cluster's CA: refused
+            token = httpx.get(member.url + "/api/cluster/token", timeout=30).json()["token"]
+            joined = httpx.post(joiner.url + "/api/cluster/join", json={"token": token}, timeout=60)
+            assert joined.status_code == 200, joined.text
+            assert (joiner.home / "tls" / "ca.crt").read_bytes() == cluster_ca.read_bytes()
+            with h3_client(joiner, ca=cluster_ca) as client:  # the same process, now under the cluster's CA
+                assert client.get("/api/version").status_code == 200
+            assert joiner.proc.poll() is None
+        finally:
+            joiner.stop()
+    finally:
+        member.stop()
+
+
 def test_http3_off_means_no_udp_listener(tmp_path: Path) -> None:
     node = start_node(tmp_path / "n", env={"OMX_API__HTTP3": "false", "OMX_WEB__ENABLED": "false"})
     try:
