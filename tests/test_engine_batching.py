@@ -187,3 +187,15 @@ def test_embedding_inputs_share_one_decode_and_equal_one_by_one(models: dict[str
     for got, want in zip(together, alone, strict=True):
         assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
     assert together[0] != pytest.approx(together[1], rel=1e-2)
+
+
+def test_a_new_request_keeps_the_busy_sequences_together() -> None:
+    from omx.runtime.engine._batch_backend import _Slot, choose_slot, runs
+
+    assert (runs([]), runs([2, 0, 1]), runs([0, 3, 5, 6])) == (0, 1, 3)
+    slots = [_Slot(seq) for seq in range(4)]
+    slots[3].cached = [1, 2, 3]
+    # Sequences 0 and 2 busy: sequence 1 closes the gap although sequence 3 holds the prompt's prefix.
+    assert choose_slot([slots[1], slots[3]], [0, 2], [1, 2, 3, 4]).seq == 1
+    # Nothing busy: the cached prefix decides.
+    assert choose_slot(slots, [], [1, 2, 3, 4]).seq == 3

@@ -15,9 +15,10 @@ A request alone decodes its prompt in ``n_batch`` pieces, as
 ``Llama.create_completion`` does, so its output is llama-cpp-python's.
 
 *Prefix reuse*: a finished request leaves its cells in its sequence. A new
-request goes to the free sequence whose cached tokens share the longest
-prefix with its prompt and decodes only the rest (a chat that continues
-re-reads nothing it has read before).
+request goes, among the free sequences that keep the busy ones packed together
+(:func:`choose_slot`), to the one whose cached tokens share the longest prefix
+with its prompt and decodes only the rest (a chat that continues re-reads
+nothing it has read before).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import ctypes
 import multiprocessing
 import threading
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ from omx.runtime.engine._sequence import (
 from omx.runtime.engine._wire import ERR_CANCELLED, ERR_ENGINE, ERR_INVALID, ERR_UNSUPPORTED, RequestError
 from omx.runtime.engine.cpu_quirks import avoid_broken_amx
 
-__all__ = ["BatchBackend", "Finish", "common_prefix"]
+__all__ = ["BatchBackend", "Finish", "choose_slot", "common_prefix", "runs"]
 
 Finish = Callable[[str, Any], None]
 """``finish("done", body)`` or ``finish(error_kind, message)``: how a request ends."""
@@ -62,6 +63,29 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+def runs(seqs: Iterable[int]) -> int:
+    """How many runs of consecutive ids ``seqs`` make.
+
+    With a cache per sequence llama.cpp puts only consecutive sequence ids in one
+    micro-batch (``split_equal``, "accept only increasing sequence ids"), and each
+    micro-batch is a forward pass of its own: busy sequences 0, 3, 5 and 6 decode
+    their next tokens in three passes instead of one.
+    """
+    ordered = sorted(seqs)
+    return sum(1 for i, seq in enumerate(ordered) if i == 0 or seq != ordered[i - 1] + 1)
+
+
+def choose_slot(free: Sequence[_Slot], busy: Sequence[int], tokens: Sequence[int]) -> _Slot:
+    """The free sequence for a request with prompt ``tokens`` while sequences ``busy`` generate.
+
+    First the one that keeps the busy sequences in the fewest runs (:func:`runs`;
+    4 streams of Gemma 3 270M spread over 8 sequences ran at 1.49x one stream,
+    packed together about 2x), then the longest cached prefix of the prompt,
+    then the least recently used.
+    """
+    return max(free, key=lambda s: (-runs([*busy, s.seq]), common_prefix(s.cached, tokens), -s.used))
 
 
 class _Slot:
@@ -288,7 +312,7 @@ class BatchBackend:
 
     def _pick_slot(self, tokens: list[int]) -> _Slot:
         free = [slot for slot in self._slots if slot.gen is None]
-        return max(free, key=lambda s: (common_prefix(s.cached, tokens), -s.used))
+        return choose_slot(free, [slot.seq for slot in self._slots if slot.gen is not None], tokens)
 
     def _step(self) -> None:
         """One step: the next token of every generating request, then prompt chunks of new ones.
