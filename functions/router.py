@@ -171,6 +171,7 @@ class Router:
         self.demand = demand
         self._busy: dict[str, int] = {}
         self._names: dict[str, str] = {}
+        self._last_header: dict[NodeId, tuple[str, NodeLoad]] = {}  # a repeated load header is parsed once
         self._tasks: set[asyncio.Task[Any]] = set()
         self.tags_cache: dict[NodeId, tuple[str, list[dict[str, Any]]]] = {}
         """Each peer's ``/api/tags`` rows with the inventory version they were fetched at."""
@@ -279,7 +280,10 @@ class Router:
         value = headers.get(LOAD_HEADER.lower())
         if value:
             try:
-                self.book.report(node, load_from_header(value), self.clock())
+                last = self._last_header.get(node)
+                load = last[1] if last is not None and last[0] == value else load_from_header(value)
+                self._last_header[node] = (value, load)
+                self.book.report(node, load, self.clock())
             except ValueError as exc:
                 log.debug("bad load header from %s: %s", node, exc)
             self._changed()

@@ -98,6 +98,8 @@ class ClusterService:
         self._model_tokens: dict[str, int] = {}
         self._ws = 0
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._peer_addresses: dict[str, tuple[Any, str | None]] = {}
+        """Each member's transfer address with the tags it was read from."""
         self._follower: asyncio.Task[None] | None = None
         self._switch = asyncio.Lock()
         self._last_state: tuple[Any, dict[str, Any]] | None = None  # (cheap key, health services) last published
@@ -409,7 +411,12 @@ class ClusterService:
         state = membership.view.get(node_id) if membership is not None else None
         if state is None or state.status != "alive" or node_id == self.node_id:
             return None
-        return transfer_address(state.tags)
+        known = self._peer_addresses.get(node_id)
+        if known is not None and known[0] is state.tags:  # parsing the tags is most of the cost of asking
+            return known[1]
+        address = transfer_address(state.tags)
+        self._peer_addresses[node_id] = (state.tags, address)
+        return address
 
     def peer_h3_address(self, node_id: str) -> str | None:
         """Where an alive member serves HTTP/3 (``peer.transport: http3``); None when it does not."""
