@@ -94,7 +94,7 @@ SECTIONS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
     ("peer", "Traffic between nodes.", [
         ("transport", "http1", "Chunk transfers and forwarded calls: http1 (TCP; the transfer listener sends "
                                "chunks with sendfile) or http3 (QUIC to each peer's HTTP/3 port, verified against "
-                               "the cluster CA; every peer needs api.http3)."),
+                               "the cluster CA; a peer with api.http3 off is reached over http1)."),
     ]),
 ]
 

@@ -253,7 +253,7 @@ class PeerConfig(_Section):
     transport: Literal["http1", "http3"] = Field(default="http1", description=(
         "How this node reaches its peers for chunk transfers and forwarded calls: http1 (TCP: the transfer "
         "listener with sendfile, the API port) or http3 (QUIC to each peer's HTTP/3 port, verified against "
-        "the cluster CA; every peer needs api.http3)."))
+        "the cluster CA; a peer with api.http3 off is reached over http1)."))
 
 
 class Settings(BaseSettings):

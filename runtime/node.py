@@ -27,13 +27,15 @@ from omx.functions.router import Router
 from omx.processes import start_ticks
 from omx.runtime.app import build_app
 from omx.runtime.cluster import ClusterService
-from omx.runtime.cluster.peer_link import HttpPeerLink
+from omx.runtime.cluster.peer_http import PeerHttp
+from omx.runtime.cluster.peer_link import CONNECT_TIMEOUT_S, HttpPeerLink
 from omx.runtime.config import Settings
 from omx.runtime.engine import make_engine
 from omx.runtime.functions_host import FunctionsHost, function_host
 from omx.runtime.identity import load_or_create_node_id
 from omx.runtime.peer import Bandwidth, HttpPeerTransport, Transfers, TransferSettings
 from omx.runtime.peer.h3 import H3PeerClient
+from omx.runtime.peer.wire import WireClient
 from omx.runtime.registry_http import HttpxRegistryTransport
 from omx.runtime.replication import PeerCommands, ReplicationService, ReplicationSettings, Replicator
 from omx.runtime.replication.demand import DemandReplicas
@@ -103,7 +105,8 @@ class Node:
         self.peer_transport = HttpPeerTransport(
             self.node_id, key=lambda: self.cluster.secret.peer_auth_key(),
             resolve=self.cluster.peer_h3_address if h3 else self.cluster.peer_address,
-            client=H3PeerClient(tls_dir(settings.home) / "ca.crt") if h3 else None, on_bytes=on_bytes)
+            client=H3PeerClient(tls_dir(settings.home) / "ca.crt") if h3 else None, on_bytes=on_bytes,
+            fallback=(WireClient(), self.cluster.peer_address) if h3 else None)  # a peer with HTTP/3 off
         self.transfers = Transfers(self.store.blobs, self.peer_transport,
                                    settings=TransferSettings(concurrency=settings.models.concurrency),
                                    bandwidth=Bandwidth(settings.replication.max_bandwidth),
@@ -124,7 +127,9 @@ class Node:
                                       snapshot=self.cluster.cluster_snapshot, on_bytes=on_bytes,
                                       on_sync=self.cluster.metrics.peer_sync,
                                       client=H3PeerClient(tls_dir(settings.home) / "ca.crt") if h3 else None,
-                                      fast_of=None if h3 else self.cluster.peer_address)
+                                      fast_of=None if h3 else self.cluster.peer_address,
+                                      fallback=(PeerHttp(connect_timeout=CONNECT_TIMEOUT_S), self.cluster.api_of,
+                                                self.cluster.peer_address) if h3 else None)
         self.router: Router | None = None
         """Model-routed calls go to the best holder through it (made in :meth:`bind`)."""
 

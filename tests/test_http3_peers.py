@@ -146,3 +146,24 @@ async def _hog_streams(node: ClusterNode, streams: int) -> None:
             assert response.status == 200 and json.loads(bytes(response.body))["version"]
         finally:
             await other.aclose()
+
+
+def test_a_peer_with_http3_off_is_reached_over_http1(cluster: Cluster, tmp_path: Path) -> None:
+    b = cluster.nodes[1]
+    c = cluster.add_node("C", env={**ENV, "OMX_PEER__TRANSPORT": "http1", "OMX_API__HTTP3": "false"})
+    gguf = write_tiny_llama(tmp_path / "c.gguf", seed=6, n_embd=256, n_ff=512, n_layer=2)  # no chunk B holds
+    with c.client() as client:
+        create_model(client, "c-only", gguf, template=TINY_TEMPLATE, parameters=PARAMS)
+    wait_until(lambda: c.node_id in held_by(b).get("c-only:latest", []), timeout=DEADLINE,
+               what="B to list the model as held by C")
+    sent = peer_bytes(b, "h1", "sent")
+    body = {"model": "c-only", "prompt": "the cat sat", "stream": False, "options": {"num_predict": 4}}
+    routed = httpx.post(b.url + "/api/generate", json=body, timeout=60)
+    assert routed.status_code == 200, routed.text
+    assert routed.headers["x-omx-node"] == c.node_id and routed.json()["done"] is True
+    assert peer_bytes(b, "h1", "sent") > sent  # C has no HTTP/3 listener: B asked it over HTTP/1.1
+    received = peer_bytes(b, "h1", "received")
+    with b.client() as client, client.stream("POST", "/api/pull", json={"model": "c-only"}) as response:
+        lines = [json.loads(line) for line in response.iter_lines() if line]
+    assert lines[-1] == {"status": "success"}, lines
+    assert peer_bytes(b, "h1", "received") - received >= gguf.stat().st_size

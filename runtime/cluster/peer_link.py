@@ -15,7 +15,8 @@ with less added latency than Hypercorn); larger ones go to its API.
 
 With ``peer.transport: http3`` the same requests go over QUIC to each
 member's HTTP/3 listener (``address_of`` then names it, ``client`` is an
-:class:`~omx.runtime.peer.h3.H3PeerClient`). Request bodies sent and answers
+:class:`~omx.runtime.peer.h3.H3PeerClient`); a member with HTTP/3 off is
+asked over HTTP/1.1 instead (``fallback``). Request bodies sent and answers
 received are reported to ``on_bytes`` under the client's transport label.
 """
 
@@ -111,8 +112,13 @@ class HttpPeerLink:
                  snapshot: Callable[[], ClusterSnapshot], *, client: PeerClient | None = None,
                  on_bytes: Callable[[str, str, int], None] | None = None,
                  on_sync: Callable[[str, int], None] | None = None,
-                 fast_of: Callable[[str], str | None] | None = None) -> None:
+                 fast_of: Callable[[str], str | None] | None = None,
+                 fallback: tuple[PeerClient, Callable[[str], str | None], Callable[[str], str | None]] | None = None
+                 ) -> None:
         self.node_id = node_id
+        self._fallback = fallback
+        """For a member ``api_of`` has no address for (HTTP/3 off there): a client, its ``api_of`` and
+        ``fast_of``."""
         self._fast_of = fast_of
         """A member's transfer listener (None: use ``api_of``), for requests with small bodies."""
         self.on_sync = on_sync
@@ -133,27 +139,32 @@ class HttpPeerLink:
             self._snap, self._snap_at = self._snapshot(), now
         return self._snap
 
-    def _address(self, node: NodeId, body_size: int = 0) -> str:
-        api = self._api_of(node)
+    def _route(self, node: NodeId, body_size: int = 0) -> tuple[PeerClient, str]:
+        """The client and address a request to ``node`` goes to (HTTP/1.1 for a peer without HTTP/3)."""
+        client, api, fast_of = self._client, self._api_of(node), self._fast_of
+        if api is None and self._fallback is not None:
+            client, api_of, fast_of = self._fallback
+            api = api_of(node)
         if api is None:
             raise PeerError(f"peer {node} is not an alive member")
-        if self._fast_of is not None and body_size <= FAST_MAX_BODY:
-            return self._fast_of(node) or api
-        return api
+        if fast_of is not None and body_size <= FAST_MAX_BODY:
+            return client, fast_of(node) or api
+        return client, api
 
     async def request(self, node: NodeId, method: str, path: str, headers: Mapping[str, str], body: bytes, *,
                       head_timeout_s: float | None = None) -> _Reply:
         """Send a signed request and return once the response head arrived; raises PeerError."""
         signed = {**headers, **sign(self._key(), self.node_id, method, path, body)}
+        client, address = self._route(node, len(body))
         try:
-            response = await self._client.request(
-                self._address(node, len(body)), method, path, signed, body,
+            response = await client.request(
+                address, method, path, signed, body,
                 head_timeout=FIRST_BYTE_TIMEOUT_S if head_timeout_s is None else head_timeout_s)
         except _BROKEN as exc:
             raise _broken(node, exc) from exc
         counted = None
         if self._on_bytes is not None:
-            on_bytes, transport = self._on_bytes, self._client.transport
+            on_bytes, transport = self._on_bytes, client.transport
             on_bytes(transport, "sent", len(body))
 
             def counted(n: int) -> None:
@@ -179,3 +190,5 @@ class HttpPeerLink:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        if self._fallback is not None:
+            await self._fallback[0].aclose()

@@ -78,27 +78,33 @@ class HttpPeerTransport:
 
     def __init__(self, node_id: str, key: Callable[[], bytes], resolve: Callable[[NodeId], str | None], *,
                  timeout: float = 60.0, client: GetClient | None = None,
-                 on_bytes: Callable[[str, str, int], None] | None = None) -> None:
+                 on_bytes: Callable[[str, str, int], None] | None = None,
+                 fallback: tuple[GetClient, Callable[[NodeId], str | None]] | None = None) -> None:
         self.node_id = node_id
         self._key = key
         self._resolve = resolve
+        self._fallback = fallback
+        """For a peer ``resolve`` has no address for (HTTP/3 off there): a client and where it answers."""
         self.timeout = timeout
         self.client: GetClient = client or WireClient()
         self._on_bytes = on_bytes
 
     async def _get(self, peer: NodeId, target: str, *, max_body: int,
                    into: bytearray | memoryview | None = None) -> WireResponse:
-        address = self._resolve(peer)
+        client, address = self.client, self._resolve(peer)
+        if address is None and self._fallback is not None:
+            client, resolve = self._fallback
+            address = resolve(peer)
         if address is None:
             raise PeerError(f"peer {peer} has no known address")
         headers = sign(self._key(), self.node_id, "GET", target)
         try:
-            response = await self.client.get(address, target, headers, max_body=max_body, timeout=self.timeout,
-                                             into=into)
+            response = await client.get(address, target, headers, max_body=max_body, timeout=self.timeout,
+                                        into=into)
         except WireError as exc:
             raise PeerError(f"peer {peer}: {exc}") from exc
         if self._on_bytes is not None:
-            self._on_bytes(self.client.transport, "received", len(response.body))
+            self._on_bytes(client.transport, "received", len(response.body))
         if response.status == 200:
             return response
         text = f"peer {peer}: {_error_text(response)}"
@@ -137,3 +143,5 @@ class HttpPeerTransport:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+        if self._fallback is not None:
+            await self._fallback[0].aclose()
