@@ -98,8 +98,7 @@ class ClusterService:
         self._model_tokens: dict[str, int] = {}
         self._ws = 0
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._peer_addresses: dict[str, tuple[Any, str | None]] = {}
-        """Each member's transfer address with the tags it was read from."""
+        self._peer_addresses: dict[str, tuple[Any, str | None]] = {}  # transfer address, tags it came from
         self._follower: asyncio.Task[None] | None = None
         self._switch = asyncio.Lock()
         self._last_state: tuple[Any, dict[str, Any]] | None = None  # (cheap key, health services) last published
@@ -407,16 +406,13 @@ class ClusterService:
 
     def peer_address(self, node_id: str) -> str | None:
         """Where an alive member serves its peer endpoints (its transfer listener, else its API), from its tags."""
-        membership = self.membership
-        state = membership.view.get(node_id) if membership is not None else None
-        if state is None or state.status != "alive" or node_id == self.node_id:
+        tags = self._alive_tags(node_id) if node_id != self.node_id else None
+        if tags is None:
             return None
         known = self._peer_addresses.get(node_id)
-        if known is not None and known[0] is state.tags:  # parsing the tags is most of the cost of asking
-            return known[1]
-        address = transfer_address(state.tags)
-        self._peer_addresses[node_id] = (state.tags, address)
-        return address
+        if known is None or known[0] is not tags:  # parsing the tags is most of the cost of asking
+            known = self._peer_addresses[node_id] = (tags, transfer_address(tags))
+        return known[1]
 
     def peer_h3_address(self, node_id: str) -> str | None:
         """Where an alive member serves HTTP/3 (``peer.transport: http3``); None when it does not."""
