@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from omx.errors import PeerError
 
+log = logging.getLogger("omx.routing")
+
 __all__ = ["MAX_JSON_REPLY", "RETRYABLE", "STREAM_ERRORS", "PeerReply", "cut_error", "error_text", "json_answer",
-           "read_all", "retryable", "streamed"]
+           "read_all", "relay_lines", "retryable", "streamed"]
 
 MAX_JSON_REPLY = 256 << 20
 RETRYABLE = frozenset({401, 403, 404, 408, 429})
@@ -93,3 +96,35 @@ async def json_answer(request: Callable[[], Awaitable[PeerReply]], node: str, pa
         return reply.status, json.loads(raw) if raw else None
     except ValueError as exc:
         raise PeerError(f"{node} answered {path} with invalid JSON") from exc
+
+
+async def relay_lines(node: str, first: bytes, chunks: AsyncIterator[bytes], reply: PeerReply,
+                      end: Callable[[], None], *, sse: bool) -> AsyncIterator[bytes]:
+    """``node``'s stream byte for byte, in whole lines (events); a break ends it with an error object.
+
+    ``end`` is called and ``reply`` closed when it ends, however it ends.
+    """
+    sep = b"\n\n" if sse else b"\n"
+    pending = bytearray()
+    try:
+        piece: bytes | None = first
+        while piece is not None:
+            if not pending and piece.endswith(sep):
+                yield piece  # the usual case: one whole line per piece
+            elif piece:
+                pending += piece
+                cut = pending.rfind(sep)
+                if cut >= 0:
+                    cut += len(sep)
+                    out = bytes(pending[:cut])
+                    del pending[:cut]
+                    yield out
+            piece = await anext(chunks, None)
+        if pending:
+            yield bytes(pending)
+    except PeerError as exc:
+        log.warning("stream from %s broke off: %s", node, exc)
+        yield cut_error(node, str(exc), sse=sse)
+    finally:
+        end()
+        await reply.aclose()

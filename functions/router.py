@@ -46,10 +46,10 @@ from omx.functions.relay import (
     MAX_JSON_REPLY,
     STREAM_ERRORS,
     PeerReply,
-    cut_error,
     error_text,
     json_answer,
     read_all,
+    relay_lines,
     retryable,
     streamed,
 )
@@ -458,7 +458,7 @@ class Router:
                 if first.startswith(STREAM_ERRORS):  # failed before its first token: nothing reached the client
                     raise _Failed(node, f"{node} answered {first[:300].decode(errors='replace').strip()}", AVOID_S)
                 relayed = True
-                relay = self._relay(node, first, chunks, reply, end, sse=media.startswith("text/event-stream"))
+                relay = relay_lines(node, first, chunks, reply, end, sse=media.startswith("text/event-stream"))
                 return ByteStream(relay, status, {"Cache-Control": "no-cache"}, media)
             return Reply(await read_all(reply), status=status, media_type=media)
         except PeerError as exc:
@@ -467,34 +467,6 @@ class Router:
             if not relayed:
                 end()
                 await reply.aclose()
-
-    async def _relay(self, node: NodeId, first: bytes, chunks: AsyncIterator[bytes], reply: PeerReply,
-                     end: Callable[[], None], *, sse: bool) -> AsyncIterator[bytes]:
-        """The peer's stream byte for byte, in whole lines (events); a break ends it with an error object."""
-        sep = b"\n\n" if sse else b"\n"
-        pending = bytearray()
-        try:
-            piece: bytes | None = first
-            while piece is not None:
-                if not pending and piece.endswith(sep):
-                    yield piece  # the usual case: one whole line per piece
-                elif piece:
-                    pending += piece
-                    cut = pending.rfind(sep)
-                    if cut >= 0:
-                        cut += len(sep)
-                        out = bytes(pending[:cut])
-                        del pending[:cut]
-                        yield out
-                piece = await anext(chunks, None)
-            if pending:
-                yield bytes(pending)
-        except PeerError as exc:
-            log.warning("stream from %s broke off: %s", node, exc)
-            yield cut_error(node, str(exc), sse=sse)
-        finally:
-            end()
-            await reply.aclose()
 
     async def peer_json(self, node: NodeId, method: str, path: str, body: bytes = b"", *,
                         within_s: float = 5.0) -> tuple[int, Any]:
