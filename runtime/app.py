@@ -44,6 +44,14 @@ from omx.functions.registry import (
 from omx.runtime.file_response import FileRangeResponse
 from omx.runtime.peer.server import PEER_LISTENER as _PEER_LISTENER
 from omx.runtime.peer.server import PEER_PREFIX as _PEER_PREFIX
+from omx.runtime.request_body import (
+    bounded_stream,
+    check_length,
+    describe_validation,
+    parse_json,
+    read_body,
+    replay,
+)
 
 __all__ = ["build_app", "error_response", "json_response"]
 
@@ -87,62 +95,6 @@ def error_response(exc: OmxError, spec: HandlerSpec | None = None) -> Response:
     else:
         body = {"error": exc.message}
     return json_response(body, exc.status, headers)
-
-
-def _describe_validation(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:3]:
-        loc = ".".join(str(p) for p in err["loc"] if p != "__root__")
-        parts.append(f"{loc}: {err['msg']}" if loc else err["msg"])
-    return "invalid request: " + "; ".join(parts)
-
-
-def _too_large(limit: int) -> InvalidRequest:
-    return InvalidRequest(f"request body too large (the limit is {limit} bytes)", status=413)
-
-
-def _check_length(request: Request, limit: int) -> None:
-    """413 from the declared ``Content-Length`` alone, before reading anything."""
-    declared = request.headers.get("content-length")
-    if declared is None:
-        return
-    try:
-        length = int(declared)
-    except ValueError as exc:
-        raise InvalidRequest("invalid Content-Length header") from exc
-    if length > limit:
-        raise _too_large(limit)
-
-
-async def _read_body(request: Request, limit: int, digest: Any = None) -> bytearray:
-    """The body, at most ``limit`` bytes (else 413), fed to ``digest`` (a hashlib object) as it arrives."""
-    _check_length(request, limit)
-    body = bytearray()
-    async for piece in request.stream():
-        if len(body) + len(piece) > limit:
-            raise _too_large(limit)
-        body += piece
-        if digest is not None:
-            digest.update(piece)
-    return body
-
-
-def _parse_json(raw: bytearray, spec: HandlerSpec) -> Any:
-    if spec.request is None:
-        return None
-    if not raw.strip():
-        data: Any = {}
-    else:
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidRequest(f"invalid JSON in request body: {exc.msg}") from exc
-    if not isinstance(data, dict):
-        raise InvalidRequest("request body must be a JSON object")
-    try:
-        return spec.request.model_validate(data)
-    except ValidationError as exc:
-        raise InvalidRequest(_describe_validation(exc)) from exc
 
 
 def _encode_ndjson(item: Any) -> bytes:
@@ -256,35 +208,16 @@ def _raw_path(scope: Any) -> str:
     return (path + (b"?" + query if query else b"")).decode("latin-1")
 
 
-def _bounded_stream(request: Request, limit: int) -> Callable[[], AsyncIterator[bytes]]:
-    """``request.stream`` that fails with 413 past ``limit`` bytes (for raw bodies a handler streams)."""
-
-    async def stream() -> AsyncIterator[bytes]:
-        seen = 0
-        async for piece in request.stream():
-            seen += len(piece)
-            if seen > limit:
-                raise _too_large(limit)
-            yield piece
-
-    return stream
-
-
-async def _replay(body: bytes) -> AsyncIterator[bytes]:
-    if body:
-        yield body
-
-
 async def _read_peer_body(request: Request, spec: HandlerSpec, call: Call, dispatcher: Dispatcher) -> Any:
     """Read a peer handler's or hop request's body (bounded, hashed while read), check the signature, then parse."""
     digest = hashlib.sha256()
-    raw = await _read_body(request, spec.max_body or (MAX_JSON_BODY if call.hop else PEER_MAX_BODY), digest)
+    raw = await read_body(request, spec.max_body or (MAX_JSON_BODY if call.hop else PEER_MAX_BODY), digest)
     dispatcher.authorize(spec, call, digest.hexdigest())
     if spec.body == "raw":
-        call.stream_body = lambda: _replay(bytes(raw))
+        call.stream_body = lambda: replay(bytes(raw))
         return None
     if spec.body == "json":
-        return _parse_json(raw, spec)
+        return parse_json(raw, spec)
     return None
 
 
@@ -360,15 +293,15 @@ def _endpoint(spec: HandlerSpec, services: Services, dispatcher: Dispatcher) -> 
             if spec.auth == "peer" or call.hop:
                 body = await _read_peer_body(request, spec, call, dispatcher)
             elif spec.body == "json" and request.method not in ("GET", "HEAD"):
-                raw = await _read_body(request, spec.max_body or MAX_JSON_BODY)
+                raw = await read_body(request, spec.max_body or MAX_JSON_BODY)
                 if spec.hop:
                     call.body_bytes = bytes(raw)  # sent on unchanged when a peer answers the call
-                body = _parse_json(raw, spec)
+                body = parse_json(raw, spec)
             elif spec.body == "json" and spec.request is not None:
                 body = spec.request.model_validate({})
             elif spec.max_body is not None:
-                _check_length(request, spec.max_body)
-                call.stream_body = _bounded_stream(request, spec.max_body)
+                check_length(request, spec.max_body)
+                call.stream_body = bounded_stream(request, spec.max_body)
             result = await dispatcher.invoke(spec, body, call)
             if isinstance(result, ByteStream):
                 return _relayed(result, on_stream_end)
@@ -380,7 +313,7 @@ def _endpoint(spec: HandlerSpec, services: Services, dispatcher: Dispatcher) -> 
         except ClientDisconnect:
             return Response(b"", status_code=499)
         except ValidationError as exc:
-            return error_response(InvalidRequest(_describe_validation(exc)), spec)
+            return error_response(InvalidRequest(describe_validation(exc)), spec)
         except Exception:  # noqa: BLE001 - never leak a traceback to a client
             log.exception("handler %s failed", spec.name)
             return json_response({"error": "internal error"}, 500)
