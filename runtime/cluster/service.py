@@ -38,6 +38,7 @@ from omx.mesh.membership import Membership
 from omx.protocols import Scheduler
 from omx.runtime.cluster.inventory import PEER_REFRESH_S, LocalInventory, PeerInventories, snapshot_of
 from omx.runtime.cluster.keys import persist_secret, resolve_secret
+from omx.runtime.cluster.member_addresses import MemberAddresses
 from omx.runtime.cluster.metrics import LiveFacts, NodeMetrics
 from omx.runtime.cluster.records import member_record
 from omx.runtime.cluster.resources import ResourceSampler
@@ -45,7 +46,6 @@ from omx.runtime.cluster.stream import EventMessages
 from omx.runtime.cluster.topology import Topology, topology
 from omx.runtime.config import Settings
 from omx.runtime.events import EventBus, MemberUpdate, NodeStateChanged
-from omx.runtime.peer.transport import h3_address, transfer_address
 from omx.runtime.tls import cluster_ca
 from omx.storage import ModelStore
 from omx.storage.holdings_meta import HoldingsMeta
@@ -98,7 +98,7 @@ class ClusterService:
         self._model_tokens: dict[str, int] = {}
         self._ws = 0
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._peer_addresses: dict[str, tuple[Any, str | None]] = {}  # transfer address, tags it came from
+        self.addresses = MemberAddresses(node_id, lambda: self.membership)
         self._follower: asyncio.Task[None] | None = None
         self._switch = asyncio.Lock()
         self._last_state: tuple[Any, dict[str, Any]] | None = None  # (cheap key, health services) last published
@@ -406,18 +406,11 @@ class ClusterService:
 
     def peer_address(self, node_id: str) -> str | None:
         """Where an alive member serves its peer endpoints (its transfer listener, else its API), from its tags."""
-        tags = self._alive_tags(node_id) if node_id != self.node_id else None
-        if tags is None:
-            return None
-        known = self._peer_addresses.get(node_id)
-        if known is None or known[0] is not tags:  # parsing the tags is most of the cost of asking
-            known = self._peer_addresses[node_id] = (tags, transfer_address(tags))
-        return known[1]
+        return self.addresses.peer(node_id)
 
     def peer_h3_address(self, node_id: str) -> str | None:
         """Where an alive member serves HTTP/3 (``peer.transport: http3``); None when it does not."""
-        tags = self._alive_tags(node_id) if node_id != self.node_id else None
-        return h3_address(tags) if tags is not None else None
+        return self.addresses.h3(node_id)
 
     def counters(self) -> Counters:
         return Counters(self._requests, self._ws, dict(self._model_requests), self.metrics.routed_counts(),
@@ -457,8 +450,7 @@ class ClusterService:
             await self._inventory_changed()
 
     def _alive_tags(self, node: str) -> Any:
-        state = self.membership.view.get(node) if self.membership is not None else None
-        return state.tags if state is not None and state.status == "alive" else None
+        return self.addresses.tags(node)
 
     def api_of(self, node: str) -> str | None:
         """``host:port`` of an alive member's API (None when it is not alive or unknown)."""
