@@ -15,7 +15,13 @@ exactly the text they produce alone (llama.cpp's kernels are not
 batch-invariant, so late tokens may differ) and where the first difference
 fell, and what prompt-prefix reuse saves when a chat continues.
 
+``--num-parallel N`` serves fewer sequences than the highest level (the rest
+queue); ``--kv-unified`` gives the node one KV cache of ``ctx × num_parallel``
+cells shared by up to the highest level's sequences, admitted by room
+(``engine.kv_unified``): compare ``--num-parallel 4 --levels 1,4,8`` with and without it.
+
     python bench/concurrency.py [--model PATH] [--levels 1,2,4,8] [--rounds 3] [--tokens 64] [--threads N]
+                                [--num-parallel N] [--kv-unified]
 """
 
 from __future__ import annotations
@@ -135,6 +141,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--ctx", type=int, default=1024, help="context per sequence")
+    ap.add_argument("--num-parallel", type=int, help="engine.num_parallel (default: the highest level)")
+    ap.add_argument("--kv-unified", action="store_true",
+                    help="one KV cache shared by up to the highest level's sequences (engine.kv_unified)")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     model = args.model
@@ -143,7 +152,11 @@ def main() -> None:
 
         model = assemble()
     home = Path(tempfile.mkdtemp(prefix="omx-bench-"))
-    proc, info = start_node(home, {"OMX_WEB__ENABLED": "false", "OMX_ENGINE__NUM_PARALLEL": str(max(levels))})
+    parallel = args.num_parallel or max(levels)
+    env = {"OMX_WEB__ENABLED": "false", "OMX_ENGINE__NUM_PARALLEL": str(parallel)}
+    if args.kv_unified:
+        env |= {"OMX_ENGINE__KV_UNIFIED": "true", "OMX_ENGINE__MAX_SEQUENCES": str(max(parallel, max(levels)))}
+    proc, info = start_node(home, env)
     url = info["url"]
     options = {"num_thread": args.threads, "num_batch": args.batch, "num_ctx": args.ctx}
     spawn = mp.get_context("spawn")
@@ -190,7 +203,7 @@ def main() -> None:
                 row["diff"] += [None if r["text"] == alone[r["q"]] else _first_difference(r["text"], alone[r["q"]])
                                 for r in runs if r["q"] in alone]
         print(f"model: {model.name}  tokens/stream: {args.tokens}  threads: {args.threads}  "
-              f"num_parallel: {max(levels)}  rounds: {args.rounds}  "
+              f"num_parallel: {parallel}{' (shared KV cache)' if args.kv_unified else ''}  rounds: {args.rounds}  "
               f"load average (1 min): {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
         print(f"{'streams':>8}{'omx tok/s':>11}{'(min-max)':>16}{'bare seq':>10}{'vs 1 stream':>13}{'vs bare':>9}"
               f"{'TTFT p50':>10}{'p99 ms':>8}{'tok/CPU-s':>10}{'bare':>6}{'same as alone':>15}  first diff. at char")

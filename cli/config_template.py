@@ -78,6 +78,12 @@ SECTIONS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
                             "as fit in free VRAM, when llama-cpp-python was built with a GPU backend; 0: none)."),
         ("batching", "true", "llama_cpp: continuous batching of parallel requests in one context "
                              "(false: one context per parallel slot)."),
+        ("kv_unified", "false", "llama_cpp with batching: one KV cache of num_ctx x num_parallel tokens shared by "
+                                "up to max_sequences requests, admitted by the room left in it (more short "
+                                "requests at once in the same memory; outputs may differ slightly from a lone "
+                                "run). false: num_ctx tokens of cache for each of num_parallel sequences."),
+        ("max_sequences", "null", "With kv_unified: requests decoded together per loaded model (null: 4 x "
+                                  "num_parallel; at most 256)."),
     ]),
     ("security", "Client access.", [
         ("api_keys", "[]", "When set, client endpoints need 'Authorization: Bearer KEY'."),

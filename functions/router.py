@@ -223,7 +223,8 @@ class Router:
             key = model_key(loaded.name)
             names[key] = loaded.name
             busy = max(self._busy.get(key, 0), loaded.active_requests)
-            models[key] = ModelLoad(True, loaded.active_requests, busy - loaded.active_requests, slots)
+            models[key] = ModelLoad(True, loaded.active_requests, busy - loaded.active_requests,
+                                    loaded.slots or slots)
         for key, busy in self._busy.items():
             if busy and key not in models:
                 models[key] = ModelLoad(False, 0, busy, slots)

@@ -204,6 +204,8 @@ class LoadedModel:
     """Bytes of the model (weights and KV cache) placed in GPU memory."""
     gpu_layers: int = 0
     """Layers offloaded to the GPU (one more than the block count: the output layer too)."""
+    slots: int = 0
+    """Requests it serves at once (0: not known)."""
 
 
 class Scheduler(Protocol):

@@ -211,6 +211,13 @@ class EngineConfig(_Section):
     batching: bool = Field(default=True, description=(
         "llama_cpp: serve num_parallel requests as sequences of one context decoded together "
         "(false: one context per slot)."))
+    kv_unified: bool = Field(default=False, description=(
+        "llama_cpp with batching: one KV cache of num_ctx x num_parallel cells shared by up to max_sequences "
+        "requests, each admitted when free cells cover its prompt, and set aside (its tokens read again later) "
+        "when the cache fills; serves more short requests in the same memory, but a request's output may "
+        "differ numerically from bare llama.cpp (false: a cache of num_ctx cells per sequence)."))
+    max_sequences: int | None = Field(default=None, ge=1, le=256, description=(
+        "With kv_unified: most requests decoded together per loaded model (null: 4 x num_parallel)."))
 
     @field_validator("backend", mode="before")
     @classmethod

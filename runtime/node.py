@@ -75,7 +75,8 @@ class Node:
                                 extra_roots=tuple(settings.models.extra_stores))
         engine_cfg = settings.engine
         self.engine = make_engine(engine_cfg.backend, num_thread=engine_cfg.num_thread, num_gpu=engine_cfg.num_gpu,
-                                  batching=engine_cfg.batching)
+                                  batching=engine_cfg.batching, kv_unified=engine_cfg.kv_unified,
+                                  max_sequences=engine_cfg.max_sequences)
         self.scheduler = ModelScheduler(
             self.engine,
             max_loaded_models=engine_cfg.max_loaded_models,

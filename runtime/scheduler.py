@@ -71,14 +71,16 @@ def pick_victim(states: Iterable[ModelState], now: float) -> tuple[object, ...] 
 
 
 class _Entry:
-    __slots__ = ("active", "close_task", "closed", "draining", "expires_at", "keep_alive", "last_used", "load",
-                 "restart_lock", "runner", "served", "slots", "spec", "timer", "waiting")
+    __slots__ = ("active", "capacity", "close_task", "closed", "draining", "expires_at", "keep_alive", "last_used",
+                 "load", "restart_lock", "runner", "served", "slots", "spec", "timer", "waiting")
 
     def __init__(self, spec: ModelSpec, slots: int, now: float) -> None:
         self.spec = spec
         self.runner: Runner | None = None
         self.load: asyncio.Task[Runner] | None = None
         self.slots = asyncio.Semaphore(slots)
+        self.capacity = slots
+        """Requests served at once: ``num_parallel``, or the runner's sequences when it has more."""
         self.active = 0
         self.waiting = 0
         self.served = 0
@@ -102,7 +104,9 @@ class ModelScheduler:
 
     ``num_parallel`` is the number of concurrent requests per loaded model
     (a spec with ``num_parallel`` > 1 overrides it); with a batching runner each
-    slot is a sequence of the model's one context, decoded together with the others; ``max_queue`` bounds the
+    slot is a sequence of the model's one context, decoded together with the others, and a runner
+    whose one KV cache is shared by more sequences (``sequences`` in its info) gets that many
+    slots: it admits them by room in its cache itself; ``max_queue`` bounds the
     requests waiting for a load or a slot (:class:`omx.errors.ServiceBusy`
     beyond it); ``wait_timeout`` bounds how long one request waits.
     """
@@ -176,6 +180,7 @@ class ModelScheduler:
                 pid=getattr(entry.runner, "pid", None),
                 cancelled_generations=int(getattr(entry.runner, "cancelled_generations", 0)),
                 size_vram=int(info.get("size_vram", 0)), gpu_layers=int(info.get("n_gpu_layers", 0)),
+                slots=entry.capacity,
             ))
         return rows
 
@@ -319,6 +324,11 @@ class ModelScheduler:
             self._notify()
             raise
         entry.runner = runner
+        # A runner with one shared KV cache serves more sequences than num_parallel, admitting them by room.
+        sequences = int((getattr(runner, "info", None) or {}).get("sequences", 0))
+        for _ in range(sequences - entry.capacity):
+            entry.slots.release()
+        entry.capacity = max(entry.capacity, sequences)
         if entry.closed and entry.active == 0:
             self._schedule_close(entry)
         self._notify()

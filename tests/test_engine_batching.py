@@ -6,11 +6,15 @@ import asyncio
 import json
 from pathlib import Path
 
+import httpx
 import llama_cpp
 import pytest
 
+from omx.errors import InvalidRequest
 from omx.protocols import Completion, CompletionChunk, CompletionDone, SamplingOptions
 from omx.runtime.engine import LlamaCppEngine, ProcessRunner
+from tests.conftest import TINY_TEMPLATE
+from tests.support.node import create_model, start_node
 from tests.support.serf import eventually
 from tests.support.tiny_gguf import write_tiny_llama
 from tests.test_engine_llama import bare, bare_kwargs, collect, spec_for
@@ -190,12 +194,94 @@ def test_embedding_inputs_share_one_decode_and_equal_one_by_one(models: dict[str
 
 
 def test_a_new_request_keeps_the_busy_sequences_together() -> None:
-    from omx.runtime.engine._batch_backend import _Slot, choose_slot, runs
+    from omx.runtime.engine._slots import Slot, choose_slot, runs
 
     assert (runs([]), runs([2, 0, 1]), runs([0, 3, 5, 6])) == (0, 1, 3)
-    slots = [_Slot(seq) for seq in range(4)]
+    slots = [Slot(seq) for seq in range(4)]
     slots[3].cached = [1, 2, 3]
     # Sequences 0 and 2 busy: sequence 1 closes the gap although sequence 3 holds the prompt's prefix.
     assert choose_slot([slots[1], slots[3]], [0, 2], [1, 2, 3, 4]).seq == 1
     # Nothing busy: the cached prefix decides.
     assert choose_slot(slots, [], [1, 2, 3, 4]).seq == 3
+
+
+def test_room_in_a_shared_cache_comes_from_idle_prefixes_least_recently_used_first() -> None:
+    from omx.runtime.engine._slots import Slot, cells_to_free, preemption_victim
+
+    slots = [Slot(seq) for seq in range(4)]
+    for slot, (cached, used, busy) in zip(slots, [(30, 4, True), (20, 1, False), (20, 2, False), (10, 3, False)],
+                                          strict=True):
+        slot.cached, slot.used, slot.gen = list(range(cached)), used, object() if busy else None
+    # 100 cells, 80 held: 20 free. A running sequence's cells are never taken.
+    assert cells_to_free(slots, 100, 20) == []
+    assert cells_to_free(slots, 100, 21) == [slots[1]]
+    assert cells_to_free(slots, 100, 50) == [slots[1], slots[2]]
+    assert cells_to_free(slots, 100, 61) == [slots[1], slots[2], slots[3]]
+    assert cells_to_free(slots, 100, 50, keep=slots[2]) == [slots[1], slots[3]]
+    assert cells_to_free(slots, 100, 51, keep=slots[2]) is None
+    assert cells_to_free(slots, 100, 71) is None
+    # The request admitted last steps aside; one request alone never does.
+    assert preemption_victim(slots) is None
+    slots[2].gen = object()
+    assert preemption_victim(slots) is slots[0]
+    slots[0].used = 0
+    assert preemption_victim(slots) is slots[2]
+
+
+async def test_a_shared_cache_admits_by_room_and_sets_the_last_request_aside_when_full(
+        models: dict[str, Path]) -> None:
+    # 2 x 128 cells shared by up to 8 sequences: eight short requests run together where a cache per
+    # sequence would run two at a time; 8 x ~105 cells do not fit in 256, so some step aside and come back.
+    engine = LlamaCppEngine(kv_unified=True, max_sequences=8)
+    runner = await engine.start(spec_for(models["plain"], num_ctx=128, num_parallel=2))
+    opts = SamplingOptions(temperature=0.0, num_predict=100)
+    prompts = [*PROMPTS, "data", "the model"]
+    try:
+        assert (runner.info["sequences"], runner.info["kv_unified"], runner.info["n_ctx"]) == (8, True, 128)
+        cells = runner.info["kv_cells"]
+        assert cells >= 256
+        results = await asyncio.gather(*(collect(runner, Completion(p, opts)) for p in prompts))
+        stats = await runner.stats()
+        with pytest.raises(InvalidRequest, match="exceed context window of 128"):
+            await collect(runner, Completion("the sky " * 80, opts))
+    finally:
+        await runner.close()
+    llm = bare(models["plain"], n_ctx=128)
+    for prompt, (chunks, done) in zip(prompts, results, strict=True):
+        expected = llm.create_completion(prompt, **bare_kwargs(opts))["choices"][0]["text"]
+        assert done.eval_count == 100 and done.prompt_eval_count == len(llm.tokenize(prompt.encode()))
+        # Set aside or not, a request streams its own text once, in order (this f32 model's logits do not
+        # depend on what else the batch holds, so it is bare's text exactly).
+        assert "".join(chunks) == expected
+    print(f"shared cache of {cells} cells: {stats}")
+    assert stats["peak_running"] > 2, "more requests than num_parallel must run together"
+    assert stats["preemptions"] > 0, "the cache filled: a request must have stepped aside"
+
+
+def test_a_node_with_a_shared_cache_serves_more_requests_at_once_than_num_parallel(tmp_path: Path,
+                                                                                   tiny_gguf: Path) -> None:
+    node = start_node(tmp_path / "home", env={"OMX_ENGINE__NUM_PARALLEL": "1", "OMX_ENGINE__KV_UNIFIED": "true",
+                                              "OMX_ENGINE__MAX_SEQUENCES": "6"})
+    try:
+        with node.client() as http:
+            create_model(http, "tiny", tiny_gguf, template=TINY_TEMPLATE, parameters={"num_ctx": 256})
+
+            async def generate(prompt: str) -> dict[str, object]:
+                async with httpx.AsyncClient(base_url=node.url, timeout=120) as client:
+                    r = await client.post("/api/generate", json={
+                        "model": "tiny", "prompt": prompt, "stream": False,
+                        "options": {"temperature": 0, "num_predict": 40}})
+                    assert r.status_code == 200, r.text
+                    return dict(r.json())
+
+            async def all_at_once() -> list[dict[str, object]]:
+                return await asyncio.gather(*(generate(p) for p in PROMPTS))
+
+            answers = asyncio.run(all_at_once())
+            runners = http.get("/api/distributed/status").json()["runner_stats"]["runners"]
+    finally:
+        node.stop()
+    assert [a["eval_count"] for a in answers] == [40] * len(PROMPTS)
+    (runner,) = runners
+    # One shared cache of 256 cells (num_ctx x num_parallel), six sequences: six requests at once.
+    assert runner["slots"] == 6 and runner["context_length"] == 256

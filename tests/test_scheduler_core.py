@@ -9,7 +9,7 @@ import pytest
 
 from omx.errors import EngineError, ServiceBusy
 from omx.protocols import Completion, CompletionChunk, ModelSpec
-from omx.runtime.engine._fake import FakeEngine
+from omx.runtime.engine._fake import FakeEngine, FakeRunner
 from omx.runtime.scheduler import ModelScheduler, ModelState, pick_victim, resolve_keep_alive
 from omx.types import BlobDigest
 
@@ -180,6 +180,35 @@ async def test_num_parallel_bounds_concurrent_leases() -> None:
     await asyncio.gather(*(use() for _ in range(8)))
     assert peak == 2
     assert engine.runners[0].spec.num_parallel == 2
+    await sched.aclose()
+
+
+async def test_a_runner_with_more_sequences_than_num_parallel_gets_that_many_leases() -> None:
+    class SharedCacheEngine(FakeEngine):
+        async def start(self, spec: ModelSpec) -> FakeRunner:
+            runner = await super().start(spec)
+            runner.info = {"sequences": 5}  # type: ignore[attr-defined]
+            return runner
+
+    sched = ModelScheduler(SharedCacheEngine(), num_parallel=2)
+    inside = 0
+    peak = 0
+    release = asyncio.Event()
+
+    async def use() -> None:
+        nonlocal inside, peak
+        async with sched.lease(spec("a"), keep_alive=None):
+            inside += 1
+            peak = max(peak, inside)
+            await release.wait()
+            inside -= 1
+
+    users = [asyncio.ensure_future(use()) for _ in range(8)]
+    await until(lambda: inside == 5)
+    assert sched.loaded()[0].slots == 5 and sched.queued == 3
+    release.set()
+    await asyncio.gather(*users)
+    assert peak == 5
     await sched.aclose()
 
 

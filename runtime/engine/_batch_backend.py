@@ -19,6 +19,21 @@ request goes, among the free sequences that keep the busy ones packed together
 (:func:`choose_slot`), to the one whose cached tokens share the longest prefix
 with its prompt and decodes only the rest (a chat that continues re-reads
 nothing it has read before).
+
+*One shared cache* (``kv_unified``, opt-in): the context's ``n_ctx × n_parallel``
+cells are shared by up to ``n_seq_max`` sequences (default ``4 × n_parallel``),
+and requests are admitted by room rather than by a fixed count: a request
+enters when a sequence is free and the free cells (after dropping idle
+sequences' cached prefixes, least recently used first) cover its prompt, the
+prompts still being read and one step of every running request. Short chats
+then share the memory that ``n_parallel`` full contexts would reserve. When a
+step finds the cache full, the request admitted last steps aside: its cells are
+freed, it waits at the head of the queue, and on its return it reads its prompt
+and what it has generated again, then goes on (nothing is sent twice, and its
+counts stay its own). The request admitted first is never set aside, so it
+always finishes. The price: a sequence's cells may lie out of position order,
+so a request is no longer bit-identical to bare llama-cpp-python (a lone Gemma
+3 270M request after others diverged in 1 of 8 prompts), hence opt-in.
 """
 
 from __future__ import annotations
@@ -28,7 +43,7 @@ import ctypes
 import multiprocessing
 import threading
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +60,15 @@ from omx.runtime.engine._sequence import (
     prompt_tokens,
     repeat_window,
 )
+from omx.runtime.engine._slots import (
+    Slot,
+    cells_to_free,
+    cells_used,
+    choose_slot,
+    common_prefix,
+    preemption_victim,
+    runs,
+)
 from omx.runtime.engine._wire import ERR_CANCELLED, ERR_ENGINE, ERR_INVALID, ERR_UNSUPPORTED, RequestError
 from omx.runtime.engine.cpu_quirks import avoid_broken_amx
 
@@ -54,50 +78,8 @@ Finish = Callable[[str, Any], None]
 """``finish("done", body)`` or ``finish(error_kind, message)``: how a request ends."""
 
 DEFAULT_PREFILL_CHUNK = 128
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-def runs(seqs: Iterable[int]) -> int:
-    """How many runs of consecutive ids ``seqs`` make.
-
-    With a cache per sequence llama.cpp puts only consecutive sequence ids in one
-    micro-batch (``split_equal``, "accept only increasing sequence ids"), and each
-    micro-batch is a forward pass of its own: busy sequences 0, 3, 5 and 6 decode
-    their next tokens in three passes instead of one.
-    """
-    ordered = sorted(seqs)
-    return sum(1 for i, seq in enumerate(ordered) if i == 0 or seq != ordered[i - 1] + 1)
-
-
-def choose_slot(free: Sequence[_Slot], busy: Sequence[int], tokens: Sequence[int]) -> _Slot:
-    """The free sequence for a request with prompt ``tokens`` while sequences ``busy`` generate.
-
-    First the one that keeps the busy sequences in the fewest runs (:func:`runs`;
-    4 streams of Gemma 3 270M spread over 8 sequences ran at 1.49x one stream,
-    packed together about 2x), then the longest cached prefix of the prompt,
-    then the least recently used.
-    """
-    return max(free, key=lambda s: (-runs([*busy, s.seq]), common_prefix(s.cached, tokens), -s.used))
-
-
-class _Slot:
-    """One sequence of the context and the tokens its cache cells hold."""
-
-    __slots__ = ("cached", "gen", "seq", "used")
-
-    def __init__(self, seq: int) -> None:
-        self.seq = seq
-        self.cached: list[int] = []
-        self.gen: Generation | None = None
-        self.used = 0
+MAX_SEQUENCES = 256
+"""llama.cpp's ``LLAMA_MAX_SEQ``."""
 
 
 class BatchBackend:
@@ -113,11 +95,14 @@ class BatchBackend:
             raise RequestError(ERR_UNSUPPORTED, "llama-cpp-python applies at most one LoRA adapter")
         verbose = bool(config.get("verbose", False))
         self.n_parallel = max(1, int(config.get("n_parallel", 1)))
+        self.kv_unified = bool(config.get("kv_unified", False))
+        n_seq = int(config.get("n_seq_max") or 4 * self.n_parallel) if self.kv_unified else self.n_parallel
+        self.n_seq = max(self.n_parallel, min(n_seq, MAX_SEQUENCES))
         n_ctx = int(config["n_ctx"])
         # Through the submodule: avoid_broken_amx patches the defaults there.
         mparams = llama_cpp.llama_cpp.llama_model_default_params()
         # As llama_cpp.Llama sets them, so a request alone computes what Llama computes.
-        self.n_batch = max(min(n_ctx, int(config["n_batch"])), self.n_parallel)
+        self.n_batch = max(min(n_ctx, int(config["n_batch"])), self.n_seq)
         self.gpu = plan_offload(Path(config["model_path"]), int(config.get("n_gpu_layers", 0)),
                                 n_ctx_total=n_ctx * self.n_parallel, n_ubatch=min(self.n_batch, 512))
         mparams.n_gpu_layers = self.gpu.layers
@@ -129,12 +114,12 @@ class BatchBackend:
         cparams.n_ctx = n_ctx * self.n_parallel
         cparams.n_batch = self.n_batch
         cparams.n_ubatch = min(self.n_batch, 512)
-        cparams.n_seq_max = self.n_parallel
-        # A cache per sequence: a request's cells lie in position order, as in a lone context, so it
-        # computes what bare llama-cpp-python computes whatever ran before it. In one shared cache a
+        cparams.n_seq_max = self.n_seq
+        # By default a cache per sequence: a request's cells lie in position order, as in a lone context,
+        # so it computes what bare llama-cpp-python computes whatever ran before it. In one shared cache a
         # sequence's new cells may fill gaps that others left, out of position order: there a lone
         # Gemma 3 270M request after others diverged from bare in 1 of 8 prompts.
-        cparams.kv_unified = False
+        cparams.kv_unified = self.kv_unified
         cparams.n_threads = self.n_threads
         # Steps that carry several sequences run on the batch team: a configured thread count bounds it too.
         cparams.n_threads_batch = int(config.get("n_threads") or cpus)
@@ -152,23 +137,32 @@ class BatchBackend:
             arr = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._adapter)
             if llama_cpp.llama_set_adapters_lora(self.ctx, arr, 1, (ctypes.c_float * 1)(1.0)):
                 raise RequestError(ERR_INVALID, f"failed to apply LoRA adapter {adapters[0]}")
-        self.n_ctx_seq = int(llama_cpp.llama_n_ctx_seq(self.ctx))
+        # A request's context is n_ctx whether its cells are its own or drawn from the shared cache.
+        self.n_ctx_seq = n_ctx if self.kv_unified else int(llama_cpp.llama_n_ctx_seq(self.ctx))
+        self.cells = int(llama_cpp.llama_n_ctx(self.ctx))
+        """Cells of the whole cache (all sequences)."""
         self._memory = llama_cpp.llama_get_memory(self.ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.prefill_chunk = max(1, int(config.get("prefill_chunk") or DEFAULT_PREFILL_CHUNK))
         self.metadata = self.model.metadata()
         self.n_vocab = self.model.n_vocab()
-        self._slots = [_Slot(seq) for seq in range(self.n_parallel)]
+        self._slots = [Slot(seq) for seq in range(self.n_seq)]
         self._uses = 0
         self._lock = threading.Condition()
         self._incoming: collections.deque[tuple[int, dict[str, Any], Callable[[str], None], Finish]] = (
             collections.deque())
+        self._waiting: collections.deque[Generation] = collections.deque()
+        """Requests read and ready, waiting for a sequence (and, in a shared cache, room); decode thread only."""
         self._cancelled: set[int] = set()
         self._finishers: dict[int, tuple[Finish, bool]] = {}
         self._embedder: llama_cpp.Llama | None = None
         self._embed_lock = threading.Lock()
         self.steps = 0
         """Decode calls made so far."""
+        self.preemptions = 0
+        """Times a running request stepped aside for lack of room in the shared cache."""
+        self.peak_running = 0
+        """Most requests that held a sequence at once."""
         threading.Thread(target=self._run, daemon=True, name="omx-decode").start()
 
     def info(self) -> dict[str, Any]:
@@ -180,6 +174,9 @@ class BatchBackend:
             "n_vocab": self.model.n_vocab(),
             "n_embd": self.model.n_embd(),
             "n_parallel": self.n_parallel,
+            "sequences": self.n_seq,
+            "kv_unified": self.kv_unified,
+            "kv_cells": self.cells,
             "n_threads": self.n_threads,
             "n_gpu_layers": self.gpu.layers,
             "size_vram": self.gpu.vram,
@@ -199,6 +196,11 @@ class BatchBackend:
         with self._lock:
             self._cancelled.add(rid)
             self._lock.notify()
+
+    def stats(self) -> dict[str, int]:
+        """Counters of the decode loop (read without its lock: each is one int)."""
+        return {"steps": self.steps, "preemptions": self.preemptions, "peak_running": self.peak_running,
+                "kv_cells_used": cells_used(self._slots)}
 
     def tokenize(self, text: str, add_special: bool) -> list[int]:
         return list(self.model.tokenize(text.encode("utf-8"), add_special, True))
@@ -237,19 +239,20 @@ class BatchBackend:
     # ------------------------------------------------------------ the decode loop (its own thread)
 
     def _run(self) -> None:
-        waiting: collections.deque[tuple[int, dict[str, Any], Callable[[str], None], Finish]] = collections.deque()
         while True:
             with self._lock:
                 while not (self._incoming or self._cancelled or self._busy()
-                           or (waiting and self._free_slot_exists())):
+                           or (self._waiting and self._free_slot_exists())):
                     self._lock.wait()
-                waiting.extend(self._incoming)
+                incoming = list(self._incoming)
                 self._incoming.clear()
                 cancelled, self._cancelled = self._cancelled, set()
             try:
-                self._apply_cancels(cancelled, waiting)
-                while waiting and self._free_slot_exists():
-                    self._admit(*waiting.popleft())
+                for item in incoming:
+                    self._prepare(*item)
+                self._apply_cancels(cancelled)
+                while self._waiting and self._place(self._waiting[0]):
+                    self._waiting.popleft()
                 if self._busy():
                     self._step()
             except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the runner
@@ -262,17 +265,22 @@ class BatchBackend:
     def _free_slot_exists(self) -> bool:
         return any(slot.gen is None for slot in self._slots)
 
-    def _apply_cancels(self, cancelled: set[int], waiting: collections.deque[Any]) -> None:
+    def _apply_cancels(self, cancelled: set[int]) -> None:
         if not cancelled:
             return
-        for item in [w for w in waiting if w[0] in cancelled]:
-            waiting.remove(item)
-            item[3](ERR_CANCELLED, "generation cancelled")
+        for gen in [g for g in self._waiting if g.rid in cancelled]:
+            self._waiting.remove(gen)
+            finish, _ = self._finishers.pop(gen.rid)
+            try:
+                finish(ERR_CANCELLED, "generation cancelled")
+            finally:
+                gen.close()
         for slot in self._slots:
             if slot.gen is not None and slot.gen.rid in cancelled:
                 self._end(slot, ERR_CANCELLED, "generation cancelled")
 
-    def _admit(self, rid: int, req: dict[str, Any], emit: Callable[[str], None], finish: Finish) -> None:
+    def _prepare(self, rid: int, req: dict[str, Any], emit: Callable[[str], None], finish: Finish) -> None:
+        """Read request ``rid`` (tokens, limits, sampler) and queue it, or end it with its error."""
         try:
             tokens, strip_space = prompt_tokens(self.model, req)
             if len(tokens) >= self.n_ctx_seq:
@@ -292,27 +300,71 @@ class BatchBackend:
             traceback.print_exc()
             finish(ERR_ENGINE, f"{type(exc).__name__}: {exc}")
             return
-        slot = self._pick_slot(tokens)
-        gen = Generation(rid, self.model, tokens, sampler, seq=slot.seq, max_tokens=max_tokens,
+        gen = Generation(rid, self.model, tokens, sampler, seq=-1, max_tokens=max_tokens,
                          stop=opts.get("stop") or (), strip_space=strip_space, emit=emit)
+        gen.repeat = repeat_window(opts, self.n_ctx_seq)
+        gen.greedy = plain_greedy(opts, self.n_ctx_seq)
+        self._finishers[rid] = (finish, bool(req.get("return_context")))
+        self._waiting.append(gen)
+
+    def _place(self, gen: Generation) -> bool:
+        """Give ``gen`` a free sequence (and, in a shared cache, the room it needs); False when it must wait."""
+        free = [slot for slot in self._slots if slot.gen is None]
+        if not free:
+            return False
+        tokens = gen.pending
+        slot = choose_slot(free, [s.seq for s in self._slots if s.gen is not None], tokens)
         reuse = min(common_prefix(slot.cached, tokens), len(tokens) - 1)
+        if self.kv_unified:
+            # Room for this prompt, the prompts still being read, and the next token of every request.
+            running = [s.gen for s in self._slots if s.gen is not None]
+            need = len(tokens) - reuse + sum(len(g.pending) for g in running) + len(running) + 1
+            drops = cells_to_free(self._slots, self.cells, need - (len(slot.cached) - reuse), keep=slot)
+            if drops is None:
+                return False
+            for idle in drops:
+                self._forget(idle)
         if reuse < len(slot.cached) and not llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, reuse, -1):
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
             reuse = 0
         slot.cached = tokens[:reuse]
-        gen.reused = reuse
-        gen.repeat = repeat_window(opts, self.n_ctx_seq)
-        gen.greedy = plain_greedy(opts, self.n_ctx_seq)
+        if not gen.preempted:
+            gen.reused = reuse
+        gen.seq = slot.seq
         gen.pos = reuse
         gen.pending = tokens[reuse:]
         self._uses += 1
         slot.used = self._uses
         slot.gen = gen
-        self._finishers[rid] = (finish, bool(req.get("return_context")))
+        self.peak_running = max(self.peak_running, sum(1 for s in self._slots if s.gen is not None))
+        return True
 
-    def _pick_slot(self, tokens: list[int]) -> _Slot:
-        free = [slot for slot in self._slots if slot.gen is None]
-        return choose_slot(free, [slot.seq for slot in self._slots if slot.gen is not None], tokens)
+    def _forget(self, slot: Slot) -> None:
+        """Drop an idle sequence's cached prefix."""
+        llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
+        slot.cached = []
+
+    def _room(self, need: int) -> bool:
+        """Whether ``need`` cells of the shared cache are free, after dropping idle prefixes if that is enough."""
+        drops = cells_to_free(self._slots, self.cells, need)
+        for idle in drops or ():
+            self._forget(idle)
+        return drops is not None
+
+    def _preempt(self) -> None:
+        """Set the request admitted last aside: free its cells; it returns first, reading all its tokens again."""
+        slot = preemption_victim(self._slots)
+        if slot is None:
+            raise RuntimeError("the shared KV cache cannot hold a single request")
+        gen = slot.gen
+        llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
+        slot.cached = []
+        slot.gen = None
+        gen.pending = gen.tokens + gen.completion
+        gen.pos = 0
+        gen.preempted += 1
+        self.preemptions += 1
+        self._waiting.appendleft(gen)
 
     def _step(self) -> None:
         """One step: the next token of every generating request, then prompt chunks of new ones.
@@ -322,10 +374,13 @@ class BatchBackend:
         a cache per sequence, llama.cpp splits a call that mixes sequences of unequal token counts into
         micro-batches of equal counts and consecutive sequence ids: a call carrying 8 new prompts beside
         each other took 3.3 s instead of 0.24 s on Gemma 3 270M. A prompt read alone is also read
-        exactly as a lone ``Llama`` reads it.
+        exactly as a lone ``Llama`` reads it. In a shared cache, a step that finds no room sets the
+        request admitted last aside (:meth:`_preempt`) until the rest fits.
         """
-        active = [slot for slot in self._slots if slot.gen is not None]
-        generating = [slot for slot in active if slot.gen is not None and not slot.gen.pending]
+        generating = [slot for slot in self._slots if slot.gen is not None and not slot.gen.pending]
+        while self.kv_unified and generating and not self._room(len(generating)):
+            self._preempt()
+            generating = [slot for slot in self._slots if slot.gen is not None and not slot.gen.pending]
         if generating:
             for n, slot in enumerate(generating):
                 gen = slot.gen
@@ -335,21 +390,33 @@ class BatchBackend:
                 gen.pos += 1
             self._decode(len(generating))
             self._sample([(n, slot) for n, slot in enumerate(generating)])
-        budget = min(self.n_batch, self.prefill_chunk) if generating else self.n_batch
-        for slot in sorted(active, key=lambda s: s.used):
+        read = self._prefill(min(self.n_batch, self.prefill_chunk) if generating else self.n_batch)
+        if self.kv_unified and not generating and not read:
+            self._preempt()  # every running request is reading its prompt and none fits: the last one waits
+
+    def _prefill(self, budget: int) -> int:
+        """Decode prompt chunks of requests still reading theirs, oldest first; returns the tokens read."""
+        read = 0
+        for slot in sorted((s for s in self._slots if s.gen is not None), key=lambda s: s.used):
             gen = slot.gen
             if gen is None or not gen.pending or budget <= 0:
                 continue
             take = min(len(gen.pending), budget)
+            if self.kv_unified:
+                take = min(take, self.cells - cells_used(s for s in self._slots if s.gen is not None))
+                if take <= 0 or not self._room(take):
+                    continue
             chunk, gen.pending = gen.pending[:take], gen.pending[take:]
             for k, token in enumerate(chunk):
                 self._put(k, token, gen.pos + k, slot.seq, k == take - 1)
             gen.pos += take
             slot.cached.extend(chunk)
             budget -= take
+            read += take
             self._decode(take)
             if not gen.pending:
                 self._sample([(take - 1, slot)])
+        return read
 
     def _decode(self, n: int) -> None:
         self._batch.n_tokens = n
@@ -358,7 +425,7 @@ class BatchBackend:
         if code != 0:
             raise RuntimeError(f"llama_decode returned {code}")
 
-    def _sample(self, samplers: list[tuple[int, _Slot]]) -> None:
+    def _sample(self, samplers: list[tuple[int, Slot]]) -> None:
         for index, slot in samplers:
             gen = slot.gen
             assert gen is not None
@@ -389,7 +456,7 @@ class BatchBackend:
         batch.seq_id[i][0] = seq
         batch.logits[i] = logits
 
-    def _end(self, slot: _Slot, kind: str, message: str | None) -> None:
+    def _end(self, slot: Slot, kind: str, message: str | None) -> None:
         gen = slot.gen
         assert gen is not None
         slot.gen = None

@@ -19,7 +19,8 @@ class _SubprocessEngine:
     def __init__(self, num_thread: int | None = None, *, load_timeout: float = 300.0,
                  token_timeout: float = 600.0, python: str | None = None,
                  env: dict[str, str] | None = None, verbose: bool = False, batching: bool = True,
-                 prefill_chunk: int | None = None, num_gpu: int | None = None) -> None:
+                 prefill_chunk: int | None = None, num_gpu: int | None = None, kv_unified: bool = False,
+                 max_sequences: int | None = None) -> None:
         self.num_thread = num_thread
         self.num_gpu = num_gpu
         """GPU layers when a spec leaves ``num_gpu`` at -1; None: as many as fit in free VRAM."""
@@ -27,6 +28,10 @@ class _SubprocessEngine:
         """llama-cpp: serve parallel requests from one context by continuous batching (False: one context each)."""
         self.prefill_chunk = prefill_chunk
         """Most prompt tokens one decode step takes while other requests generate (None: the runner's default)."""
+        self.kv_unified = kv_unified
+        """llama-cpp with batching: one KV cache shared by all sequences, requests admitted by its room."""
+        self.max_sequences = max_sequences
+        """With ``kv_unified``: most requests decoded together per model (None: 4 × the spec's num_parallel)."""
         self.load_timeout = load_timeout
         self.token_timeout = token_timeout
         self.python = python
@@ -49,6 +54,8 @@ class _SubprocessEngine:
             "verbose": self.verbose,
             "batching": self.batching,
             "prefill_chunk": self.prefill_chunk,
+            "kv_unified": self.kv_unified,
+            "n_seq_max": self.max_sequences,
         }
 
     async def start(self, spec: ModelSpec) -> ProcessRunner:

@@ -295,6 +295,11 @@ class ProcessRunner:
     async def detokenize(self, tokens: Sequence[int]) -> str:
         return str(await self._call("detokenize", list(tokens)))
 
+    async def stats(self) -> dict[str, int]:
+        """The runner's decode-loop counters (batching backend: ``steps``, ``preemptions``, ``peak_running``,
+        ``kv_cells_used``; empty for the others)."""
+        return {str(k): int(v) for k, v in dict(await self._call("stats")).items()}
+
     async def close(self) -> None:
         """Stop the runner: end of stdin first, SIGKILL if it lingers."""
         if self._closing:

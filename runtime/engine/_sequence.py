@@ -149,8 +149,8 @@ class Generation:
     """
 
     __slots__ = ("cancelled", "completion", "emit", "finish_reason", "first_at", "greedy", "max_tokens", "model",
-                 "pending", "pos", "repeat", "reused", "rid", "sampler", "sent", "seq", "started", "stream",
-                 "strip_space", "tokens")
+                 "pending", "pos", "preempted", "repeat", "reused", "rid", "sampler", "sent", "seq", "started",
+                 "stream", "strip_space", "tokens")
 
     def __init__(self, rid: int, model: Any, tokens: list[int], sampler: Any, *, seq: int, max_tokens: int,
                  stop: Sequence[str], strip_space: bool, emit: Callable[[str], None]) -> None:
@@ -178,6 +178,8 @@ class Generation:
         self.first_at = 0
         self.finish_reason = ""
         self.cancelled = False
+        self.preempted = 0
+        """Times it stepped aside for lack of room in a shared cache (see :mod:`._batch_backend`)."""
 
     def accept(self, token: int) -> bool:
         """Take the token sampled for this request; True while it goes on generating."""

@@ -120,6 +120,8 @@ class _Server:
             self._pool.submit(self._one_shot, rid, self._backend.tokenize, frame[2], bool(frame[3]))
         elif op == "detokenize":
             self._pool.submit(self._one_shot, rid, self._backend.detokenize, frame[2])
+        elif op == "stats":
+            self._pool.submit(self._one_shot, rid, self._stats)
         elif op == "embed":
             self._pool.submit(self._one_shot, rid, self._embed, frame[2], bool(frame[3]), bool(frame[4]))
         else:
@@ -130,6 +132,10 @@ class _Server:
             self._channel.send(["done", rid, value])
         else:
             self._channel.send(["err", rid, kind, value])
+
+    def _stats(self) -> dict[str, Any]:
+        stats = getattr(self._backend, "stats", None)
+        return stats() if stats is not None else {}
 
     def _embed(self, inputs: list[str], normalize: bool, truncate: bool) -> list[Any]:
         vectors, count = self._backend.embed(inputs, normalize, truncate)
