@@ -81,6 +81,23 @@ async def test_disconnect_frees_the_sequence_and_others_continue(models: dict[st
     assert done.eval_count == 200 and "".join(chunks) == expected
 
 
+async def test_a_request_left_while_waiting_for_a_sequence_never_runs(models: dict[str, Path]) -> None:
+    runner = await LlamaCppEngine().start(spec_for(models["long"], num_ctx=2048, num_parallel=1))
+    try:
+        running = runner.complete(Completion("hello world", SamplingOptions(temperature=0.0, num_predict=1900)))
+        assert isinstance(await running.__anext__(), CompletionChunk)
+        waiting = runner.complete(Completion("why", SamplingOptions(temperature=0.0, num_predict=8)))
+        await waiting.aclose()  # its frame went to the runner when complete() returned
+        await eventually(lambda: runner.cancelled_generations == 1, "the runner drops the waiting request")
+        during = await runner.stats()
+        async for _ in running:
+            pass
+    finally:
+        await runner.close()
+    # The long stream still held the only sequence: the left request was never placed on one.
+    assert during["admitted"] == 1
+
+
 async def test_mixed_options_per_request_are_honoured(models: dict[str, Path], runner: ProcessRunner) -> None:
     llm = bare(models["plain"])
     free = llm.create_completion("hello world", **bare_kwargs(GREEDY))["choices"][0]["text"]

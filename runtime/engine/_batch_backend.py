@@ -199,8 +199,8 @@ class BatchBackend:
 
     def stats(self) -> dict[str, int]:
         """Counters of the decode loop (read without its lock: each is one int)."""
-        return {"steps": self.steps, "preemptions": self.preemptions, "peak_running": self.peak_running,
-                "kv_cells_used": cells_used(self._slots)}
+        return {"steps": self.steps, "admitted": self._uses, "preemptions": self.preemptions,
+                "peak_running": self.peak_running, "kv_cells_used": cells_used(self._slots)}
 
     def tokenize(self, text: str, add_special: bool) -> list[int]:
         return list(self.model.tokenize(text.encode("utf-8"), add_special, True))

@@ -296,8 +296,8 @@ class ProcessRunner:
         return str(await self._call("detokenize", list(tokens)))
 
     async def stats(self) -> dict[str, int]:
-        """The runner's decode-loop counters (batching backend: ``steps``, ``preemptions``, ``peak_running``,
-        ``kv_cells_used``; empty for the others)."""
+        """The runner's decode-loop counters (batching backend: ``steps``, ``admitted`` (placements on a
+        sequence), ``preemptions``, ``peak_running``, ``kv_cells_used``; empty for the others)."""
         return {str(k): int(v) for k, v in dict(await self._call("stats")).items()}
 
     async def close(self) -> None:
