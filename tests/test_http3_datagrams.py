@@ -2,7 +2,7 @@
 
 The server sends :data:`~omx.runtime.http3.LARGE_LOOPBACK_DATAGRAM`-byte datagrams to a loopback client
 and keeps to the client's ``max_udp_payload_size``, which omx's peer client advertises as its datagram
-size (qh3 says 1472).
+size (qh3 says 1472). The peer client's window per stream is smaller towards loopback.
 """
 
 from __future__ import annotations
@@ -95,3 +95,16 @@ def test_retry_tokens_hold_only_for_the_address_they_were_made_for() -> None:
     tokens.lifetime = -1.0
     with pytest.raises(ValueError, match="expired"):
         tokens.validate_token(("127.0.0.1", 5000), token)
+
+
+def test_peer_client_window_per_stream_is_small_only_on_loopback(tmp_path: Path) -> None:
+    from omx.runtime.peer.h3 import LOOPBACK_STREAM_WINDOW, STREAM_WINDOW, H3PeerClient
+
+    tls = ensure_tls(tmp_path, ClusterSecret.generate(), "omx-a", ["127.0.0.1"])
+    client = H3PeerClient(tls.ca_cert)
+    assert LOOPBACK_STREAM_WINDOW < STREAM_WINDOW
+    assert client._config("127.0.0.1").max_stream_data == LOOPBACK_STREAM_WINDOW
+    assert client._config("::1").max_stream_data == LOOPBACK_STREAM_WINDOW
+    assert client._config("10.0.0.5").max_stream_data == STREAM_WINDOW
+    assert H3PeerClient(tls.ca_cert, stream_window=1 << 20)._config("127.0.0.1").max_stream_data == 1 << 20
+

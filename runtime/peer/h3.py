@@ -25,7 +25,8 @@ Every failure on the wire (no answer, untrusted certificate, connection lost,
 an answer longer than announced) raises :class:`~omx.runtime.peer.wire.WireError`.
 Flow-control windows are larger than aioquic's 1 MiB defaults so a whole chunk
 can be in flight without waiting for window updates; datagrams are large
-towards loopback (:func:`omx.runtime.http3.datagram_size`).
+towards loopback (:func:`omx.runtime.http3.datagram_size`), and the window per
+stream is smaller there (:data:`LOOPBACK_STREAM_WINDOW`).
 """
 
 from __future__ import annotations
@@ -44,15 +45,23 @@ from qh3.h3.events import DataReceived, H3Event, HeadersReceived
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.events import ConnectionTerminated, QuicEvent
 
-from omx.runtime.http3 import advertise_datagram_size, close_quietly, datagram_size, enlarge_buffers
+from omx.runtime.http3 import SAFE_DATAGRAM, advertise_datagram_size, close_quietly, datagram_size, enlarge_buffers
 from omx.runtime.peer.wire import WireError, WireResponse
 
-__all__ = ["STREAM_WINDOW", "CONNECTION_WINDOW", "H3PeerClient", "H3PeerResponse"]
+__all__ = ["STREAM_WINDOW", "CONNECTION_WINDOW", "LOOPBACK_STREAM_WINDOW", "H3PeerClient", "H3PeerResponse"]
 
 STREAM_WINDOW = 16 << 20
 """Receive window per stream: a default 8 MiB chunk fits in flight whole."""
 CONNECTION_WINDOW = 64 << 20
 """Receive window per connection: several chunks in flight at once (``models.concurrency``)."""
+LOOPBACK_STREAM_WINDOW = 4 << 20
+"""Receive window per stream towards a loopback peer, where the round trip is short and CPU bounds the transfer.
+
+The serving node (qh3) keeps a stream's unacknowledged and queued bytes in one buffer that doubles as it
+fills: with 16 MiB in flight it grew 8 -> 16 -> 32 MiB for each 64 MiB chunk, past glibc's largest
+``mmap`` threshold, so every chunk mapped it afresh and faulted it in page by page (about 110 page faults
+per MiB, a sixth of the serving node's CPU in ``perf``). With 4 MiB it stays on the heap and is reused:
+1-6 faults per MiB."""
 
 
 class _Unanswered(WireError):
@@ -240,9 +249,10 @@ class H3PeerClient:
         self._closed = False
 
     def _config(self, host: str) -> QuicConfiguration:
+        size = datagram_size(host)
+        window = min(self.stream_window, LOOPBACK_STREAM_WINDOW) if size > SAFE_DATAGRAM else self.stream_window
         config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, server_name=host,
-                                   max_datagram_size=datagram_size(host), max_data=self.connection_window,
-                                   max_stream_data=self.stream_window)
+                                   max_datagram_size=size, max_data=self.connection_window, max_stream_data=window)
         try:
             config.load_verify_locations(cafile=self.cafile)
         except OSError as exc:
