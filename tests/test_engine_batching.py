@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from pathlib import Path
 
 import httpx
@@ -302,3 +303,46 @@ def test_a_node_with_a_shared_cache_serves_more_requests_at_once_than_num_parall
     (runner,) = runners
     # One shared cache of 256 cells (num_ctx x num_parallel), six sequences: six requests at once.
     assert runner["slots"] == 6 and runner["context_length"] == 256
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+async def test_a_shared_cache_under_a_random_mix_of_requests_and_leavers(models: dict[str, Path], seed: int) -> None:
+    # Random prompts, lengths, arrival times and clients that leave, through a small shared cache: every
+    # request that stays gets bare's text and counts, whether it stepped aside or not.
+    rnd = random.Random(seed)
+    words = " ".join(PROMPTS).split()
+    llm = bare(models["plain"], n_ctx=128)
+    jobs = []
+    for _ in range(24):
+        prompt = " ".join(rnd.choice(words) for _ in range(rnd.randint(1, 40)))
+        jobs.append((prompt, rnd.randint(1, 120 - len(llm.tokenize(prompt.encode()))), rnd.choice([None, None, 0, 3]),
+                     rnd.choice([0.0, 0.0, rnd.random() * 0.05])))
+    engine = LlamaCppEngine(kv_unified=True, max_sequences=rnd.choice([6, 12]), prefill_chunk=rnd.choice([4, 128]))
+    runner = await engine.start(spec_for(models["plain"], num_ctx=128, num_parallel=2))
+
+    async def run(prompt: str, n: int, leave_after: int | None, delay: float) -> tuple[str, CompletionDone] | None:
+        await asyncio.sleep(delay)
+        stream = runner.complete(Completion(prompt, SamplingOptions(temperature=0.0, num_predict=n)))
+        chunks: list[str] = []
+        async for item in stream:
+            if isinstance(item, CompletionDone):
+                return "".join(chunks), item
+            chunks.append(item.text)
+            if leave_after is not None and len(chunks) > leave_after:
+                await stream.aclose()
+                return None
+        raise AssertionError("no done")
+
+    try:
+        results = await asyncio.gather(*(run(*job) for job in jobs))
+        stats = await runner.stats()
+    finally:
+        await runner.close()
+    print(f"seed {seed}: {stats}")
+    assert stats["preemptions"] > 0
+    for (prompt, n, _, _), result in zip(jobs, results, strict=True):
+        if result is None:
+            continue
+        expected = llm.create_completion(prompt, **bare_kwargs(SamplingOptions(temperature=0.0, num_predict=n)))
+        assert result[0] == expected["choices"][0]["text"]
+        assert result[1].eval_count == expected["usage"]["completion_tokens"]
