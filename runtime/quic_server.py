@@ -9,7 +9,8 @@ QUIC connection, packet protection and HTTP/3 framing in Rust, does the rest:
 
 * :class:`TunedQuicProtocol` takes the place of Hypercorn's QUIC protocol: it routes
   datagrams by connection id to qh3 ``QuicConnection`` objects and speaks HTTP/3 with
-  qh3's ``H3Connection`` (:class:`H3Streams`, Hypercorn's ``H3Protocol`` on qh3);
+  qh3's ``H3Connection`` (:class:`~omx.runtime.quic_streams.H3Streams`, Hypercorn's
+  ``H3Protocol`` on qh3, which also sends a file range from the file's pages);
 * datagrams towards a loopback client are :data:`~omx.runtime.http3.LARGE_LOOPBACK_DATAGRAM`
   bytes, or the client's ``max_udp_payload_size`` transport parameter when smaller (qh3
   keeps to it); elsewhere QUIC's 1200, which every path carries: the configuration is
@@ -60,14 +61,10 @@ from hypercorn.asyncio.task_group import TaskGroup
 from hypercorn.asyncio.udp_server import UDPServer
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData
-from hypercorn.protocol.events import Body, EndBody, StreamClosed
-from hypercorn.protocol.events import Event as StreamEvent
-from hypercorn.protocol.h3 import H3Protocol
 from hypercorn.typing import AppWrapper, ConnectionState, WorkerContext
 from hypercorn.utils import parse_socket_addr
-from qh3._hazmat import Buffer, encode_uint_var
-from qh3.h3.connection import H3_ALPN, FrameType, FrameUnexpected, H3Connection, HeadersState
-from qh3.h3.events import DataReceived, HeadersReceived, StopSending, StreamReset
+from qh3._hazmat import Buffer
+from qh3.h3.connection import H3_ALPN
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection, QuicConnectionError
 from qh3.quic.events import (
@@ -75,7 +72,6 @@ from qh3.quic.events import (
     ConnectionIdRetired,
     ConnectionTerminated,
     ProtocolNegotiated,
-    QuicEvent,
 )
 from qh3.quic.packet import (
     QuicErrorCode,
@@ -86,6 +82,7 @@ from qh3.quic.packet import (
 )
 
 from omx.runtime.http3 import LARGE_LOOPBACK_DATAGRAM, SAFE_DATAGRAM
+from omx.runtime.quic_streams import H3Streams
 from omx.runtime.quic_tokens import RetryTokens, files_stamp
 
 __all__ = ["CONNECTION_WINDOW", "DATAGRAM_QUEUE", "MAX_CONNECTIONS", "SEND_BUFFER", "STREAM_WINDOW",
@@ -99,9 +96,6 @@ SEND_BUFFER = 4 << 20
 MAX_CONNECTIONS = 1024
 """QUIC connections served at once; a handshake past it is dropped."""
 log = logging.getLogger("omx.runtime.quic_server")
-
-_SPLIT_DATA = 64 << 10
-"""Body pieces from this size on are not copied into their DATA frame (:class:`_H3Connection`)."""
 
 _CID_LENGTH = 8
 _DATAGRAM_FRAME = 65536
@@ -125,79 +119,6 @@ def server_configurations(certfile: str, keyfile: str) -> tuple[QuicConfiguratio
                                connection_id_length=_CID_LENGTH, max_datagram_frame_size=_DATAGRAM_FRAME)
     remote.load_cert_chain(certfile=certfile, keyfile=keyfile)
     return dataclasses.replace(remote, max_datagram_size=LARGE_LOOPBACK_DATAGRAM), remote
-
-
-class _H3Connection(H3Connection):
-    """qh3's HTTP/3 connection, sending a large DATA frame's header and body as two pieces of the stream.
-
-    qh3 joins them into one new ``bytes`` first (``encode_frame``): a copy of every 1 MiB body piece,
-    a tenth of the serving loop's time on a chunk transfer (py-spy). The checks are qh3's own."""
-
-    def send_data(self, stream_id: int, data: Any, end_stream: bool) -> None:
-        if len(data) < _SPLIT_DATA:
-            super().send_data(stream_id, data, end_stream)
-            return
-        stream = self._get_or_create_stream(stream_id)
-        if stream.headers_send_state != HeadersState.AFTER_HEADERS:
-            raise FrameUnexpected("DATA frame is not allowed in this state")
-        if end_stream:
-            stream.finish_sending()
-        self._maybe_cleanup_stream(stream)
-        self._quic.send_stream_data(stream_id, encode_uint_var(FrameType.DATA) + encode_uint_var(len(data)))
-        self._quic.send_stream_data(stream_id, data, end_stream)
-
-
-class H3Streams(H3Protocol):
-    """Hypercorn's HTTP/3 protocol (request streams handed to the ASGI app) on qh3's ``H3Connection``."""
-
-    def __init__(self, app: AppWrapper, config: Config, context: WorkerContext, task_group: Any,
-                 state: ConnectionState, client: tuple[str, int] | None, server: tuple[str, int] | None,
-                 quic: QuicConnection, send: Callable[[], Awaitable[None]],
-                 idle: Callable[[], Awaitable[None]] | None = None) -> None:
-        # Hypercorn's ``__init__`` would open aioquic's H3Connection on the qh3 connection.
-        self.app, self.config, self.context, self.task_group, self.state = app, config, context, task_group, state
-        self.client, self.server, self.send = client, server, send
-        self.connection = _H3Connection(quic)  # type: ignore[assignment]
-        self.streams = {}
-        self.idle = idle
-        """Awaited when the last request ends while the server is shutting down."""
-
-    async def stream_send(self, event: StreamEvent) -> None:
-        if not isinstance(event, StreamClosed) and event.stream_id not in self.streams:
-            return  # the client reset the stream: what the app still writes goes nowhere
-        await super().stream_send(event)
-        if isinstance(event, StreamClosed):
-            await self._maybe_idle()
-
-    async def _maybe_idle(self) -> None:
-        if not self.streams and self.idle is not None and self.context.terminated.is_set():
-            await self.idle()
-
-    async def handle(self, quic_event: QuicEvent) -> None:  # type: ignore[override]
-        for event in self.connection.handle_event(quic_event):  # type: ignore[arg-type]
-            if isinstance(event, HeadersReceived):
-                if not self.context.terminated.is_set() and event.stream_id not in self.streams:
-                    await self._create_stream(event)  # type: ignore[arg-type]
-                    if event.stream_ended:
-                        await self.streams[event.stream_id].handle(EndBody(stream_id=event.stream_id))
-            elif isinstance(event, DataReceived):
-                stream = self.streams.get(event.stream_id)
-                if stream is None:
-                    continue
-                if event.data:
-                    await stream.handle(Body(stream_id=event.stream_id, data=event.data))
-                if event.stream_ended:
-                    await stream.handle(EndBody(stream_id=event.stream_id))
-            elif isinstance(event, (StreamReset, StopSending)):
-                # The client gave the request up (a peer cancelling a transfer): the app sees a disconnect
-                # and its further writes are dropped (qh3 refuses DATA on the stream, an error per write).
-                stream = self.streams.pop(event.stream_id, None)
-                if stream is not None:
-                    await stream.handle(StreamClosed(stream_id=event.stream_id))
-                    await self._maybe_idle()
-
-    async def _create_server_push(self, stream_id: int, path: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-        """omx pushes nothing (a push an app asks for is dropped, as for a client that refuses pushes)."""
 
 
 @dataclasses.dataclass(eq=False)

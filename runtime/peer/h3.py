@@ -41,7 +41,7 @@ from typing import Any
 from qh3.asyncio.client import connect
 from qh3.asyncio.protocol import QuicConnectionProtocol
 from qh3.h3.connection import H3_ALPN, H3Connection
-from qh3.h3.events import DataReceived, H3Event, HeadersReceived
+from qh3.h3.events import DataReceived, H3Event, HeadersReceived, StreamReset
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.events import ConnectionTerminated, QuicEvent
 
@@ -163,6 +163,8 @@ class _Connection(QuicConnectionProtocol):
                     stream.headers_received(list(event.headers))
             elif isinstance(event, DataReceived) and event.data:
                 stream.data_received(event.data)
+            elif isinstance(event, StreamReset):
+                raise WireError(f"the peer reset the stream (error {event.error_code})")
             if getattr(event, "stream_ended", False):
                 self.streams.pop(stream_id, None)
                 stream.end()

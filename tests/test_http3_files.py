@@ -1,0 +1,103 @@
+"""A file range answered over HTTP/3 is sent from the file's pages (the zero-copy send extension), intact.
+
+One Hypercorn server with omx's HTTP/3 layer (:mod:`omx.runtime.quic_streams`) serves a small ASGI app
+that answers :class:`~omx.runtime.file_response.FileRangeResponse` for ranges of one file; omx's peer
+client reads them over QUIC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from omx.functions.registry import FileRange
+from omx.mesh import ClusterSecret
+from omx.runtime.file_response import FileRangeResponse
+from omx.runtime.peer.h3 import H3PeerClient
+from omx.runtime.peer.wire import WireError
+from omx.runtime.quic_streams import ZEROCOPY
+from omx.runtime.server import H3Listener, bind_tcp, bind_udp, serve_app
+from omx.runtime.tls import ensure_tls
+
+pytestmark = pytest.mark.asyncio
+
+SIZE = 5 * (1 << 20) + 4321
+
+
+class Served:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.extensions: list[set[str]] = []
+        self.sent: list[int] = []
+        self.ended = 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        offset, _, length = scope["query_string"].decode().partition("-")
+        self.extensions.append(set(scope["extensions"]))
+        rng = FileRange.open(self.path, int(offset), int(length), on_sent=self.sent.append)
+        try:
+            await FileRangeResponse(rng, {})(scope, receive, send)
+        finally:
+            self.ended += 1
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[tuple[Served, H3PeerClient, str, bytes]]:
+    data = os.urandom(SIZE)
+    (tmp_path / "blob").write_bytes(data)
+    app = Served(tmp_path / "blob")
+    tls = ensure_tls(tmp_path / "tls", ClusterSecret.generate(), "omx-files", ["127.0.0.1"])
+    tcp, udp = bind_tcp("127.0.0.1", 0), bind_udp("127.0.0.1", 0)
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve_app(app, tcp, stop.wait, H3Listener(udp, tls)))
+    client = H3PeerClient(tls.ca_cert, connect_timeout=5)
+    try:
+        yield app, client, f"127.0.0.1:{udp.port}", data
+    finally:
+        await client.aclose()
+        stop.set()
+        await asyncio.wait_for(server, 10)
+        tcp.sock.close()
+        udp.sock.close()
+
+
+async def test_a_file_range_is_sent_from_the_file_intact(served: tuple[Served, H3PeerClient, str, bytes]) -> None:
+    app, client, address, data = served
+    for offset, length in ((0, SIZE), (12345, 3 * (1 << 20) + 17), (SIZE - 1, 1)):
+        answer = await client.get(address, f"/?{offset}-{length}", {}, max_body=length, timeout=30)
+        assert answer.status == 200
+        assert bytes(answer.body) == data[offset:offset + length]
+    assert all(ZEROCOPY in offered for offered in app.extensions)
+    assert app.sent == [SIZE, 3 * (1 << 20) + 17, 1]
+
+
+async def test_a_range_past_the_files_end_fails_and_the_server_serves_on(
+        served: tuple[Served, H3PeerClient, str, bytes]) -> None:
+    app, client, address, data = served
+    with pytest.raises(WireError, match="reset"):  # at once, not at the timeout
+        await client.get(address, f"/?{SIZE - 10}-100", {}, max_body=100, timeout=60)
+    answer = await client.get(address, f"/?0-{SIZE}", {}, max_body=SIZE, timeout=30)
+    assert bytes(answer.body) == data
+    assert app.sent[-1] == SIZE
+
+
+async def test_a_file_transfer_the_client_gives_up_ends(served: tuple[Served, H3PeerClient, str, bytes]) -> None:
+    app, client, address, data = served
+    answer = await client.request(address, "GET", f"/?0-{SIZE}", {}, b"", head_timeout=10)
+    async for _ in answer.chunks():
+        break
+    await answer.aclose()
+    for _ in range(200):
+        if app.ended:
+            break
+        await asyncio.sleep(0.05)
+    assert app.ended == 1, "the response went on waiting to send a stream the client reset"
+    again = await client.get(address, "/?7-1000", {}, max_body=1000, timeout=10)
+    assert bytes(again.body) == data[7:1007]
