@@ -1,10 +1,12 @@
 """The response of a :class:`~omx.functions.registry.FileRange` handler result.
 
 Where the server offers the ASGI zero-copy send extension
-(``http.response.zerocopysend``, as the transfer listener in
-:mod:`omx.runtime.peer.server` does) the kernel sends the range with
-``sendfile``. Elsewhere (Hypercorn) the range goes out in large pieces read
-with ``pread`` in a worker thread: one read per piece, no intermediate buffer.
+(``http.response.zerocopysend``) the server sends the range from the file
+itself: the transfer listener in :mod:`omx.runtime.peer.server` with
+``sendfile``, omx's HTTP/3 streams (:mod:`omx.runtime.quic_streams`) from the
+file's mapped pages. Elsewhere (Hypercorn's HTTP/1.1) the range goes out in
+large pieces read with ``pread`` in a worker thread: one read per piece, no
+intermediate buffer.
 """
 
 from __future__ import annotations
