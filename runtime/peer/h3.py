@@ -45,7 +45,14 @@ from qh3.h3.events import DataReceived, H3Event, HeadersReceived, StreamReset
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.events import ConnectionTerminated, QuicEvent
 
-from omx.runtime.http3 import SAFE_DATAGRAM, advertise_datagram_size, close_quietly, datagram_size, enlarge_buffers
+from omx.runtime.http3 import (
+    SAFE_DATAGRAM,
+    advertise_datagram_size,
+    close_quietly,
+    datagram_size,
+    enlarge_buffers,
+    receive_plainly,
+)
 from omx.runtime.peer.wire import WireError, WireResponse
 
 __all__ = ["STREAM_WINDOW", "CONNECTION_WINDOW", "LOOPBACK_STREAM_WINDOW", "H3PeerClient", "H3PeerResponse"]
@@ -289,6 +296,7 @@ class H3PeerClient:
             assert isinstance(conn, _Connection)
             if conn._transport is not None:
                 enlarge_buffers(conn._transport.get_extra_info("socket"))
+                receive_plainly(conn._transport)
             self._connections[address] = (stack, conn)
             return conn, False
 
@@ -361,3 +369,4 @@ class H3PeerClient:
         for stack, conn in connections:
             conn.close()
             await close_quietly(stack)
+
