@@ -18,10 +18,14 @@ node's cluster CA), one connection each, on one event loop:
   spent per MiB (from ``/proc``; the client's includes this process's other threads).
 
 Contenders alternate in ``--repeat`` rounds and the best round of each counts
-(the machine may be shared). Figures are printed, never asserted.
+(the machine may be shared). Before the rounds each peer transport moves ``--warmup`` untimed chunks
+(default 1), as a node replicating a model opens its connection to a peer once and keeps it: the first
+transfer on a new connection also pays its handshake (TCP, or QUIC with a Retry and the certificate check)
+and, over QUIC, slow start from a two-datagram congestion window, and the serving node's first transfers
+grow its heap (``--warmup 0`` measures that cold start too). Figures are printed, never asserted.
 
 Run: ``python bench/http3.py [--requests 400] [--tokens 128] [--upload-mib 64] [--chunk-mib 64] [--repeat 3]
-[--only chunk upload]``.
+[--warmup 1] [--only chunk upload]``.
 ``--profile DIR`` also writes a cProfile of this process's HTTP/3 chunk transfers and uploads there.
 """
 
@@ -173,6 +177,10 @@ async def run(node: NodeProcess, args: argparse.Namespace) -> None:
     }
     profiled = Profiled({"chunk", "upload"})
     await bench_stream(h1, 4)  # load the model once
+    if not args.only or "chunk" in args.only:
+        for _ in range(args.warmup):
+            for label in ("h1", "h3"):
+                await benches["chunk"](label)
     for _ in range(args.repeat):
         for name, fn in benches.items():
             if args.only and name not in args.only:
@@ -213,6 +221,8 @@ def main() -> None:
     parser.add_argument("--chunk-mib", type=int, default=64, help="the node's models.chunk_size, in MiB")
     parser.add_argument("--profile", type=Path, default=None, help="write cProfile output to this folder")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed chunk transfers per peer transport before the rounds (0: measure a cold start)")
     parser.add_argument("--only", nargs="+", choices=["version", "stream", "upload", "chunk"], default=None,
                         help="run only these measures")
     args = parser.parse_args()
