@@ -113,9 +113,14 @@ class _PlainReceiving(OptimizedDatagramTransport):
 _RECEIVE_BATCH = 64
 
 
-def receive_plainly(transport: Any) -> bool:
-    """Make a qh3 client transport receive with :class:`_PlainReceiving` (it sends as before); False where
-    the transport is not the kind this knows (another qh3 release), which then receives as qh3 does."""
+def receive_plainly(transport: Any, host: str) -> bool:
+    """Make a qh3 client transport talking to ``host`` receive with :class:`_PlainReceiving` (it sends as
+    before) where ``host`` is on loopback: its datagrams are large (:func:`datagram_size`), so a system call
+    each costs little beside the copy it saves. Elsewhere datagrams are 1200 bytes and qh3's batched
+    ``recvmmsg`` (with GRO) stays. False where left as it was, also for a transport that is not the kind
+    this knows (another qh3 release)."""
+    if datagram_size(host) <= SAFE_DATAGRAM:
+        return False
     if type(transport) is not OptimizedDatagramTransport or not hasattr(transport._protocol, "datagrams_received"):
         return False
     transport._udp_state = None  # qh3 reads through quinn-udp while it has one

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from qh3.asyncio._transport import OptimizedDatagramTransport, create_optimized_datagram_transport
 
 from omx.functions.registry import FileRange
 from omx.mesh import ClusterSecret
@@ -82,8 +84,22 @@ async def test_a_file_range_is_sent_from_the_file_intact(served: tuple[Served, H
     assert isinstance(conn._transport, _PlainReceiving)  # the client read those datagrams with recvfrom
 
 
-def test_only_qh3s_own_transport_is_made_to_receive_plainly() -> None:
-    assert not receive_plainly(object())
+async def test_only_qh3s_own_transport_towards_loopback_is_made_to_receive_plainly() -> None:
+    class Protocol(asyncio.DatagramProtocol):
+        def datagrams_received(self, data: list[bytes], addr: Any) -> None:
+            pass
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    transport, _ = await create_optimized_datagram_transport(asyncio.get_running_loop(), Protocol, sock=sock)
+    try:
+        assert not receive_plainly(object(), "127.0.0.1")
+        assert not receive_plainly(transport, "10.0.0.5")  # 1200-byte datagrams: qh3's recvmmsg stays
+        assert type(transport) is OptimizedDatagramTransport
+        assert receive_plainly(transport, "127.0.0.1")
+        assert isinstance(transport, _PlainReceiving)
+    finally:
+        transport.close()
 
 
 async def test_a_range_past_the_files_end_fails_and_the_server_serves_on(

@@ -296,7 +296,7 @@ class H3PeerClient:
             assert isinstance(conn, _Connection)
             if conn._transport is not None:
                 enlarge_buffers(conn._transport.get_extra_info("socket"))
-                receive_plainly(conn._transport)
+                receive_plainly(conn._transport, host)
             self._connections[address] = (stack, conn)
             return conn, False
 
