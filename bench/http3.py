@@ -175,7 +175,9 @@ async def run(node: NodeProcess, args: argparse.Namespace) -> None:
         "upload": lambda label: bench_upload(clients[label], data),
         "chunk": lambda label: bench_chunk(peers[label], digest, len(chunk), buffer, node.proc.pid),
     }
-    profiled = Profiled({"chunk", "upload"})
+    # Only with --profile: cProfile's hooks cost the client about half again its CPU per MiB, and only the
+    # HTTP/3 contender ran under them.
+    profiled = Profiled({"chunk", "upload"} if args.profile is not None else set())
     await bench_stream(h1, 4)  # load the model once
     if not args.only or "chunk" in args.only:
         for _ in range(args.warmup):
