@@ -19,6 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from omx.mesh import ClusterSecret
 from omx.runtime.http3 import Http3Transport
 from omx.runtime.tls import cluster_ca, ensure_tls
+from tests.support.h3_app import served_over_h3
 from tests.support.node import NodeProcess, start_node
 
 pytestmark = pytest.mark.timeout(180)
@@ -405,36 +406,22 @@ async def test_a_stopping_server_closes_its_connections(tmp_path: Path) -> None:
     close it would learn only at its idle timeout, and the server waited its graceful timeout first."""
     import asyncio
 
-    from omx.runtime.peer.h3 import H3PeerClient
-    from omx.runtime.server import H3Listener, bind_tcp, bind_udp, serve_app
-
     async def app(scope: dict[str, object], receive: object, send: Any) -> None:
         if scope["type"] == "http":
             await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
             await send({"type": "http.response.body", "body": b"ok"})
 
-    tls = ensure_tls(tmp_path, ClusterSecret.generate(), "omx-stop", ["127.0.0.1"])
-    tcp, udp = bind_tcp("127.0.0.1", 0), bind_udp("127.0.0.1", 0)
-    stop = asyncio.Event()
-    server = asyncio.create_task(serve_app(app, tcp, stop.wait, H3Listener(udp, tls)))
-    client = H3PeerClient(tls.ca_cert, connect_timeout=5)
-    try:
-        answer = await client.get(f"127.0.0.1:{udp.port}", "/", {}, max_body=10, timeout=10)
+    async with served_over_h3(app, tmp_path, "omx-stop") as served:
+        answer = await served.client.get(served.address, "/", {}, max_body=10, timeout=10)
         assert bytes(answer.body) == b"ok"
-        (_, conn), = client._connections.values()
+        (_, conn), = served.client._connections.values()
         assert conn.closed is None
-        stop.set()
+        served.stop.set()
         for _ in range(100):
             if conn.closed is not None:
                 break
             await asyncio.sleep(0.05)
         assert conn.closed is not None, "the client was not told that the server closed"
-    finally:
-        await client.aclose()
-        stop.set()
-        await asyncio.wait_for(server, 10)
-        tcp.sock.close()
-        udp.sock.close()
 
 
 async def test_a_request_the_client_gives_up_ends_quietly(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -442,9 +429,6 @@ async def test_a_request_the_client_gives_up_ends_quietly(tmp_path: Path, caplog
     write in the log), the app ends, and the connection serves the next request."""
     import asyncio
     import logging
-
-    from omx.runtime.peer.h3 import H3PeerClient
-    from omx.runtime.server import H3Listener, bind_tcp, bind_udp, serve_app
 
     piece, pieces = b"x" * (1 << 20), 64
     ended: list[bool] = []
@@ -461,14 +445,9 @@ async def test_a_request_the_client_gives_up_ends_quietly(tmp_path: Path, caplog
         finally:
             ended.append(True)
 
-    tls = ensure_tls(tmp_path, ClusterSecret.generate(), "omx-reset", ["127.0.0.1"])
-    tcp, udp = bind_tcp("127.0.0.1", 0), bind_udp("127.0.0.1", 0)
-    stop = asyncio.Event()
-    server = asyncio.create_task(serve_app(app, tcp, stop.wait, H3Listener(udp, tls)))
-    client = H3PeerClient(tls.ca_cert, connect_timeout=5)
-    address = f"127.0.0.1:{udp.port}"
     caplog.set_level(logging.ERROR, logger="hypercorn.error")
-    try:
+    async with served_over_h3(app, tmp_path, "omx-reset") as served:
+        client, address = served.client, served.address
         answer = await client.request(address, "GET", "/big", {}, b"", head_timeout=10)
         async for _ in answer.chunks():
             break
@@ -481,9 +460,3 @@ async def test_a_request_the_client_gives_up_ends_quietly(tmp_path: Path, caplog
         again = await client.get(address, "/small", {}, max_body=len(piece), timeout=10)
         assert bytes(again.body) == piece
         assert not [r for r in caplog.records if r.name == "hypercorn.error"]
-    finally:
-        await client.aclose()
-        stop.set()
-        await asyncio.wait_for(server, 10)
-        tcp.sock.close()
-        udp.sock.close()

@@ -18,14 +18,12 @@ import pytest
 from qh3.asyncio._transport import OptimizedDatagramTransport, create_optimized_datagram_transport
 
 from omx.functions.registry import FileRange
-from omx.mesh import ClusterSecret
 from omx.runtime.file_response import FileRangeResponse
 from omx.runtime.http3 import _PlainReceiving, receive_plainly
 from omx.runtime.peer.h3 import H3PeerClient
 from omx.runtime.peer.wire import WireError
 from omx.runtime.quic_streams import ZEROCOPY
-from omx.runtime.server import H3Listener, bind_tcp, bind_udp, serve_app
-from omx.runtime.tls import ensure_tls
+from tests.support.h3_app import served_over_h3
 
 SIZE = 5 * (1 << 20) + 4321
 
@@ -57,19 +55,8 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[Served, H3PeerClient, st
     data = os.urandom(SIZE)
     (tmp_path / "blob").write_bytes(data)
     app = Served(tmp_path / "blob")
-    tls = ensure_tls(tmp_path / "tls", ClusterSecret.generate(), "omx-files", ["127.0.0.1"])
-    tcp, udp = bind_tcp("127.0.0.1", 0), bind_udp("127.0.0.1", 0)
-    stop = asyncio.Event()
-    server = asyncio.create_task(serve_app(app, tcp, stop.wait, H3Listener(udp, tls)))
-    client = H3PeerClient(tls.ca_cert, connect_timeout=5)
-    try:
-        yield app, client, f"127.0.0.1:{udp.port}", data
-    finally:
-        await client.aclose()
-        stop.set()
-        await asyncio.wait_for(server, 10)
-        tcp.sock.close()
-        udp.sock.close()
+    async with served_over_h3(app, tmp_path / "tls", "omx-files") as h3:
+        yield app, h3.client, h3.address, data
 
 
 async def test_a_file_range_is_sent_from_the_file_intact(served: tuple[Served, H3PeerClient, str, bytes]) -> None:
