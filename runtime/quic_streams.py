@@ -157,8 +157,6 @@ class H3Streams(H3Protocol):
         """omx pushes nothing (a push an app asks for is dropped, as for a client that refuses pushes)."""
 
 
-
-
 class _FileStream(HTTPStream):
     """Hypercorn's HTTP stream that also takes ``http.response.zerocopysend``: a file range sent from its pages.
 
