@@ -67,12 +67,11 @@ from omx.runtime.engine._slots import (
     choose_slot,
     common_prefix,
     preemption_victim,
-    runs,
 )
 from omx.runtime.engine._wire import ERR_CANCELLED, ERR_ENGINE, ERR_INVALID, ERR_UNSUPPORTED, RequestError
 from omx.runtime.engine.cpu_quirks import avoid_broken_amx
 
-__all__ = ["BatchBackend", "Finish", "choose_slot", "common_prefix", "runs"]
+__all__ = ["BatchBackend", "Finish"]
 
 Finish = Callable[[str, Any], None]
 """``finish("done", body)`` or ``finish(error_kind, message)``: how a request ends."""
