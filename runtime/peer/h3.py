@@ -369,4 +369,3 @@ class H3PeerClient:
         for stack, conn in connections:
             conn.close()
             await close_quietly(stack)
-
