@@ -426,4 +426,3 @@ def _decode_query_record(body: Mapping[str, Any]) -> QueryResponse | str | None:
     if kind == "done":
         return "done"
     return None  # acks carry nothing callers need
-

@@ -134,4 +134,3 @@ async def serve_app(app: Any, listener: Listener, shutdown: Callable[[], Awaitab
 async def serve_transfers(app: Any, listener: Listener, shutdown: Callable[[], Awaitable[Any]]) -> None:
     """Serve the peer endpoints of ``app`` on the transfer ``listener`` (``sendfile`` for chunk ranges)."""
     await PeerServer(app).serve(listener.sock, shutdown)
-

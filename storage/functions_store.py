@@ -281,4 +281,3 @@ class FunctionStore:
         for path in folder.iterdir():
             if _VERSION.match(path.name) and path.name not in needed:
                 path.unlink(missing_ok=True)
-

@@ -107,4 +107,3 @@ def test_peer_client_window_per_stream_is_small_only_on_loopback(tmp_path: Path)
     assert client._config("::1").max_stream_data == LOOPBACK_STREAM_WINDOW
     assert client._config("10.0.0.5").max_stream_data == STREAM_WINDOW
     assert H3PeerClient(tls.ca_cert, stream_window=1 << 20)._config("127.0.0.1").max_stream_data == 1 << 20
-

@@ -13,4 +13,3 @@ def test_all_lists_exactly_the_public_names() -> None:
     public = {n for n in vars(omx.storage) if not n.startswith("_")}
     modules = {m.name for m in pkgutil.iter_modules(omx.storage.__path__)}
     assert public - modules - {"annotations"} == exported
-

@@ -85,5 +85,3 @@ def persist_secret(path: Path, secret: ClusterSecret) -> None:
     except OSError as exc:
         raise ConfigError(f"cannot write the cluster secret {path}: {exc.strerror}",
                           key="cluster.secret_file") from exc
-
-

@@ -111,4 +111,3 @@ async def _as_json(result: Any) -> dict[str, Any]:
         if isinstance(last, dict):
             return last
     raise OmxError("the model call gave no JSON object", status=502)
-

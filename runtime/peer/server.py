@@ -303,4 +303,3 @@ def _settle(watch: asyncio.Future[bytes] | None) -> bool:
         watch.cancel()  # nothing was read: the next request's bytes stay in the reader
         return False
     return watch.cancelled() or watch.exception() is not None or bool(watch.result())
-

@@ -150,4 +150,3 @@ class Authenticator:
         if not isinstance(token, str) or not token:
             raise RegistryError(f"token service {realm} sent no token")
         return token
-

@@ -156,4 +156,3 @@ def _partial_bytes(blobs: BlobStore, digest: BlobDigest, size: int) -> int:
         if i >> 3 < len(have) and have[i >> 3] & (1 << (i & 7)):
             held += min(chunk, size - i * chunk)
     return held
-
