@@ -235,7 +235,13 @@ def test_models_view_sets_the_factor_and_shows_the_new_replica(browser: Any, clu
     page.get_by_role("tab", name="Models").click()
     row = page.locator(f'#models-body tr[data-model="{MODEL}"]')
     expect(row.locator("td").nth(3)).to_have_text("1")  # replicas
-    page.get_by_role("spinbutton", name=f"Factor of {MODEL}").fill("2")
+    field = page.get_by_role("spinbutton", name=f"Factor of {MODEL}")
+    field.fill("2")
+    # The table is redrawn every second: a redraw keeps the factor being typed, and the field's focus.
+    drawn = row.element_handle()
+    page.wait_for_function("row => !row.isConnected", arg=drawn, timeout=10_000)
+    expect(field).to_have_value("2")
+    expect(field).to_be_focused()
     page.get_by_role("button", name=f"Set factor of {MODEL}").click()
 
     def placed() -> dict[str, Any]:

@@ -5,6 +5,9 @@ import { bytes, el, showError } from "./util.js";
 
 const MAX_FACTOR = 16;
 let models = [];
+// Factors typed and not yet set, by model: the table is redrawn every second and on every cluster event,
+// and a redraw must not take back what the user is typing (nor the focus of the field).
+const drafts = new Map();
 
 function nodeLabel(id) {
   const n = cluster.nodes.get(id);
@@ -32,20 +35,32 @@ export async function refreshModels() {
 }
 
 function renderModels() {
-  document.getElementById("models-body").replaceChildren(...models.map((m) => {
-    const factor = el("input", { type: "number", min: 1, max: MAX_FACTOR, value: m.factor, "aria-label": `Factor of ${m.name}` });
+  const body = document.getElementById("models-body");
+  const focused = body.contains(document.activeElement) ? document.activeElement.getAttribute("aria-label") : null;
+  for (const name of drafts.keys()) if (!models.some((m) => m.name === name)) drafts.delete(name);
+  body.replaceChildren(...models.map((m) => {
+    const factor = el("input", { type: "number", min: 1, max: MAX_FACTOR, value: drafts.get(m.name) ?? m.factor,
+      "aria-label": `Factor of ${m.name}`, oninput: () => drafts.set(m.name, factor.value) });
+    const setFactor = () => {
+      const value = Number(factor.value);
+      drafts.delete(m.name);
+      act("set factor", () => postJSON("/api/distributed/replicate", { model: m.name, factor: value }));
+    };
     return el("tr", { "data-model": m.name },
       el("td", {}, m.name), el("td", {}, m.status), el("td", {}, bytes(m.total_size)),
       el("td", {}, m.replicas), el("td", {}, m.factor),
       el("td", {}, m.nodes.map(nodeLabel).join(", ") || "—"),
       el("td", { class: "actions" },
         factor,
-        el("button", { type: "button", "aria-label": `Set factor of ${m.name}`,
-          onclick: () => act("set factor", () => postJSON("/api/distributed/replicate", { model: m.name, factor: Number(factor.value) })) }, "Set factor"),
+        el("button", { type: "button", "aria-label": `Set factor of ${m.name}`, onclick: setFactor }, "Set factor"),
         el("button", { type: "button", "aria-label": `Migrate ${m.name}`, onclick: () => openMigrate(m) }, "Migrate"),
         el("button", { type: "button", "aria-label": `Delete ${m.name}`,
           onclick: () => confirm(`Delete ${m.name} from every node of the cluster?`) && act("delete", () => request("/api/delete", { method: "DELETE", body: { model: m.name } })) }, "Delete")));
   }));
+  if (focused) {
+    const again = [...body.querySelectorAll("[aria-label]")].find((node) => node.getAttribute("aria-label") === focused);
+    if (again) again.focus();
+  }
 }
 
 function renderTransfers(transfers) {
