@@ -200,6 +200,8 @@ class LoadedModel:
     """The runner process, where the backend runs one."""
     cancelled_generations: int = 0
     """Generations the runner stopped because their client went away."""
+    preemptions: int = 0
+    """Times a generation stepped aside for room in the runner's shared KV cache (``engine.kv_unified``)."""
     size_vram: int = 0
     """Bytes of the model (weights and KV cache) placed in GPU memory."""
     gpu_layers: int = 0

@@ -179,6 +179,7 @@ class ModelScheduler:
                 active_requests=entry.active, requests_served=entry.served,
                 pid=getattr(entry.runner, "pid", None),
                 cancelled_generations=int(getattr(entry.runner, "cancelled_generations", 0)),
+                preemptions=int(getattr(entry.runner, "preemptions", 0)),
                 size_vram=int(info.get("size_vram", 0)), gpu_layers=int(info.get("n_gpu_layers", 0)),
                 slots=entry.capacity,
             ))

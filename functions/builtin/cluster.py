@@ -94,6 +94,7 @@ def _runner_stats(call: Call) -> dict[str, Any]:
     runners = [{
         "model": m.name, "pid": m.pid, "context_length": m.context_length, "active_requests": m.active_requests,
         "requests_served": m.requests_served, "cancelled_generations": m.cancelled_generations,
+        "preemptions": m.preemptions,
         "size_vram": m.size_vram, "gpu_layers": m.gpu_layers, "slots": m.slots,
         "expires_at": iso_time(m.expires_at) if m.expires_at is not None else None,
     } for m in sched.loaded()]

@@ -182,6 +182,8 @@ class ProcessRunner:
         self._failure: Exception | None = None
         self.cancelled_generations = 0
         """How many generations the runner reported as stopped by a cancel."""
+        self.preemptions = 0
+        """Times a generation stepped aside for room in a shared KV cache (from the runner's done frames)."""
         loop = asyncio.get_running_loop()
         self._exited: asyncio.Future[None] = loop.create_future()
         """Done once stdout has ended and every pending request has been failed."""
@@ -374,6 +376,8 @@ class ProcessRunner:
                     stream = streams.get(rid)
                     if stream is not None:
                         stream.push(frame[2])
+                    if op == "done":
+                        self.preemptions += frame[2].get("preempted", 0)
                 elif op == "ok":
                     future = calls.get(rid)
                     if future is not None and not future.done():

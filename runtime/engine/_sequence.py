@@ -222,6 +222,7 @@ class Generation:
             "eval_count": len(self.completion),
             "eval_duration": ended - first,
             "prompt_cached": self.reused,
+            "preempted": self.preempted,
         }
         if return_context:
             body["context"] = self.tokens + self.completion
